@@ -1,0 +1,54 @@
+"""Attention of some queries over a subset of keys, masked by original positions, and cheap scoring.
+
+Every function takes queries `[heads, m, head_dim]` and keys/values `[kv_heads, t, head_dim]`; grouped
+query attention maps query head `h` to KV head `h // group` by reshaping the queries, never by repeating
+keys or values. No scoring function builds an `n x n` matrix: scores come from a few query rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal self-attention of rows sorted by position (prefill, also after compaction)."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=True)[0]
+
+
+def attend(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Queries at positions `q_pos` attend to keys at `k_pos`, each seeing only keys with position <= its own.
+
+    Keys need not be sorted (revived tokens are appended after newer ones). When every key is visible
+    to every query (the usual decode step) no mask is built.
+    """
+    mask = None
+    if q.shape[1] > 1 or bool((k_pos > q_pos.min()).any()):
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True)[0]
+
+
+def grouped_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Pre-softmax logits `[heads, m, t]` of queries `[heads, m, d]` over keys `[kv_heads, t, d]`, in fp32."""
+    heads, m, d = q.shape
+    kv_heads = k.shape[0]
+    grouped = q.float().reshape(kv_heads, heads // kv_heads * m, d)
+    logits = grouped @ k.float().transpose(1, 2) * scale
+    return logits.reshape(heads, m, -1)
+
+
+def last_query_probs(q_last: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """LazyLLM's importance: attention probability from one query `[heads, d]` to each key, mean over heads."""
+    return grouped_logits(q_last[:, None], k, scale).softmax(-1).mean(0)[0]
+
+
+def max_head_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """OmniKV's "last" selector: pre-softmax logit of one query `[heads, d]` per key, max over heads."""
+    return grouped_logits(q[:, None], k, scale).amax(0)[0]

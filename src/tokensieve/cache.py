@@ -1,0 +1,72 @@
+"""Per-layer KV on the device, each entry with its original position.
+
+Entries are appended in the order they are computed: prompt tokens sorted by position, then generated
+tokens, then (LazyLLM) revived tokens, which can be older than the generated ones. Readers therefore
+mask by the stored positions, never by slot index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerKV:
+    """Growable key/value/position buffers of one layer (batch size 1)."""
+
+    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self._k = torch.empty(kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self._v = torch.empty_like(self._k)
+        self._pos = torch.empty(0, dtype=torch.long, device=device)
+        self.length = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._k[:, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._v[:, : self.length]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._pos[: self.length]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, reserve: int = 0) -> None:
+        """Add entries `k`, `v` `[kv_heads, n, head_dim]` at original `positions` `[n]`.
+
+        `reserve` asks for room for that many more entries when the buffers must grow (decode steps
+        then append without copying).
+        """
+        n = k.shape[1]
+        if self.length + n > self._k.shape[1]:
+            self._grow(self.length + n + reserve)
+        self._k[:, self.length : self.length + n] = k
+        self._v[:, self.length : self.length + n] = v
+        self._pos[self.length : self.length + n] = positions
+        self.length += n
+
+    def replace(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Keep only the given entries (an offloading method keeps the rest elsewhere)."""
+        self.length = 0
+        self._k = self._k[:, :0]
+        self._v = self._v[:, :0]
+        self._pos = self._pos[:0]
+        self.append(k, v, positions)
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self._k.shape[1], 16)
+        k = self._k.new_empty(self._k.shape[0], capacity, self._k.shape[2])
+        v = torch.empty_like(k)
+        pos = self._pos.new_empty(capacity)
+        k[:, : self.length] = self.keys
+        v[:, : self.length] = self.values
+        pos[: self.length] = self.positions
+        self._k, self._v, self._pos = k, v, pos
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held (not the spare capacity)."""
+        return 2 * self.keys.numel() * self.keys.element_size()

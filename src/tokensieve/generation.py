@@ -1,0 +1,119 @@
+"""What a generation returns (text, tokens, stats), token sampling and stop-string handling."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Stats:
+    """Every decision a method made, visible. Method issues extend this; they never rename a field."""
+
+    method: dict[str, Any]
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float = 0.0
+    tpot_s: float = 0.0
+    prefill_tokens_per_layer: list[int] = field(default_factory=list)
+    decode_keys_per_layer: list[float] = field(default_factory=list)
+    kv_bytes_device: int = 0
+    kv_bytes_host: int = 0
+    revived_tokens: int = 0
+    method_stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prefill_fraction(self) -> float:
+        """Token-layer computations in prefill relative to dense (1.0 = nothing skipped)."""
+        layers = len(self.prefill_tokens_per_layer)
+        return sum(self.prefill_tokens_per_layer) / max(1, layers * self.prompt_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "prefill_fraction": self.prefill_fraction}
+
+
+@dataclass
+class Generation:
+    """The result of `Engine.generate`: new text, new token ids, stats and why generation stopped."""
+
+    text: str
+    token_ids: list[int]
+    stats: Stats
+    finish_reason: str  # "eos", "stop" or "length"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when `temperature == 0`; otherwise temperature and nucleus (top-p) sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.temperature == 0:
+            return None
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.seed if self.seed is not None else torch.seed())
+        return gen
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        """The next token from fp32 `logits` `[vocab]`."""
+        if self.temperature == 0:
+            return int(logits.argmax())
+        probs = (logits / self.temperature).softmax(-1)
+        if self.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStream:
+    """Turns a growing list of token ids into text pieces that are final: no piece is ever revised.
+
+    Text that could still become a stop string, or that ends in an incomplete UTF-8 sequence, is held
+    back until the next token decides it.
+    """
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the new final text (possibly empty). Sets `stopped` on a stop string."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            return self.flush()
+        end = len(self.text) - self._holdback()
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece
+
+    def flush(self) -> str:
+        piece = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return piece
+
+    def _holdback(self) -> int:
+        if self.text.endswith("\ufffd"):
+            return len(self.text) - self.emitted
+        partial = [n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])]
+        return max(partial, default=0)

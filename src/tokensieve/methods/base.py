@@ -1,0 +1,167 @@
+"""The policy interface: the questions the engine asks at every layer, and the dense answers.
+
+A *method* is a small dataclass of settings (`Method`); for each generation it starts a *policy*
+(`Policy`), the object that holds that generation's state (selected blocks, host stores, aux caches)
+and answers the engine's questions:
+
+prefill, at layer l (rows = tokens still present, sorted by position)
+  - `prefill_keep_after_attention`: which rows continue into layer l's MLP and later layers (SlimInfer)
+  - `prefill_keep_after_layer`: which rows enter layer l+1 (LazyLLM)
+  - `prefill_layer_done`: layer l's KV is complete; move what belongs elsewhere (offload)
+decode, at layer l
+  - `decode_rows`: which rows are computed here: the new token, plus revived tokens (LazyLLM)
+  - `decode_context`: which cached keys/values the rows attend to (OmniKV, SlimInfer, LazyLLM)
+  - `decode_layer_done`: which rows continue to layer l+1
+
+The dense policy answers "all of them" everywhere. Returning `None` from a keep hook means keep all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+
+from ..cache import LayerKV
+from ..model import ModelSpec
+
+
+@dataclass
+class Rows:
+    """The tokens computed at a layer: hidden states `[n, hidden]`, original positions `[n]`, RoPE tables."""
+
+    h: torch.Tensor
+    pos: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.pos.shape[0]
+
+    def select(self, index: torch.Tensor) -> Rows:
+        return Rows(self.h[index], self.pos[index], self.cos[index], self.sin[index])
+
+    def with_h(self, h: torch.Tensor) -> Rows:
+        return replace(self, h=h)
+
+    @staticmethod
+    def cat(parts: list[Rows]) -> Rows:
+        return Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("h", "pos", "cos", "sin")))
+
+
+@dataclass
+class Context:
+    """Keys, values `[kv_heads, t, head_dim]` and positions `[t]` a layer attends to in one decode step."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+
+    @staticmethod
+    def of(kv: LayerKV, index: torch.Tensor | None = None) -> Context:
+        if index is None:
+            return Context(kv.keys, kv.values, kv.positions)
+        return Context(kv.keys[:, index], kv.values[:, index], kv.positions[index])
+
+    def __len__(self) -> int:
+        return self.pos.shape[0]
+
+
+@dataclass
+class Run:
+    """What a policy knows about the generation it serves."""
+
+    spec: ModelSpec
+    prompt_len: int
+    max_new_tokens: int
+    device: torch.device
+    dtype: torch.dtype
+    scale: float
+
+
+class Policy:
+    """Dense answers to every question; methods override the hooks they need."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    # -- prefill ---------------------------------------------------------------------------------------
+    def prefill_keep_after_attention(
+        self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Indices of `rows` whose hidden states continue past layer `layer`'s attention, or None (all).
+
+        `q` `[heads, n, d]` and `k` `[kv_heads, n, d]` are this layer's queries and keys of the rows.
+        """
+        return None
+
+    def prefill_keep_after_layer(self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+        """Indices of `rows` (after layer `layer`) that enter layer `layer + 1`, or None (all)."""
+        return None
+
+    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
+        """Layer `layer`'s prompt KV is complete in `kv`; an offloading policy moves part of it away here."""
+
+    # -- decode ----------------------------------------------------------------------------------------
+    def decode_rows(self, layer: int, rows: Rows) -> Rows:
+        """Rows computed at `layer` in this step; the new token is always the last row."""
+        return rows
+
+    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
+        """What the rows attend to at `layer`; `kv` already holds the rows' own new entries."""
+        return Context.of(kv)
+
+    def decode_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, context: Context) -> Rows:
+        """Rows that continue to layer `layer + 1`; the new token must stay the last row."""
+        return rows
+
+    def decode_step_done(self) -> None:
+        """One decode step is complete (a place to settle asynchronous copies or count swaps)."""
+
+    # -- accounting ------------------------------------------------------------------------------------
+    def device_bytes(self) -> int:
+        """Bytes the policy keeps on the device beyond the engine's per-layer KV (e.g. score tables)."""
+        return 0
+
+    def host_bytes(self) -> int:
+        """Bytes of KV (or hidden states) the policy keeps in host memory."""
+        return 0
+
+    def revived_tokens(self) -> int:
+        """Token-layer computations added by revival (LazyLLM); 0 for every other method."""
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        """Method-specific figures merged into `Stats.method_stats` (e.g. blocks swapped per step)."""
+        return {}
+
+
+@dataclass
+class Method:
+    """Settings of a method. Subclasses are dataclasses named like the paper and override `start`."""
+
+    name: ClassVar[str] = "dense"
+
+    def start(self, run: Run) -> Policy:
+        """A fresh policy for one generation."""
+        return Policy(run)
+
+    @classmethod
+    def keep_all(cls) -> Method:
+        """Settings under which the method keeps every token, so it must reproduce dense exactly.
+
+        The shared test matrix runs every registered method with these settings.
+        """
+        return cls()
+
+    def settings(self) -> dict[str, Any]:
+        """The method's name and settings, as reported in the stats."""
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass
+class Dense(Method):
+    """Every token at every layer: the model as Hugging Face runs it."""
+
+    name: ClassVar[str] = "dense"
