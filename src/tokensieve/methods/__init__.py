@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Context, Dense, Method, Policy, Rows, Run
+from .base import Context, Dense, Method, Policy, Rows, Run, resolve_budget, scaled_layers
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense,)}
 
@@ -16,4 +16,15 @@ def resolve_method(method: str | Method) -> Method:
     raise ValueError(f"unknown method {method!r}: choose one of {', '.join(sorted(METHODS))} or pass a Method instance")
 
 
-__all__ = ["METHODS", "Context", "Dense", "Method", "Policy", "Rows", "Run", "resolve_method"]
+__all__ = [
+    "METHODS",
+    "Context",
+    "Dense",
+    "Method",
+    "Policy",
+    "Rows",
+    "Run",
+    "resolve_budget",
+    "resolve_method",
+    "scaled_layers",
+]

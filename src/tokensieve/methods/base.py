@@ -137,6 +137,28 @@ class Policy:
         return {}
 
 
+def resolve_budget(budget: int | float, prompt_len: int, what: str = "budget") -> int:
+    """A budget given as a token count (int >= 1) or a fraction of the prompt (float in (0, 1]), in tokens.
+
+    The result is at least 1 and never more than the prompt; a budget <= 0 is an error, not a no-op.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"{what} must be a token count (int) or a fraction of the prompt (float), got {budget!r}")
+    if budget <= 0:
+        raise ValueError(f"{what} must be > 0 (a token count or a fraction in (0, 1]), got {budget}")
+    if isinstance(budget, float):
+        if budget > 1:
+            raise ValueError(f"{what} {budget} is a float above 1: give a fraction in (0, 1] or an int token count")
+        return max(1, min(prompt_len, round(budget * prompt_len)))
+    return min(prompt_len, budget)
+
+
+def scaled_layers(paper_layers: tuple[int, ...], paper_depth: int, num_layers: int) -> tuple[int, ...]:
+    """A paper's layer positions for a `paper_depth`-layer model, scaled to `num_layers` (distinct, in range)."""
+    scaled = sorted({min(num_layers - 1, round(layer * num_layers / paper_depth)) for layer in paper_layers})
+    return tuple(scaled)
+
+
 @dataclass
 class Method:
     """Settings of a method. Subclasses are dataclasses named like the paper and override `start`."""
