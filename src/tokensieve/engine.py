@@ -62,6 +62,27 @@ class Engine:
         """
         yield from self._pieces(prompt, max_new_tokens, Sampling(temperature, top_p, seed), stop, chat, method)
 
+    def next_token_logits(
+        self, prompt: str | Sequence[int], continuation: Sequence[int], *, method: str | Method | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced next-token logits (fp32, `[len(continuation) + 1, vocab]`) under a method.
+
+        Row 0 is the distribution after the prompt, row i after `continuation[:i]`: what fidelity
+        measures (e.g. KL of a method vs dense along the dense tokens) need.
+        """
+        method = self.method if method is None else resolve_method(method)
+        ids = self.encode(prompt)
+        self._check_lengths(len(ids), len(continuation) + 1)
+        model = self.model
+        policy = method.start(Run(model.spec, len(ids), len(continuation) + 1, model.device, model.dtype, model.scale))
+        keys_attended = [0] * model.spec.num_layers
+        with torch.inference_mode():
+            kv, logits = self._prefill(ids, len(continuation) + 1, policy, Stats(method=method.settings()))
+            rows = [logits]
+            for i, token in enumerate(continuation):
+                rows.append(self._decode(int(token), len(ids) + i, kv, policy, keys_attended))
+        return torch.stack(rows)
+
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         """Token ids of a prompt (with the tokenizer's special tokens, or its chat template)."""
         if isinstance(prompt, str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -113,7 +114,10 @@ class TextStream:
         return piece
 
     def _holdback(self) -> int:
-        if self.text.endswith("\ufffd"):
-            return len(self.text) - self.emitted
+        """Characters at the end of the text that the next tokens may still change."""
+        held = 0
+        if self.text.endswith("\ufffd"):  # maybe a UTF-8 sequence split over tokens: at most its last 3 tokens
+            stable = self.tokenizer.decode(self.ids[:-3], skip_special_tokens=True)
+            held = len(self.text) - len(os.path.commonprefix([stable, self.text]))
         partial = [n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])]
-        return max(partial, default=0)
+        return max([held, *partial])
