@@ -105,8 +105,9 @@ def run_generate(args: argparse.Namespace) -> None:
 
 def _commands() -> list[Callable]:
     from . import demo
+    from .bench import command as bench
 
-    return [register_generate, demo.register]
+    return [register_generate, demo.register, bench.register]
 
 
 def main(argv: list[str] | None = None) -> int:
