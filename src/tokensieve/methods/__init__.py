@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from .base import Context, Dense, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .sliminfer import SlimInfer
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, SlimInfer)}
 
 
 def resolve_method(method: str | Method) -> Method:
@@ -24,6 +25,7 @@ __all__ = [
     "Policy",
     "Rows",
     "Run",
+    "SlimInfer",
     "resolve_budget",
     "resolve_method",
     "scaled_layers",

@@ -1,0 +1,269 @@
+"""SlimInfer: block scoring, the pruning schedule, original positions, decode swaps, offload, memory model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from conftest import DEEP, random_prompt
+from tokensieve import cli, load, presets
+from tokensieve.attention import causal_attention
+from tokensieve.methods import METHODS, Rows, Run, SlimInfer, resolve_method
+from tokensieve.methods.sliminfer import SlimInferPolicy, block_scores, top_blocks, unit_keys
+from tokensieve.model import ModelSpec
+
+PROMPT = random_prompt(1000, seed=5)  # 15 whole blocks and a last block of 40 tokens
+FRACTIONS = (0.5, 0.25, 0.125)  # 1000 -> 488 -> 232 -> 104 tokens on the 12-layer model (layers 4, 8, 11)
+
+
+class SpyPolicy(SlimInferPolicy):
+    """Records what the policy decided and what the engine stored, for the tests to check."""
+
+    def __init__(self, run, method):
+        super().__init__(run, method)
+        self.kept: dict[int, torch.Tensor] = {}
+        self.stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rescorings: list[tuple[int, int, set[int], set[int]]] = []  # step, layer, active, top
+
+    def prefill_keep_after_attention(self, layer, rows, q, k):
+        index = super().prefill_keep_after_attention(layer, rows, q, k)
+        if index is not None:
+            self.kept[layer] = index
+        return index
+
+    def prefill_layer_done(self, layer, kv):
+        self.stored[layer] = (kv.keys.clone(), kv.positions.clone())
+        super().prefill_layer_done(layer, kv)
+
+    def rescore(self, layer, store, query):
+        top = top_blocks(block_scores(query.float(), store.units), len(store.slots))
+        self.rescorings.append((self.steps, layer, set(store.slots.tolist()), set(top.tolist())))
+        super().rescore(layer, store, query)
+
+
+@dataclass
+class Spy(SlimInfer):
+    def start(self, run):
+        self.policy = SpyPolicy(run, self)
+        return self.policy
+
+
+@pytest.fixture(scope="module")
+def dense_tokens(deep_engine):
+    return deep_engine.generate(PROMPT, max_new_tokens=8, method="dense").token_ids
+
+
+def spec(layers=12, heads=8, kv_heads=2, head_dim=16) -> ModelSpec:
+    return ModelSpec(layers, heads * head_dim, heads, kv_heads, head_dim, 64, 258, 4096, "llama")
+
+
+# -- settings and schedule -----------------------------------------------------------------------------
+def test_registered_by_name():
+    assert METHODS["sliminfer"] is SlimInfer
+    assert resolve_method("sliminfer") == SlimInfer()
+
+
+@pytest.mark.parametrize(
+    "layers, expected", [(32, (10, 20, 30)), (28, (9, 18, 26)), (12, (4, 8, 11)), (2, (1,)), (1, (0,))]
+)
+def test_default_layers_scale_with_depth_and_merge_on_shallow_models(layers, expected):
+    schedule = SlimInfer().schedule(layers, 32768)
+    assert tuple(schedule) == expected
+    assert schedule[expected[-1]] == 2048  # merged layers keep the smallest budget
+
+
+def test_budgets_as_fractions_and_counts():
+    assert SlimInfer(budgets=(0.25, 0.125, 0.0625)).schedule(32, 8192) == {10: 2048, 20: 1024, 30: 512}
+    assert SlimInfer(prune_layers=(3, 7), budgets=(300, 0.1)).schedule(12, 1000) == {3: 300, 7: 100}
+
+
+@pytest.mark.parametrize(
+    "settings, error",
+    [
+        (dict(budgets=(0, 10, 10)), ValueError),
+        (dict(budgets=(-5, 10, 10)), ValueError),
+        (dict(budgets=(1.5, 0.5, 0.5)), ValueError),
+        (dict(budgets=("many", 10, 10)), TypeError),
+        (dict(budgets=(10, 10)), ValueError),
+        (dict(budgets=()), ValueError),
+        (dict(prune_layers=(3,), budgets=(10, 10)), ValueError),
+        (dict(prune_layers=(5, 3), budgets=(10, 10)), ValueError),
+        (dict(unit_size=7), ValueError),
+        (dict(block_size=0), ValueError),
+        (dict(query_window=0), ValueError),
+        (dict(gamma=1.5), ValueError),
+    ],
+)
+def test_bad_settings_are_clear_errors(settings, error):
+    with pytest.raises(error):
+        SlimInfer(**settings)
+
+
+def test_prune_layer_beyond_the_model_is_an_error(deep_engine):
+    with pytest.raises(ValueError, match="beyond this model's 12 layers"):
+        deep_engine.generate(PROMPT[:50], max_new_tokens=1, method=SlimInfer(prune_layers=(20,), budgets=(10,)))
+
+
+# -- scoring ---------------------------------------------------------------------------------------------
+def reference_block_scores(q, k, block_size, unit_size, window):
+    """The paper's scoring written out with loops: per unit, per query head, its own KV head."""
+    heads, kv_heads = q.shape[0], k.shape[0]
+    query = q[:, -window:].mean(1)
+    scores = []
+    for start in range(0, k.shape[1] - block_size + 1, block_size):
+        units = []
+        for unit in range(start, start + block_size, unit_size):
+            per_head = [
+                abs(float(query[h] @ k[h // (heads // kv_heads), unit : unit + unit_size].mean(0)))
+                for h in range(heads)
+            ]
+            units.append(sum(per_head) / heads)
+        scores.append(max(units))
+    return torch.tensor(scores)
+
+
+@pytest.mark.parametrize("heads, kv_heads, block_size, unit_size", [(8, 2, 64, 8), (4, 4, 16, 4), (6, 3, 32, 32)])
+def test_scoring_and_selection_match_a_reference(heads, kv_heads, block_size, unit_size):
+    torch.manual_seed(0)
+    n, tail, budget = 11 * block_size + 5, 5, 5 * block_size  # 11 whole blocks; 3 + sink + last block fit
+    q, k = torch.randn(heads, n, 16), torch.randn(kv_heads, n, 16)
+    full = k[:, : n - tail].unflatten(1, (11, block_size))
+    expected = reference_block_scores(q, k, block_size, unit_size, 4)
+    scores = block_scores(q[:, -4:].mean(1), unit_keys(full, unit_size))
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+
+    method = SlimInfer(prune_layers=(0,), budgets=(budget,), block_size=block_size, unit_size=unit_size)
+    policy = method.start(Run(spec(1, heads, kv_heads), n, 1, torch.device("cpu"), torch.float32, 0.25))
+    rows = Rows(torch.zeros(n, 1), torch.arange(n), torch.zeros(n, 1), torch.zeros(n, 1))
+    kept = policy.prefill_keep_after_attention(0, rows, q, k)
+    best = sorted([0, *(expected[1:].topk(3).indices + 1).tolist()])
+    expected_rows = [b * block_size + i for b in best for i in range(block_size)] + list(range(n - tail, n))
+    assert kept.tolist() == expected_rows
+
+
+# -- prefill ---------------------------------------------------------------------------------------------
+def test_keep_all_and_prompts_within_budget_equal_dense(deep_engine, dense_tokens):
+    for method in (SlimInfer.keep_all(), SlimInfer()):  # the default budgets exceed this 1000-token prompt
+        gen = deep_engine.generate(PROMPT, max_new_tokens=8, method=method)
+        assert gen.token_ids == dense_tokens
+        assert gen.stats.prefill_tokens_per_layer == [len(PROMPT)] * 12
+        assert gen.stats.method_stats["pruned_tokens"] == [0, 0, 0]
+        assert gen.stats.method_stats["decode_rescorings"] == 0 and gen.stats.kv_bytes_host == 0
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_shallow_models_work(layers):
+    model, tok = presets.build(dict(DEEP, num_hidden_layers=layers), seed=2)
+    engine = load(model, tokenizer=tok)
+    dense = engine.generate(PROMPT[:300], max_new_tokens=4, method="dense").token_ids
+    assert engine.generate(PROMPT[:300], max_new_tokens=4, method=SlimInfer()).token_ids == dense
+    pruned = engine.generate(PROMPT[:300], max_new_tokens=4, method=SlimInfer(budgets=FRACTIONS))
+    # all three paper layers merge into the last layer: its MLP skips pruned rows, the last row is exact
+    assert pruned.token_ids[0] == dense[0]
+    assert pruned.stats.method_stats["prune_layers"] == [layers - 1]
+    assert pruned.stats.method_stats["pruned_tokens"] == [300 - 64 - 44]
+
+
+def test_tokens_per_layer_follow_the_schedule_in_whole_blocks(deep_engine):
+    method = Spy(budgets=FRACTIONS)
+    gen = deep_engine.generate(PROMPT, max_new_tokens=2, method=method)
+    entering, _ = method.plan(12, len(PROMPT))
+    assert entering == [1000] * 5 + [488] * 4 + [232] * 3
+    assert gen.stats.prefill_tokens_per_layer == entering
+    assert gen.stats.method_stats["pruned_tokens"] == [512, 256, 128]
+    for layer in (4, 8, 11):
+        positions = method.policy.stored[layer + 1][1] if layer < 11 else None
+        if positions is None:
+            continue
+        blocks = positions[:-40].view(-1, 64)
+        assert torch.equal(blocks, blocks[:, :1] + torch.arange(64))  # whole blocks of original positions
+        assert blocks[0, 0] == 0 and blocks[:, 0].remainder(64).eq(0).all()  # sink kept, blocks aligned
+        assert positions[-40:].tolist() == list(range(960, 1000))  # the last block kept
+
+
+def test_kept_tokens_keep_their_original_rope_positions(deep_engine):
+    """Keys stored after a pruning layer are the kept tokens' keys rotated at their original positions."""
+    method = Spy(budgets=FRACTIONS)
+    deep_engine.generate(PROMPT, max_new_tokens=1, method=method)
+    model, policy = deep_engine.model, method.policy
+    with torch.inference_mode():
+        h = model.embed(torch.tensor(PROMPT))
+        pos = torch.arange(len(PROMPT))
+        for layer in range(12):
+            q, k, v = model.qkv(layer, h, *model.rope(pos, h))
+            keys, positions = policy.stored[layer]
+            assert torch.equal(positions, pos)
+            torch.testing.assert_close(keys, k, rtol=1e-5, atol=1e-5)
+            if layer == 5:  # renumbering the compacted rows would give other keys
+                renumbered = model.qkv(layer, h, *model.rope(torch.arange(len(pos)), h))[1]
+                assert not torch.allclose(keys, renumbered, atol=1e-3)
+            h = model.attention_output(layer, h, causal_attention(q, k, v, model.scale))
+            if layer in policy.kept:
+                h, pos = h[policy.kept[layer]], pos[policy.kept[layer]]
+            h = model.mlp(layer, h)
+    assert pos.tolist()[:64] == list(range(64)) and len(pos) == 104
+
+
+# -- decode ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gamma", [0.0, 0.9, 1.0])
+def test_swaps_happen_only_when_overlap_falls_below_gamma(deep_engine, gamma):
+    method = Spy(budgets=FRACTIONS, gamma=gamma)
+    gen = deep_engine.generate(PROMPT, max_new_tokens=16, method=method)
+    rescorings = method.policy.rescorings
+    assert {layer for _, layer, _, _ in rescorings} == {4, 8, 11}
+    swaps = 0
+    for (step, layer, active, top), (next_step, next_layer, next_active, _) in zip(
+        rescorings, rescorings[3:], strict=False
+    ):
+        assert (next_step, next_layer) == (step + 1, layer)
+        overlap = len(active & top) / len(active)
+        swap = overlap < gamma
+        swaps += swap
+        assert next_active == (top if swap else active)  # a swap installs exactly the new top set
+    stats = gen.stats.method_stats
+    assert stats["decode_rescorings"] == len(rescorings) == 3 * 15
+    assert stats["swaps"] >= swaps  # the last step's decisions have no successor to check
+    if gamma == 0.0:
+        assert stats["swaps"] == 0
+    if gamma == 1.0:
+        assert stats["swaps"] > 0 and stats["blocks_swapped_in"] >= stats["swaps"]
+
+
+def test_offload_and_no_offload_give_identical_tokens_and_expected_bytes(deep_engine):
+    per_token = deep_engine.model.spec.kv_bytes_per_token(torch.float32)
+    new = 16
+    runs = {}
+    for offload in (True, False):
+        method = Spy(budgets=FRACTIONS, gamma=1.0, offload=offload)
+        gen = deep_engine.generate(PROMPT, max_new_tokens=new, method=method)
+        entering, on_device = method.plan(12, len(PROMPT))
+        stored = sum(on_device) + 12 * (new - 1)  # generated tokens: every step but the last is cached
+        assert gen.stats.kv_bytes_device == stored * per_token + method.policy.device_bytes()
+        runs[offload] = gen
+    assert runs[True].token_ids == runs[False].token_ids
+    assert runs[True].stats.method_stats["swaps"] > 0
+    assert runs[False].stats.kv_bytes_host == 0
+    # nothing is lost: the host holds every scored block of layers 4, 8 and 11 (15, 7 and 3 blocks)
+    assert runs[True].stats.kv_bytes_host == (15 + 7 + 3) * 64 * per_token
+    assert runs[True].stats.kv_bytes_device < runs[False].stats.kv_bytes_device
+    keys = runs[True].stats.decode_keys_per_layer
+    assert keys[4] < keys[3] and keys[8] < keys[7]  # pruning layers attend to their active blocks only
+
+
+@pytest.mark.parametrize("prompt_len, paper_gb", [(8192, 0.80), (16384, 1.11), (24576, 1.42), (32768, 1.73)])
+def test_device_kv_follows_the_papers_memory_figures(prompt_len, paper_gb):
+    """Llama-3.1-8B with the default budgets: 1.00 GB of dense KV per 8K tokens; 32K -> 1.73 / 4.00 = 0.433."""
+    _, on_device = SlimInfer().plan(32, prompt_len)
+    ratio = sum(on_device) / (32 * prompt_len)
+    dense_gb = prompt_len / 8192
+    assert abs(ratio - paper_gb / dense_gb) <= 0.005 + 64 / prompt_len  # paper's rounding, one block per layer
+    if prompt_len == 32768:
+        assert round(ratio, 3) == 0.434 and abs(ratio - 0.433) < 64 / prompt_len
+
+
+def test_cli_runs_sliminfer(capsys):
+    assert cli.main(["generate", "--model", "tiny", "--method", "sliminfer", "--prompt", "hello", "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert "name=sliminfer" in out and "pruned_tokens" in out
