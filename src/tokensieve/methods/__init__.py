@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from .base import Context, Dense, Method, Policy, Rows, Run, resolve_budget, scaled_layers
 from .sliminfer import SlimInfer
+from .snapkv import SnapKV
+from .streaming_llm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, SlimInfer)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, StreamingLLM, SnapKV, SlimInfer)}
 
 
 def resolve_method(method: str | Method) -> Method:
@@ -26,6 +28,8 @@ __all__ = [
     "Rows",
     "Run",
     "SlimInfer",
+    "SnapKV",
+    "StreamingLLM",
     "resolve_budget",
     "resolve_method",
     "scaled_layers",

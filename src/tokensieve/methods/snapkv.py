@@ -1,0 +1,141 @@
+"""SnapKV (Li et al., "SnapKV: LLM Knows What You Are Looking for Before Generation", NeurIPS 2024).
+
+The attention that the last few prompt tokens (the *observation window*, typically the question at the end
+of the prompt) pay to the rest of the prompt predicts which prompt tokens generation will attend to. So,
+once the prompt is prefilled, each layer scores every prompt token by the attention it receives from the
+window's queries, smooths the scores with a 1-D pooling so that neighbours of an important token come
+along (keeps the context of a fact, not just a fragment), and keeps the top-scoring tokens per KV head
+plus the window itself. The rest is evicted for good: a token-*dropping* baseline, in contrast to OmniKV,
+which keeps every token and re-selects at every step. Generated tokens are never evicted.
+
+Per-head selection: different KV heads keep different tokens, while a layer's cache has one position
+vector shared by its heads. The kept keys are gathered per head into `[kv_heads, budget, head_dim]`, and
+slot `s` records the largest original position any head keeps there. That placeholder is exact for what
+positions are used for: RoPE was applied to the keys in prefill, and every kept key is a prompt key, older
+than every decode query, so the position mask of decode attention never hides one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import grouped_logits
+from ..cache import LayerKV
+from .base import Method, Policy, Rows, Run, resolve_budget
+
+POOLINGS = ("max", "avg")
+
+
+@dataclass
+class SnapKV(Method):
+    """Keep, at every layer and KV head, the `budget` prompt tokens the observation window attends to most.
+
+    `budget`: prompt tokens kept per layer and KV head, the window included: a token count, or a float in
+    (0, 1] for a fraction of the prompt. The default 2048 equals OmniKV's default budget, so the two compare
+    at equal budgets out of the box (the paper evaluates 1024 to 4096). A prompt within budget is kept whole.
+    `window`: the last prompt tokens whose queries score the rest; always kept (paper: 32).
+    `kernel`: width of the pooling along tokens, odd (paper: 7). `pooling`: "max" or "avg".
+    """
+
+    name: ClassVar[str] = "snapkv"
+
+    budget: int | float = 2048
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+
+    def __post_init__(self):
+        resolve_budget(self.budget, 1, "budget")  # type and sign, with clear messages
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an int >= 1 (the paper uses 32), got {self.window!r}")
+        if isinstance(self.budget, int) and self.budget <= self.window:
+            raise ValueError(
+                f"budget {self.budget} must exceed the observation window {self.window}, which it includes: "
+                "raise the budget or shrink the window"
+            )
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd int >= 1 (the paper uses 7), got {self.kernel!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+
+    @classmethod
+    def keep_all(cls) -> SnapKV:
+        return cls(budget=1.0)
+
+    def start(self, run: Run) -> Policy:
+        return SnapKVPolicy(run, self)
+
+
+def observation_scores(
+    q_window: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention `[kv_heads, t]` each key receives from the window's queries `[heads, w, d]`.
+
+    Softmax over the keys each query sees (causal by position), summed over the window's queries, then
+    averaged over the query heads that share a KV head (GQA). Costs `w x t` logits per head, never `t x t`.
+    """
+    logits = grouped_logits(q_window, k, scale)
+    logits.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    received = logits.softmax(-1).sum(1)
+    kv_heads = k.shape[0]
+    return received.reshape(kv_heads, -1, received.shape[-1]).mean(1)
+
+
+def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
+    """Scores `[kv_heads, t]` smoothed along tokens by a stride-1 pooling of width `kernel` (same length)."""
+    pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+    return pool(scores, kernel_size=kernel, stride=1, padding=kernel // 2)
+
+
+class SnapKVPolicy(Policy):
+    def __init__(self, run: Run, method: SnapKV):
+        super().__init__(run)
+        self.method = method
+        self.budget = resolve_budget(method.budget, run.prompt_len)
+        if self.budget < run.prompt_len and self.budget <= method.window:
+            raise ValueError(
+                f"budget {method.budget} of a {run.prompt_len}-token prompt is {self.budget} tokens, not more than "
+                f"the observation window {method.window} it includes: raise the budget or shrink the window"
+            )
+        layers = run.spec.num_layers
+        self.kept = [run.prompt_len] * layers
+        self.distinct_kept = [run.prompt_len] * layers
+        self.evicted = [0] * layers
+        self.selection: torch.Tensor | None = None  # `[kv_heads, budget]` slots of the layer being prefilled
+
+    def prefill_keep_after_attention(self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Choose what layer `layer` keeps while its queries are at hand; nothing is pruned from the rows."""
+        self.selection = None
+        if len(rows) <= self.budget:
+            return None
+        w = self.method.window
+        scores = observation_scores(q[:, -w:], rows.pos[-w:], k, rows.pos, self.run.scale)
+        pooled = pool_scores(scores[:, :-w], self.method.kernel, self.method.pooling)
+        top = pooled.topk(self.budget - w, dim=-1).indices.sort(-1).values
+        window = torch.arange(len(rows) - w, len(rows), device=top.device).expand(top.shape[0], -1)
+        self.selection = torch.cat([top, window], dim=-1)
+        return None
+
+    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
+        if self.selection is None:
+            return
+        slots = self.selection
+        rows = slots[..., None].expand(-1, -1, kv.keys.shape[-1])
+        positions = kv.positions[slots].amax(0)  # shared placeholder: see the module docstring
+        self.evicted[layer] = len(kv) - slots.shape[1]
+        self.kept[layer] = slots.shape[1]
+        self.distinct_kept[layer] = int(slots.unique().numel())
+        kv.replace(kv.keys.gather(1, rows), kv.values.gather(1, rows), positions)
+        self.selection = None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "budget_tokens": self.budget,
+            "kept_per_kv_head_per_layer": self.kept,
+            "evicted_per_kv_head_per_layer": self.evicted,
+            "distinct_kept_per_layer": self.distinct_kept,
+        }
