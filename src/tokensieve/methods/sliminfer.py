@@ -301,16 +301,28 @@ class SlimInferPolicy(Policy):
     def stats(self) -> dict[str, Any]:
         layers = sorted(self.schedule)
         swaps = [d for d in self.decisions if d.blocks_in]
+        blocks_in = sum(d.blocks_in for d in swaps)
+        block_bytes = self.method.block_size * self.run.spec.kv_bytes_per_token(self.run.dtype)
         return {
             "prune_layers": layers,
             "budget_tokens": [self.schedule[layer] for layer in layers],
             "pruned_tokens": [self.pruned_tokens.get(layer, 0) for layer in layers],
+            "prefill_mlp_tokens_per_layer": self.mlp_tokens_per_layer(),
             "decode_rescorings": len(self.decisions),
             "swaps": len(swaps),
-            "blocks_swapped_in": sum(d.blocks_in for d in swaps),
+            "blocks_swapped_in": blocks_in,
             "swaps_per_step": len(swaps) / max(1, self.steps),
             "mean_overlap": sum(d.overlap for d in self.decisions) / max(1, len(self.decisions)),
+            "host_bytes_loaded_per_step": blocks_in * block_bytes / max(1, self.steps) if self.method.offload else 0.0,
         }
+
+    def mlp_tokens_per_layer(self) -> list[int]:
+        """Tokens reaching each layer's MLP in prefill: a pruning layer's attention saw more (for the FLOP model)."""
+        present, tokens = self.run.prompt_len, []
+        for layer in range(self.run.spec.num_layers):
+            present -= self.pruned_tokens.get(layer, 0)
+            tokens.append(present)
+        return tokens
 
 
 def refill(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, reserve: int) -> None:
