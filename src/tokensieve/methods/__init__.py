@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from .base import Context, Dense, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .lazyllm import LazyLLM
 from .sliminfer import SlimInfer
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, StreamingLLM, SnapKV, SlimInfer)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, LazyLLM, StreamingLLM, SnapKV, SlimInfer)}
 
 
 def resolve_method(method: str | Method) -> Method:
@@ -23,6 +24,7 @@ __all__ = [
     "METHODS",
     "Context",
     "Dense",
+    "LazyLLM",
     "Method",
     "Policy",
     "Rows",

@@ -1,0 +1,260 @@
+"""LazyLLM: progressive pruning in prefill, dynamic selection with revival in decode, at most once per layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import random_prompt
+from tokensieve.methods.base import Context, Rows, Run
+from tokensieve.methods.lazyllm import LazyLLM, LazyLLMPolicy
+from tokensieve.model import ModelSpec
+
+PROMPT = random_prompt(240, seed=5)
+NEW_TOKENS = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops on a loaded 2-core machine run ~100x faster without intra-op threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class RecordingPolicy(LazyLLMPolicy):
+    """Keeps each layer's KV object, the aux caches at each step's start, and each decode layer's rows/context."""
+
+    def __init__(self, method, run):
+        super().__init__(method, run)
+        self.kv = {}
+        self.log = []
+
+    def prefill_layer_done(self, layer, kv):
+        self.kv[layer] = kv
+
+    def decode_rows(self, layer, rows):
+        if layer == 0:
+            self.log.append({"aux": [_entries(aux) for aux in self.aux], "layers": {}})
+        return super().decode_rows(layer, rows)
+
+    def decode_context(self, layer, q, rows, kv):
+        context = super().decode_context(layer, q, rows, kv)
+        n = len(rows)
+        own = (kv.keys[:, -n:].clone(), kv.values[:, -n:].clone())
+        copy = Context(context.k.clone(), context.v.clone(), context.pos.clone())
+        self.log[-1]["layers"][layer] = (rows.pos.clone(), *own, copy)
+        return context
+
+
+def _entries(aux) -> dict[int, torch.Tensor]:
+    alive = aux.slot[aux.pos] >= 0
+    return dict(zip(aux.pos[alive].tolist(), aux.h[alive].clone(), strict=True)) if len(aux) else {}
+
+
+@dataclass
+class RecordingLazyLLM(LazyLLM):
+    def start(self, run):
+        self.policy = RecordingPolicy(self, run)
+        return self.policy
+
+
+@pytest.fixture(scope="module")
+def dense_tokens(deep_engine):
+    return deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method="dense").token_ids
+
+
+def test_keep_all_reproduces_dense_and_reports_nothing_pruned(deep_engine, dense_tokens):
+    gen = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=LazyLLM.keep_all())
+    stats = gen.stats
+    assert gen.token_ids == dense_tokens
+    assert stats.revived_tokens == 0
+    assert stats.method_stats["prompt_computed_pct"] == 100.0
+    assert stats.method_stats["decode_tokens_per_layer"] == [1.0] * deep_engine.model.spec.num_layers
+
+
+def test_default_schedule_prunes_nested_sets_by_stage(deep_engine):
+    gen = deep_engine.generate(PROMPT, max_new_tokens=4, method="lazyllm")
+    n = len(PROMPT)
+    # 12 layers: stages start at round(9, 19, 28 * 12 / 32) = 3, 7, 10, so prune after layers 2, 6, 9
+    expected = [n] * 3 + [round(0.7 * n)] * 4 + [round(0.5 * n)] * 3 + [round(0.3 * n)] * 2
+    assert gen.stats.prefill_tokens_per_layer == expected
+    assert gen.stats.method_stats["prune_after_layers"] == [2, 6, 9]
+    assert gen.stats.method_stats["aux_cache_bytes"] == gen.stats.kv_bytes_device - _kv_bytes(gen, deep_engine) > 0
+
+
+def _kv_bytes(gen, engine):
+    """Engine KV bytes implied by the stats: one entry per token computed at each layer."""
+    spec = engine.model.spec
+    entries = sum(gen.stats.prefill_tokens_per_layer) + (gen.stats.new_tokens - 1) * spec.num_layers
+    return (entries + gen.stats.revived_tokens) * spec.kv_bytes_per_token(engine.model.dtype)
+
+
+def test_paper_layers_for_32_layers_and_scaling():
+    assert LazyLLM().boundaries(32) == (8, 18, 27)
+    assert LazyLLM().boundaries(12) == (2, 6, 9)
+    assert LazyLLM(prune_layers=(1, 2), keep=(0.5, 0.2)).boundaries(4) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(keep=()), ValueError, "keep is empty"),
+        (dict(keep=(0.5, 0.7, 0.3)), ValueError, "non-increasing"),
+        (dict(keep=(0.7, 0.0, 0.3)), ValueError, "must be > 0"),
+        (dict(keep=(1.5, 0.5, 0.3)), ValueError, "float above 1"),
+        (dict(keep=("a", 0.5, 0.3)), TypeError, "token count"),
+        (dict(prune_layers=(3, 6)), ValueError, "differ in length"),
+        (dict(prune_layers=(6, 3, 9)), ValueError, "strictly increasing"),
+    ],
+)
+def test_bad_settings_are_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LazyLLM(**kwargs)
+
+
+def test_settings_that_do_not_fit_the_model_or_prompt_are_clear_errors(deep_engine):
+    with pytest.raises(ValueError, match="must lie in"):
+        deep_engine.generate(PROMPT, max_new_tokens=2, method=LazyLLM(prune_layers=(3, 6, 11)))
+    with pytest.raises(ValueError, match="too shallow"):
+        LazyLLM().boundaries(2)
+    with pytest.raises(ValueError, match="increases"):
+        deep_engine.generate(PROMPT, max_new_tokens=2, method=LazyLLM(keep=(0.2, 100, 30)))
+
+
+def _policy(heads: int, kv_heads: int, prompt_len: int, keep: tuple) -> LazyLLMPolicy:
+    spec = ModelSpec(4, 16, heads, kv_heads, 8, 32, 50, 1024, "llama")
+    run = Run(spec, prompt_len, 4, torch.device("cpu"), torch.float32, 8**-0.5)
+    return LazyLLM(prune_layers=(0, 1, 2), keep=keep).start(run)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (4, 1)])
+def test_prefill_scores_equal_full_softmax_reference(heads, kv_heads):
+    """The last row of the full causal softmax, mean over heads, picks the same tokens; GQA without repeat."""
+    n, keep, d = 40, 13, 8
+    gen = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    q = torch.randn(heads, n, d, generator=gen) * 2
+    k = torch.randn(kv_heads, n, d, generator=gen) * 2
+    h = torch.randn(n, 16, generator=gen)
+    rows = Rows(h, torch.arange(n), torch.ones(n, d), torch.zeros(n, d))
+
+    k_full = k.repeat_interleave(heads // kv_heads, dim=0)
+    logits = q @ k_full.transpose(1, 2) * 8**-0.5
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)[:, -1].mean(0)
+    probs[-1] = float("inf")
+    expected = probs.topk(keep).indices.sort().values
+
+    policy = _policy(heads, kv_heads, n, (keep, keep, keep))
+    index = policy.prefill_keep_after_layer(0, rows, q, k)
+    assert torch.equal(index, expected) and int(index[-1]) == n - 1
+    dropped = torch.tensor(sorted(set(range(n)) - set(expected.tolist())))
+    assert torch.equal(policy.aux[0].take(dropped), h[dropped])  # the dropped rows' layer outputs
+
+
+def test_last_token_is_kept_even_when_it_scores_lowest():
+    n, d = 10, 8
+    q = torch.zeros(2, n, d)
+    q[:, -1, 0] = 10.0
+    k = torch.zeros(2, n, d)
+    k[:, :-1, 0] = 1.0  # every key but the last one's own scores high
+    rows = Rows(torch.zeros(n, 16), torch.arange(n), torch.ones(n, d), torch.zeros(n, d))
+    index = _policy(2, 2, n, (3, 3, 3)).prefill_keep_after_layer(0, rows, q, k)
+    assert len(index) == 3 and int(index[-1]) == n - 1
+
+
+def _generate_recorded(engine, method: RecordingLazyLLM, prompt, new_tokens):
+    gen = engine.generate(prompt, max_new_tokens=new_tokens, method=method)
+    return gen, method.policy
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompt_len=st.integers(16, 160),
+    fractions=st.lists(st.floats(0.05, 1.0), min_size=1, max_size=4),
+    layers=st.data(),
+    new_tokens=st.integers(2, 10),
+    revive=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_each_token_is_computed_at_most_once_per_layer(
+    deep_engine, prompt_len, fractions, layers, new_tokens, revive, seed
+):
+    num_layers = deep_engine.model.spec.num_layers
+    keep = tuple(sorted(fractions, reverse=True))
+    prune = tuple(sorted(layers.draw(st.sets(st.integers(0, num_layers - 2), min_size=len(keep), max_size=len(keep)))))
+    method = RecordingLazyLLM(prune_layers=prune, keep=keep, revive=revive)
+    gen, policy = _generate_recorded(deep_engine, method, random_prompt(prompt_len, seed=seed), new_tokens)
+
+    computed = 0
+    for layer in range(num_layers):
+        positions = policy.kv[layer].positions.tolist()
+        assert len(positions) == len(set(positions)), f"a token was computed twice at layer {layer}"
+        assert max(positions) < prompt_len + gen.stats.new_tokens - 1
+        prompt_part = torch.tensor([p for p in positions if p < prompt_len])
+        assert torch.equal(prompt_part.sort().values, policy.present[policy.stage_of[layer]].nonzero().squeeze(1))
+        computed += len(positions)
+    dense = num_layers * (prompt_len + gen.stats.new_tokens - 1)
+    assert computed <= dense
+    decode = (gen.stats.new_tokens - 1) * num_layers
+    assert computed == sum(gen.stats.prefill_tokens_per_layer) + decode + gen.stats.revived_tokens
+    if not revive:
+        assert gen.stats.revived_tokens == 0 and gen.stats.method_stats["decode_selection"] == "static"
+
+
+def _reference_attention(q, k, v, scale):
+    """Softmax attention of one query `[heads, 1, d]` over keys `[kv_heads, t, d]`, K/V repeated per head."""
+    group = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    return (q @ k.transpose(1, 2) * scale).softmax(-1) @ v
+
+
+def test_revived_kv_equals_reference_from_aux_hidden_state_and_sees_only_earlier_keys(deep_engine):
+    """Recompute each revived token from its aux-cache hidden state through the layers it was computed at,
+    attending only to the step's selected keys at positions <= its own, and compare with the cached KV."""
+    model, scale = deep_engine.model, deep_engine.model.scale
+    prompt = PROMPT[:120]
+    gen, policy = _generate_recorded(deep_engine, RecordingLazyLLM(keep=(0.6, 0.4, 0.2)), prompt, 5)
+    assert gen.stats.revived_tokens > 0
+    checked = hidden_keys = 0
+    for step in policy.log:
+        for layer, (pos, *_) in step["layers"].items():
+            if layer not in policy.stage_start:
+                continue
+            boundary = policy.stage_of[layer] - 1
+            for p in pos[:-1].tolist():
+                if p not in step["aux"][boundary]:
+                    continue  # continued from the previous stage: checked from where it was revived
+                h = step["aux"][boundary][p][None]
+                for at in range(layer, model.spec.num_layers):
+                    rows_pos, k_rows, v_rows, context = step["layers"][at]
+                    if p not in rows_pos.tolist():
+                        break
+                    row = rows_pos.tolist().index(p)
+                    cos, sin = model.rope(torch.tensor([p]), h)
+                    q, k, v = model.qkv(at, h, cos, sin)
+                    torch.testing.assert_close(k[:, 0], k_rows[:, row], atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(v[:, 0], v_rows[:, row], atol=1e-5, rtol=1e-5)
+                    prompt_keys = context.pos[context.pos < len(prompt)]
+                    assert len(prompt_keys) == policy.keep[policy.stage_of[at] - 1] == len(set(prompt_keys.tolist()))
+                    visible = context.pos <= p
+                    hidden_keys += int((~visible).sum())
+                    out = _reference_attention(q, context.k[:, visible], context.v[:, visible], scale)
+                    h = model.mlp(at, model.attention_output(at, h, out))
+                    checked += 1
+    assert checked > 0 and hidden_keys > 0  # some revived rows had later keys in their context, masked out
+
+
+def test_static_pruning_decodes_over_what_prefill_kept(deep_engine):
+    gen = deep_engine.generate(PROMPT, max_new_tokens=6, method=LazyLLM(revive=False))
+    stats = gen.stats
+    new = gen.stats.new_tokens - 1
+    expected_keys = [n + (new + 1) / 2 for n in stats.prefill_tokens_per_layer]  # prompt kept + mean generated
+    assert stats.decode_keys_per_layer == pytest.approx(expected_keys)
+    assert stats.revived_tokens == 0 and stats.method_stats["aux_cache_bytes"] == 0
+    assert stats.method_stats["decode_tokens_per_layer"] == [1.0] * deep_engine.model.spec.num_layers
