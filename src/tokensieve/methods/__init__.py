@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from .base import Context, Dense, Method, Policy, Rows, Run, resolve_budget, scaled_layers
 from .lazyllm import LazyLLM
+from .omnikv import OmniKV
 from .sliminfer import SlimInfer
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, LazyLLM, StreamingLLM, SnapKV, SlimInfer)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, LazyLLM, OmniKV, StreamingLLM, SnapKV, SlimInfer)}
 
 
 def resolve_method(method: str | Method) -> Method:
@@ -26,6 +27,7 @@ __all__ = [
     "Dense",
     "LazyLLM",
     "Method",
+    "OmniKV",
     "Policy",
     "Rows",
     "Run",

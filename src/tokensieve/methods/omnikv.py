@@ -1,0 +1,228 @@
+"""OmniKV (ICLR 2025): token-dropping-free dynamic context selection in decode.
+
+Within one decode step the tokens that draw attention are largely the same across layers, so a few
+*filter* layers choose, from the current token's query, the prompt tokens that the following *sparse*
+layers attend to. Nothing is dropped: an unselected token can be selected at the next step, and with
+`offload=True` the sparse layers' prompt KV waits in host memory, from where a filter layer's choice is
+brought back in one packed copy per segment while the *wait* layer after the filter layer computes.
+
+Layers (0-based), for filter layers F and `wait_layers` w:
+- dense: every layer before min(F), each filter layer, and the w layers after each filter layer;
+- sparse: every other layer; it belongs to the segment of the last filter layer before it and attends to
+  that filter layer's selected prompt tokens plus every generated token (its device "tail").
+With F = (2, 8, 18), w = 1 on 32 layers: dense = {0, 1, 2, 3, 8, 9, 18, 19}, the other 24 are sparse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any, ClassVar
+
+import torch
+
+from ..attention import grouped_logits, max_head_logits
+from ..cache import LayerKV
+from ..offload import Pending, Transfers
+from .base import Context, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .omnikv_store import PackedSegment
+
+PAPER_FILTER_LAYERS = (2, 8, 18)  # Llama-3-8B, 32 layers
+PAPER_DEPTH = 32
+SELECTORS = ("last", "softmax_last", "uniform", "exp")
+WINDOWED = ("uniform", "exp")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which layers are filter, dense and sparse, and which sparse layers each filter layer serves."""
+
+    num_layers: int
+    filter_layers: tuple[int, ...]
+    dense_layers: tuple[int, ...]
+    segments: dict[int, tuple[int, ...]]  # filter layer -> the sparse layers using its selection
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        return tuple(layer for layers in self.segments.values() for layer in layers)
+
+    def segment_of(self, layer: int) -> int | None:
+        """The filter layer whose selection sparse layer `layer` uses; None for a dense layer."""
+        for filter_layer, layers in self.segments.items():
+            if layer in layers:
+                return filter_layer
+        return None
+
+
+def plan_layers(filter_layers: tuple[int, ...], wait_layers: int, num_layers: int) -> LayerPlan:
+    """Classify the layers of a `num_layers`-deep model (see the module docstring)."""
+    filters = tuple(sorted(set(filter_layers)))
+    if not filters or filters[0] < 0 or filters[-1] >= num_layers:
+        raise ValueError(f"filter layers {filter_layers} must be non-empty and within 0..{num_layers - 1}")
+    dense = set(range(filters[0]))
+    for f in filters:
+        dense.update(range(f, min(num_layers, f + wait_layers + 1)))
+    bounds = [*filters, num_layers]
+    segments = {f: tuple(layer for layer in range(f, nxt) if layer not in dense) for f, nxt in pairwise(bounds)}
+    return LayerPlan(num_layers, filters, tuple(sorted(dense)), segments)
+
+
+def score_prompt(selector: str, queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Importance `[t]` of prompt keys `[kv_heads, t, d]` for `queries` `[heads, m, d]` (oldest first).
+
+    - last: pre-softmax logit of the newest query, max over heads;
+    - softmax_last: softmax over the prompt keys per head for the newest query, then max over heads;
+    - uniform / exp: the softmax_last score of each of the m queries, summed with weight 1 or 2^-age
+      (age 0 = newest query).
+    """
+    if selector == "last":
+        return max_head_logits(queries[:, -1], keys, scale)
+    if selector == "softmax_last":
+        queries = queries[:, -1:]
+    probs = grouped_logits(queries, keys, scale).softmax(-1).amax(0)  # [m, t]
+    if selector == "softmax_last":
+        return probs[0]
+    age = torch.arange(probs.shape[0] - 1, -1, -1, device=probs.device, dtype=probs.dtype)
+    weights = torch.ones_like(age) if selector == "uniform" else 0.5**age
+    return weights @ probs
+
+
+@dataclass
+class OmniKV(Method):
+    """OmniKV's decode: filter layers select the prompt context of the sparse layers after them.
+
+    filter_layers: layers that select (None: the paper's 2, 8, 18 of 32, scaled to the model's depth).
+    budget: prompt tokens selected per filter layer and step: a count, or a fraction of the prompt
+        (the paper's fraction default is 0.067). Generated tokens are always attended besides.
+    selector: "last" (paper default), "softmax_last", "uniform" or "exp" (see `score_prompt`).
+    window: queries the windowed selectors ("uniform", "exp") sum over, the newest one included.
+    wait_layers: dense layers after each filter layer; they overlap the packed load on CUDA.
+    offload: keep the sparse layers' prompt KV in host memory (False: on the device, selected by index).
+    """
+
+    name: ClassVar[str] = "omnikv"
+
+    filter_layers: tuple[int, ...] | None = None
+    budget: int | float = 2048
+    selector: str = "last"
+    window: int = 16
+    wait_layers: int = 1
+    offload: bool = True
+
+    def __post_init__(self):
+        resolve_budget(self.budget, 1)  # type and sign errors now, not at the first generation
+        if self.selector not in SELECTORS:
+            raise ValueError(f"unknown selector {self.selector!r}: choose one of {', '.join(SELECTORS)}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an int >= 1 (queries summed by windowed selectors), got {self.window!r}")
+        if isinstance(self.wait_layers, bool) or not isinstance(self.wait_layers, int) or self.wait_layers < 0:
+            raise ValueError(f"wait_layers must be an int >= 0, got {self.wait_layers!r}")
+        if self.filter_layers is not None:
+            self.filter_layers = tuple(self.filter_layers)
+            if not self.filter_layers or not all(isinstance(f, int) and f >= 0 for f in self.filter_layers):
+                raise ValueError(f"filter_layers must be non-empty layer indices >= 0, got {self.filter_layers!r}")
+
+    def layer_plan(self, num_layers: int) -> LayerPlan:
+        filters = self.filter_layers or scaled_layers(PAPER_FILTER_LAYERS, PAPER_DEPTH, num_layers)
+        return plan_layers(filters, self.wait_layers, num_layers)
+
+    def start(self, run: Run) -> Policy:
+        return OmniKVPolicy(self, run)
+
+    @classmethod
+    def keep_all(cls) -> OmniKV:
+        return cls(budget=1.0)
+
+
+class OmniKVPolicy(Policy):
+    """One generation's selections, host store and transfers."""
+
+    def __init__(self, method: OmniKV, run: Run):
+        super().__init__(run)
+        self.method = method
+        self.plan = method.layer_plan(run.spec.num_layers)
+        self.budget = resolve_budget(method.budget, run.prompt_len)
+        self.transfers = Transfers(run.device)
+        segments = self.plan.segments.items() if method.offload else ()
+        self.stores = {f: PackedSegment(layers, self.transfers) for f, layers in segments if layers}
+        self.recent: dict[int, torch.Tensor] = {}  # filter layer -> last `window` queries [heads, m, d]
+        self.selected: dict[int, torch.Tensor] = {}  # filter layer -> sorted prompt indices of this step
+        self.loading: dict[int, Pending] = {}  # filter layer -> packed load of this step
+        self.prompt_pos: torch.Tensor | None = None
+        self.bytes_loaded = 0
+        self.steps = 0
+
+    # -- prefill: dense; remember the filter layers' last queries, move sparse layers' prompt KV away --
+    def prefill_keep_after_attention(
+        self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor
+    ) -> torch.Tensor | None:
+        if self.method.selector in WINDOWED and layer in self.plan.segments:
+            self.recent[layer] = q[:, -self.method.window :]
+        return None
+
+    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
+        if self.prompt_pos is None:
+            self.prompt_pos = kv.positions.clone()
+        segment = self.plan.segment_of(layer)
+        if segment in self.stores:
+            self.stores[segment].put(layer, kv.keys, kv.values)
+            # The device keeps only what decode appends: this layer's tail of generated tokens.
+            kv.replace(kv.keys[:, :0], kv.values[:, :0], kv.positions[:0])
+
+    # -- decode ------------------------------------------------------------------------------------------
+    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
+        if layer in self.plan.segments:
+            self._select(layer, q[:, -1], kv)
+            return Context.of(kv)
+        segment = self.plan.segment_of(layer)
+        if segment is None:
+            return Context.of(kv)
+        return self._sparse_context(layer, segment, kv)
+
+    def _select(self, filter_layer: int, query: torch.Tensor, kv: LayerKV) -> None:
+        """Score the prompt with the current query, keep the top `budget`, start the segment's load."""
+        queries = query[:, None]
+        if self.method.selector in WINDOWED:
+            queries = torch.cat([self.recent[filter_layer], queries], 1)[:, -self.method.window :]
+            self.recent[filter_layer] = queries
+        prompt_keys = kv.keys[:, : self.run.prompt_len]  # a filter layer is dense: prompt KV comes first
+        scores = score_prompt(self.method.selector, queries, prompt_keys, self.run.scale)
+        # Ascending order keeps the dense context order, so a budget covering the prompt is exactly dense.
+        index = scores.topk(self.budget).indices.sort().values
+        self.selected[filter_layer] = index
+        store = self.stores.get(filter_layer)
+        if store is not None:
+            self.loading[filter_layer] = store.load(index)
+            self.bytes_loaded += len(index) * store.row_bytes
+
+    def _sparse_context(self, layer: int, segment: int, kv: LayerKV) -> Context:
+        """The segment's selected prompt tokens, then every generated token (the device tail)."""
+        index = self.selected[segment]
+        if not self.method.offload:
+            tail = torch.arange(self.run.prompt_len, len(kv), device=index.device)
+            return Context.of(kv, torch.cat([index, tail]))
+        keys, values = self.stores[segment].keys_values(self.loading[segment].wait(), layer)
+        return Context(
+            torch.cat([keys, kv.keys], 1),
+            torch.cat([values, kv.values], 1),
+            torch.cat([self.prompt_pos[index], kv.positions]),
+        )
+
+    def decode_step_done(self) -> None:
+        self.steps += 1
+        self.loading.clear()  # release this step's loaded rows
+
+    # -- accounting --------------------------------------------------------------------------------------
+    def host_bytes(self) -> int:
+        return sum(store.nbytes for store in self.stores.values())
+
+    def stats(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "budget_tokens": self.budget,
+            "prompt_fraction_selected": self.budget / self.run.prompt_len,
+            "filter_layers": list(plan.filter_layers),
+            "dense_layers": list(plan.dense_layers),
+            "sparse_layers": list(plan.sparse_layers),
+            "host_bytes_loaded_per_step": self.bytes_loaded / max(1, self.steps),
+        }
