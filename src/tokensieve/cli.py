@@ -104,10 +104,10 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def _commands() -> list[Callable]:
-    from . import demo
+    from . import calibrate, demo
     from .bench import command as bench
 
-    return [register_generate, demo.register, bench.register]
+    return [register_generate, demo.register, bench.register, calibrate.register]
 
 
 def main(argv: list[str] | None = None) -> int:
