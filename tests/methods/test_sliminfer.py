@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -279,3 +279,12 @@ def test_cli_runs_sliminfer(capsys):
     assert cli.main(["generate", "--model", "tiny", "--method", "sliminfer", "--prompt", "hello", "--stats"]) == 0
     out = capsys.readouterr().out
     assert "name=sliminfer" in out and "pruned_tokens" in out
+
+
+def test_bfloat16_offload_matches_no_offload():
+    model, tok = presets.build(DEEP, seed=1)
+    engine = load(model, tokenizer=tok, dtype="bfloat16")
+    method = SlimInfer(budgets=FRACTIONS, gamma=1.0)
+    runs = [engine.generate(PROMPT[:400], max_new_tokens=6, method=replace(method, offload=o)) for o in (True, False)]
+    assert runs[0].token_ids == runs[1].token_ids
+    assert runs[0].stats.method_stats["pruned_tokens"] == [256, 64, 0] and runs[0].stats.kv_bytes_host > 0
