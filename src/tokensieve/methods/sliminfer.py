@@ -64,6 +64,11 @@ def top_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([best.new_zeros(1), best]).sort().values
 
 
+def block_rows(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Row indices of whole blocks, block `b` being rows `b * block_size ... (b + 1) * block_size - 1`."""
+    return (blocks[:, None] * block_size + torch.arange(block_size, device=blocks.device)).flatten()
+
+
 def blocks_kept(blocks: int, tail: int, budget: int | None, block_size: int) -> int:
     """Whole blocks (sink included, last block excluded) that fit `budget` beside the last block's `tail` tokens."""
     if budget is None or blocks * block_size + tail <= budget:
@@ -170,7 +175,7 @@ class SlimInfer(Method):
 
 
 class PrunedLayer:
-    """A pruning layer's blocks during decode: which block sits in each device slot, scores, host copies.
+    """A pruning layer's blocks during decode: which block sits in each device slot, unit keys, host copies.
 
     Device slot `s` holds one block, in rows `s * block_size ...` of the layer's KV (offload) or names the
     rows of that block in the full KV (no offload); the last block and generated tokens follow the slots.
@@ -187,9 +192,6 @@ class PrunedLayer:
     def block_size(self) -> int:
         return self.positions.shape[1]
 
-    def slot_rows(self, slots: torch.Tensor) -> torch.Tensor:
-        return (slots[:, None] * self.block_size + torch.arange(self.block_size, device=slots.device)).flatten()
-
     def install(self, kv: LayerKV) -> None:
         """Put the blocks prefetched in the previous step into the slots they replace."""
         if self.pending is None:
@@ -199,7 +201,7 @@ class PrunedLayer:
         self.slots[slots] = entering
         if load is None:
             return
-        rows = self.slot_rows(slots)
+        rows = block_rows(slots, self.block_size)
         kv_blocks = load.wait()  # [entering, 2, kv_heads, block_size, d]
         kv.keys[:, rows] = kv_blocks[:, 0].transpose(0, 1).flatten(1, 2)
         kv.values[:, rows] = kv_blocks[:, 1].transpose(0, 1).flatten(1, 2)
@@ -210,7 +212,7 @@ class PrunedLayer:
             return Context.of(kv)  # the device holds exactly the slots, the last block and generated tokens
         full = self.positions.numel()
         rest = torch.arange(full, len(kv), device=self.slots.device)
-        return Context.of(kv, torch.cat([self.slot_rows(self.slots), rest]))
+        return Context.of(kv, torch.cat([block_rows(self.slots, self.block_size), rest]))
 
     def nbytes(self) -> tuple[int, int]:
         """Bytes on the device (unit keys, positions, slots) and on the host (block copies)."""
@@ -252,7 +254,7 @@ class SlimInferPolicy(Policy):
         chosen = top_blocks(block_scores(query, units), kept)
         self.chosen[layer] = (chosen, units, rows.pos[: blocks * size].view(blocks, size))
         tail_rows = torch.arange(blocks * size, len(rows), device=chosen.device)
-        return torch.cat([(chosen[:, None] * size + torch.arange(size, device=chosen.device)).flatten(), tail_rows])
+        return torch.cat([block_rows(chosen, size), tail_rows])
 
     def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
         if layer not in self.chosen:
@@ -263,7 +265,7 @@ class SlimInferPolicy(Policy):
             full = positions.numel()
             blocks = torch.stack([kv.keys[:, :full], kv.values[:, :full]]).unflatten(2, positions.shape)
             store.host = self.transfers.to_host(blocks.permute(2, 0, 1, 3, 4))  # block-major: loads gather rows
-            keep = torch.cat([store.slot_rows(chosen), torch.arange(full, len(kv), device=chosen.device)])
+            keep = torch.cat([block_rows(chosen, store.block_size), torch.arange(full, len(kv), device=chosen.device)])
             refill(kv, kv.keys[:, keep], kv.values[:, keep], kv.positions[keep], self.run.max_new_tokens)
         self.layers[layer] = store
 
