@@ -148,7 +148,6 @@ class LazyLLMPolicy(Policy):
 
     def __init__(self, method: LazyLLM, run: Run):
         super().__init__(run)
-        self.method = method
         layers, prompt_len, device = run.spec.num_layers, run.prompt_len, run.device
         self.bounds = method.boundaries(layers)
         self.keep = [resolve_budget(b, prompt_len, "keep") for b in method.keep]
@@ -227,15 +226,14 @@ class LazyLLMPolicy(Policy):
         self.attend[:prompt_len] = False
         self.attend[selected] = True
 
-        if len(rows) == 1:
-            self._revive_from_aux(boundary, selected)
-            return rows
-        revived_here = rows.pos[:-1]
+        revived_here = rows.pos[:-1]  # rows revived earlier in this step; the new token is last
         continues = self.attend[revived_here]
         self.aux[boundary].put(rows.h[:-1][~continues], revived_here[~continues])
         self._revive_from_aux(boundary, selected[~torch.isin(selected, revived_here[continues])])
-        keep_rows = torch.cat([continues.nonzero().squeeze(1), torch.tensor([len(rows) - 1], device=continues.device)])
-        return rows.select(keep_rows)
+        if bool(continues.all()):
+            return rows
+        last = torch.tensor([len(rows) - 1], device=continues.device)
+        return rows.select(torch.cat([continues.nonzero().squeeze(1), last]))
 
     def _revive_from_aux(self, boundary: int, selected: torch.Tensor) -> None:
         """Selected tokens with no KV in the next stage (and not already rows) come back from the aux cache."""
