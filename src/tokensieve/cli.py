@@ -106,8 +106,9 @@ def run_generate(args: argparse.Namespace) -> None:
 def _commands() -> list[Callable]:
     from . import calibrate, demo
     from .bench import command as bench
+    from .eval import command as evaluation
 
-    return [register_generate, demo.register, bench.register, calibrate.register]
+    return [register_generate, demo.register, bench.register, evaluation.register, calibrate.register]
 
 
 def main(argv: list[str] | None = None) -> int:

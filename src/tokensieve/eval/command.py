@@ -1,0 +1,102 @@
+"""`tokensieve eval`: the task suite (or LongBench data) x methods x lengths, with a table, JSON, CSV, plot."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TESTBED = "testbed"
+TESTBED_DIR = Path(__file__).resolve().parents[1] / "testbed" / "model"
+
+
+def resolve_model_path(model: str) -> str:
+    """`"testbed"` -> the embedded testbed model's directory; anything else (a directory, a preset) as is."""
+    if model != TESTBED:
+        return model
+    if not (TESTBED_DIR / "config.json").is_file():
+        raise ValueError(
+            f"the testbed model is not embedded yet (no Hugging Face checkpoint in {TESTBED_DIR}); pass "
+            "--model DIR (a checkpoint directory) or a preset name such as 'tiny'"
+        )
+    return str(TESTBED_DIR)
+
+
+def register(sub) -> None:
+    from ..cli import add_model_arguments
+    from .tasks import TASKS, VALUE_KINDS
+
+    parser = sub.add_parser(
+        "eval",
+        help="accuracy, TTFT and speedup of methods vs dense on long-context tasks",
+        description="Run the synthetic task suite (or LongBench data) for every method and length; print a "
+        "table and write eval.json and eval.csv (and eval.png with --plot). --model also accepts 'testbed', "
+        "the embedded model.",
+    )
+    add_model_arguments(parser, default_model=TESTBED)
+    parser.add_argument("--methods", default=None, help="comma-separated method names (default: all registered)")
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help=f"comma-separated tasks among {', '.join(TASKS)} (a needle task takes a value kind: "
+        f"niah_single:uuids; kinds: {', '.join(VALUE_KINDS)}) or LongBench task names found in --longbench "
+        "(default: every synthetic task, or every LongBench task with --longbench)",
+    )
+    parser.add_argument(
+        "--lengths", default="2k,4k,8k", help="prompt lengths in tokens of the model (default: 2k,4k,8k)"
+    )
+    parser.add_argument("--samples", type=int, default=5, help="samples per task and length (default: 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--depth", type=float, default=None, help="needle depth in [0, 1] (default: random)")
+    parser.add_argument("--haystack", default=None, help="haystack text: a .txt or a JSON {'text': ...} file")
+    parser.add_argument(
+        "--longbench", default=None, help="a directory (or file) of LongBench jsonl / MiniLongBench json"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="cap on tokens generated per answer (default: per task)"
+    )
+    parser.add_argument("--out", default="eval-results", help="output directory (default: eval-results)")
+    parser.add_argument("--plot", action="store_true", help="also write eval.png: accuracy vs speedup per method")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..cli import load_engine
+    from ..methods import METHODS
+    from .longbench import load_longbench
+    from .runner import build_samples, parse_length, run_eval
+    from .tasks import TASKS, Haystack
+
+    methods = _split(args.methods) or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}: registered methods are {', '.join(METHODS)}")
+    lengths = sorted({parse_length(x) for x in _split(args.lengths)})
+    if not lengths:
+        raise ValueError("--lengths is empty: give lengths such as 2k,4k")
+    longbench = load_longbench(args.longbench) if args.longbench else {}
+    tasks = _split(args.tasks) or (list(longbench) if longbench else list(TASKS))
+    haystack = Haystack.from_file(args.haystack) if args.haystack else None
+
+    engine = load_engine(argparse.Namespace(**{**vars(args), "model": resolve_model_path(args.model)}))
+    suite = build_samples(engine.tokenizer, tasks, lengths, args.samples, args.seed, haystack, args.depth, longbench)
+    config = {
+        "model": args.model,
+        "tasks": tasks,
+        "lengths": lengths,
+        "samples": args.samples,
+        "seed": args.seed,
+        "depth": args.depth,
+        "haystack": args.haystack or "procedural",
+        "longbench": args.longbench,
+        "dtype": args.dtype,
+        "device": args.device,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    report = run_eval(engine, suite, methods, config, max_new_tokens=args.max_new_tokens)
+    print(report.table())
+    for path in report.save(args.out, plot=args.plot):
+        print(f"wrote {path}")
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]

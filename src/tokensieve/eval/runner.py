@@ -1,0 +1,284 @@
+"""The evaluation loop: task x method x length, through the public API only (`engine.generate`).
+
+For every sample, every method runs back to back (dense first), so timings of a method and of dense are
+taken under the same conditions, and speedups are paired per sample (median of dense TTFT / method TTFT).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .fidelity import greedy_agreement
+from .longbench import LongBenchSample, truncate_middle
+from .tasks import Haystack, Sample, make_samples
+
+MEAN = "mean"  # the task name of the rows that average every task
+
+
+def parse_length(text: str) -> int:
+    """`"2k"` -> 2048, `"512"` -> 512 (k = 1024 tokens, as in RULER's 4K, 8K, ...)."""
+    value = text.strip().lower()
+    try:
+        tokens = round(float(value[:-1]) * 1024) if value.endswith("k") else int(value)
+    except ValueError as err:
+        raise ValueError(f"bad length {text!r}: use a token count such as 512, 2k or 8k") from err
+    if tokens <= 0:
+        raise ValueError(f"length must be positive, got {text!r}")
+    return tokens
+
+
+@dataclass
+class Record:
+    """One sample run by one method at one length (a multi-turn sample counts its turns together)."""
+
+    task: str
+    method: str
+    length: int
+    sample: int
+    score: float
+    ttft_s: float  # mean over turns
+    prompt_tokens: float  # mean over turns
+    prefill_fraction: float  # token-layer computations in prefill vs dense, mean over turns
+    agreement: float  # greedy agreement with dense's tokens on the same sample
+    outputs: list[str]
+    expected: list[list[str]]
+
+
+@dataclass
+class Row:
+    """A cell of the results table: one task, method and length, over its samples."""
+
+    task: str
+    method: str
+    length: int
+    samples: int
+    accuracy: float
+    ttft_s: float
+    speedup: float  # median over samples of dense TTFT / method TTFT
+    prefill_fraction: float
+    prompt_tokens: float
+    agreement: float
+
+
+@dataclass
+class Report:
+    config: dict[str, Any]
+    records: list[Record] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[Row]:
+        groups: dict[tuple, list[Record]] = {}
+        for r in self.records:
+            groups.setdefault((r.task, r.method, r.length), []).append(r)
+        rows = [_row(key, group, groups[(key[0], "dense", key[2])]) for key, group in groups.items()]
+        return rows + _mean_rows(rows)
+
+    def table(self) -> str:
+        header = f"{'task':<22}{'method':<16}{'length':>7}{'acc':>7}{'TTFT ms':>10}{'speedup':>9}"
+        header += f"{'computed':>10}{'agree':>7}"
+        lines = [header]
+        for r in self.rows:
+            lines.append(
+                f"{r.task:<22}{r.method:<16}{r.length:>7}{r.accuracy:>7.1%}{r.ttft_s * 1e3:>10.1f}{r.speedup:>8.2f}x"
+                f"{r.prefill_fraction:>10.1%}{r.agreement:>7.0%}"
+            )
+        return "\n".join(lines)
+
+    def save(self, out: str | Path, plot: bool = False) -> list[Path]:
+        """Write `eval.json` (config, rows, every record) and `eval.csv` (rows), and `eval.png` if asked."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [asdict(r) for r in self.rows]
+        data = {"config": self.config, "environment": _environment(), "rows": rows}
+        data["records"] = [asdict(r) for r in self.records]
+        paths = [out / "eval.json", out / "eval.csv"]
+        paths[0].write_text(json.dumps(data, indent=2, ensure_ascii=False))
+        with paths[1].open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[f.name for f in fields(Row)])
+            writer.writeheader()
+            writer.writerows(rows)
+        if plot:
+            paths.append(self.plot(out / "eval.png"))
+        return paths
+
+    def plot(self, path: str | Path) -> Path:
+        """Accuracy (mean over tasks) against TTFT speedup, one line per method through its lengths."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        means = [r for r in self.rows if r.task == MEAN]
+        for method in dict.fromkeys(r.method for r in means):
+            points = sorted((r for r in means if r.method == method), key=lambda r: r.length)
+            ax.plot([p.speedup for p in points], [p.accuracy for p in points], marker="o", label=method)
+            for p in points:
+                ax.annotate(_length_label(p.length), (p.speedup, p.accuracy), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+        ax.set_xlabel("TTFT speedup vs dense (x)")
+        ax.set_ylabel("accuracy (mean over tasks)")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
+
+def build_samples(
+    tokenizer,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    samples: int,
+    seed: int = 0,
+    haystack: Haystack | None = None,
+    depth: float | None = None,
+    longbench: dict[str, list[LongBenchSample]] | None = None,
+) -> dict[tuple[str, int], list[Sample]]:
+    """The samples of every (task, length): synthetic tasks are generated to length; LongBench tasks take
+    their first `samples` entries, cut in the middle to at most `length` tokens."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    longbench = longbench or {}
+    suite = {}
+    for length in lengths:
+        for task in tasks:
+            if task in longbench:
+                suite[task, length] = [_truncated(tokenizer, s, length) for s in longbench[task][:samples]]
+            else:
+                suite[task, length] = make_samples(task, tokenizer, length, samples, seed, haystack, depth)
+    return suite
+
+
+def _truncated(tokenizer, sample: LongBenchSample, length: int) -> LongBenchSample:
+    return replace(sample, context=truncate_middle(tokenizer, sample.context, length))
+
+
+def run_eval(
+    engine,
+    suite: dict[tuple[str, int], list[Sample]],
+    methods: Sequence[str],
+    config: dict[str, Any] | None = None,
+    progress: bool = True,
+    max_new_tokens: int | None = None,
+) -> Report:
+    """Run every method on every sample of `suite` (dense is added first if missing); a `Report`.
+
+    `max_new_tokens` caps each sample's own answer length (for quick runs; answers may be cut short).
+    """
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    methods = ["dense", *[m for m in methods if m != "dense"]]
+    report = Report(config={**(config or {}), "methods": methods})
+    total = sum(len(samples) for samples in suite.values()) * len(methods)
+    first = min(suite.items(), key=lambda item: item[0][1])[1][0]
+    for method in methods:  # warm-up: first calls pay for allocations and kernel choices
+        engine.generate(first.prompt(), max_new_tokens=2, method=method)
+    with tqdm(total=total, desc="eval", unit="run", disable=not progress) as bar:
+        for (task, length), samples in suite.items():
+            bar.set_postfix_str(f"{task} @ {length}")
+            for index, sample in enumerate(samples):
+                dense_ids: list[int] = []
+                for method in methods:
+                    record, ids = _run_sample(engine, sample, method, length, index, max_new_tokens)
+                    dense_ids = ids if method == "dense" else dense_ids
+                    record.agreement = greedy_agreement(dense_ids, ids)
+                    report.records.append(record)
+                    bar.update()
+    return report
+
+
+def _run_sample(engine, sample: Sample, method: str, length: int, index: int, cap: int | None):
+    """Every turn of `sample` with `method`, each answer fed back into the next turn's prompt."""
+    outputs, ids, gens = [], [], []
+    new_tokens = min(sample.max_new_tokens, cap or sample.max_new_tokens)
+    for _ in sample.turns:
+        gen = engine.generate(sample.prompt(outputs), max_new_tokens=new_tokens, method=method)
+        outputs.append(gen.text)
+        ids += gen.token_ids
+        gens.append(gen)
+    scores = [sample.score(turn, text) for turn, text in enumerate(outputs)]
+    record = Record(
+        task=sample.task,
+        method=method,
+        length=length,
+        sample=index,
+        score=statistics.fmean(scores),
+        ttft_s=statistics.fmean(g.stats.ttft_s for g in gens),
+        prompt_tokens=statistics.fmean(g.stats.prompt_tokens for g in gens),
+        prefill_fraction=statistics.fmean(g.stats.prefill_fraction for g in gens),
+        agreement=1.0,
+        outputs=outputs,
+        expected=[list(turn.answers) for turn in sample.turns],
+    )
+    return record, ids
+
+
+def _row(key: tuple, group: list[Record], dense: list[Record]) -> Row:
+    speedups = [d.ttft_s / r.ttft_s for d, r in zip(dense, group, strict=True)]
+    accuracy = statistics.fmean(r.score for r in group)
+    return _summary(*key, len(group), accuracy, group, statistics.median(speedups))
+
+
+def _mean_rows(rows: list[Row]) -> list[Row]:
+    """Per method and length, the unweighted mean over tasks (the speedup: the median of the tasks')."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.method, r.length), []).append(r)
+    return [
+        _summary(
+            MEAN,
+            method,
+            length,
+            sum(r.samples for r in group),
+            statistics.fmean(r.accuracy for r in group),
+            group,
+            statistics.median(r.speedup for r in group),
+        )
+        for (method, length), group in groups.items()
+    ]
+
+
+def _summary(task: str, method: str, length: int, samples: int, accuracy: float, items: list, speedup: float) -> Row:
+    """A row whose timing, computed-fraction, prompt-size and agreement columns are means over `items`."""
+
+    def mean(name: str) -> float:
+        return statistics.fmean(getattr(item, name) for item in items)
+
+    return Row(
+        task, method, length, samples, accuracy, mean("ttft_s"), speedup, mean("prefill_fraction"),
+        mean("prompt_tokens"), mean("agreement"),
+    )  # fmt: skip
+
+
+def _length_label(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def _environment() -> dict[str, str]:
+    import torch
+
+    import tokensieve
+
+    info = {
+        "tokensieve": tokensieve.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info

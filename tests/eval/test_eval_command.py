@@ -1,0 +1,107 @@
+"""`tokensieve eval`: runs end to end on a tiny preset, writes its files, and fails clearly on bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import STORIES, needs_stories
+from tokensieve.cli import main
+from tokensieve.eval import command
+from tokensieve.eval.runner import MEAN, parse_length
+from tokensieve.eval.tasks import TASKS
+from tokensieve.methods import METHODS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared, loaded 2-core machine two threads run these tiny models ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# dense plus one more registered method when there is one, to check the pairing with dense
+METHODS_UNDER_TEST = ["dense", *sorted(set(METHODS) - {"dense"})[:1]]
+
+
+def run_eval(tmp_path, *extra: str) -> dict:
+    out = tmp_path / "out"
+    argv = ["eval", "--model", "tiny", "--samples", "2", "--max-new-tokens", "2", "--out", str(out), *extra]
+    assert main(argv) == 0
+    return json.loads((out / "eval.json").read_text())
+
+
+def test_eval_on_tiny_preset_writes_every_row(tmp_path, capsys):
+    data = run_eval(tmp_path, "--methods", ",".join(METHODS_UNDER_TEST), "--lengths", "640", "--plot")
+    rows = {(r["task"], r["method"], r["length"]): r for r in data["rows"]}
+    for task in [*TASKS, MEAN]:
+        for method in METHODS_UNDER_TEST:
+            for length in (640,):
+                row = rows[task, method, length]
+                assert 0 <= row["accuracy"] <= 1 and row["ttft_s"] > 0 and row["speedup"] > 0
+                assert 0 < row["prefill_fraction"] <= 1 and 0 <= row["agreement"] <= 1
+                if task not in (MEAN, "multi_turn"):  # later turns add the earlier questions and answers
+                    assert row["samples"] == 2 and abs(row["prompt_tokens"] - length) <= 0.02 * length + 1
+    assert all(r["agreement"] == 1.0 and r["speedup"] == 1.0 for r in data["rows"] if r["method"] == "dense")
+    assert len(data["records"]) == len(TASKS) * 2 * len(METHODS_UNDER_TEST)
+    assert data["config"]["methods"] == METHODS_UNDER_TEST and data["environment"]["torch"]
+    with (tmp_path / "out" / "eval.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(data["rows"])
+    assert (tmp_path / "out" / "eval.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "niah_single" in printed and "wrote" in printed
+
+
+def test_eval_rows_for_every_length(tmp_path):
+    data = run_eval(tmp_path, "--methods", "dense", "--tasks", "niah_single", "--lengths", "300,0.5k")
+    assert {(r["task"], r["length"]) for r in data["rows"]} == {
+        (task, length) for task in ("niah_single", MEAN) for length in (300, 512)
+    }
+
+
+def test_eval_adds_dense_and_takes_longbench_data(tmp_path):
+    record = dict(input="Who wrote it?", context="It was written by Ann. " * 30, answers=["Ann"], length=5,
+                  dataset="hotpotqa", language="en", all_classes=None, _id="a")  # fmt: skip
+    lb_dir = tmp_path / "lb"
+    lb_dir.mkdir()
+    (lb_dir / "hotpotqa.jsonl").write_text(json.dumps(record) + "\n")
+    data = run_eval(tmp_path, "--methods", METHODS_UNDER_TEST[-1], "--longbench", str(lb_dir), "--lengths", "200")
+    assert {(r["task"], r["method"]) for r in data["rows"]} >= {("hotpotqa", m) for m in METHODS_UNDER_TEST}
+    assert all(r["prompt_tokens"] <= 202 for r in data["records"])  # cut in the middle to the length
+
+
+@needs_stories()
+def test_eval_on_stories_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(STORIES), "--methods", "dense", "--tasks", "niah_single,two_stage"]
+    assert main([*argv, "--lengths", "400", "--samples", "1", "--out", str(out)]) == 0
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert {(r["task"], r["length"]) for r in rows} == {("niah_single", 400), ("two_stage", 400), (MEAN, 400)}
+
+
+def test_unknown_method_task_and_bad_lengths_are_clear_errors(tmp_path, capsys):
+    base = ["eval", "--model", "tiny", "--out", str(tmp_path)]
+    assert main([*base, "--methods", "dense,nope"]) == 2
+    assert "unknown method(s) nope" in capsys.readouterr().err
+    assert main([*base, "--tasks", "nope", "--lengths", "700"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main([*base, "--lengths", "2x"]) == 2
+    assert "bad length '2x'" in capsys.readouterr().err
+    assert parse_length("2k") == 2048 and parse_length("1.5k") == 1536 and parse_length("300") == 300
+
+
+def test_testbed_resolves_to_embedded_dir_or_says_it_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(command, "TESTBED_DIR", tmp_path / "model")
+    with pytest.raises(ValueError, match="testbed model is not embedded yet"):
+        command.resolve_model_path("testbed")
+    assert main(["eval", "--lengths", "700", "--out", str(tmp_path)]) == 2  # testbed is the default model
+    assert "not embedded yet" in capsys.readouterr().err
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert command.resolve_model_path("testbed") == str(tmp_path / "model")
+    assert command.resolve_model_path("tiny") == "tiny"
