@@ -12,8 +12,8 @@ from tokensieve.cache import LayerKV
 from tokensieve.methods import OmniKV, Run
 from tokensieve.methods.omnikv import SELECTORS, plan_layers, score_prompt
 
-PROMPT = random_prompt(300, seed=11)
-NEW_TOKENS = 10
+PROMPT = random_prompt(256, seed=11)
+NEW_TOKENS = 8
 BUDGET = 24
 
 

@@ -157,7 +157,7 @@ class OmniKVPolicy(Policy):
         self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor
     ) -> torch.Tensor | None:
         if self.method.selector in WINDOWED and layer in self.plan.segments:
-            self.recent[layer] = q[:, -self.method.window :]
+            self.recent[layer] = q[:, -self.method.window :].clone()  # not a view that pins all of q
         return None
 
     def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
