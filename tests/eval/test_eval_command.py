@@ -76,6 +76,16 @@ def test_eval_adds_dense_and_takes_longbench_data(tmp_path):
     assert all(r["prompt_tokens"] <= 202 for r in data["records"])  # cut in the middle to the length
 
 
+def test_eval_kl_column(tmp_path):
+    data = run_eval(
+        tmp_path, "--methods", ",".join(METHODS_UNDER_TEST), "--tasks", "niah_single", "--lengths", "640", "--kl"
+    )
+    assert all(r["kl"] is not None and r["kl"] >= 0 for r in data["rows"])
+    assert all(r["kl"] < 1e-6 for r in data["rows"] if r["method"] == "dense")
+    no_kl = run_eval(tmp_path, "--methods", "dense", "--tasks", "niah_single", "--lengths", "640")
+    assert all(r["kl"] is None for r in no_kl["rows"])
+
+
 @needs_stories()
 def test_eval_on_stories_checkpoint(tmp_path):
     out = tmp_path / "out"

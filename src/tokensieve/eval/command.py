@@ -54,6 +54,9 @@ def register(sub) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="cap on tokens generated per answer (default: per task)"
     )
+    parser.add_argument(
+        "--kl", action="store_true", help="also measure KL(dense || method) of next-token distributions (slower)"
+    )
     parser.add_argument("--out", default="eval-results", help="output directory (default: eval-results)")
     parser.add_argument("--plot", action="store_true", help="also write eval.png: accuracy vs speedup per method")
     parser.set_defaults(run=run)
@@ -91,8 +94,9 @@ def run(args: argparse.Namespace) -> None:
         "dtype": args.dtype,
         "device": args.device,
         "max_new_tokens": args.max_new_tokens,
+        "kl": args.kl,
     }
-    report = run_eval(engine, suite, methods, config, max_new_tokens=args.max_new_tokens)
+    report = run_eval(engine, suite, methods, config, max_new_tokens=args.max_new_tokens, kl=args.kl)
     print(report.table())
     for path in report.save(args.out, plot=args.plot):
         print(f"wrote {path}")

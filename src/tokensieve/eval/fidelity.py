@@ -62,13 +62,13 @@ def fidelity(
         raise ValueError("fidelity needs at least one prompt")
     dense = [engine.generate(prompt, max_new_tokens=max_new_tokens, method="dense").token_ids for prompt in prompts]
     # Row i is the distribution the i-th dense token was picked from.
-    dense_logits = [_forced(engine, p, ids, "dense") for p, ids in zip(prompts, dense, strict=True)]
+    dense_logits = [forced_logits(engine, p, ids, "dense") for p, ids in zip(prompts, dense, strict=True)]
     results = {}
     for method in methods:
         runs = [engine.generate(p, max_new_tokens=max_new_tokens, method=method).token_ids for p in prompts]
         kl = torch.cat(
             [
-                kl_divergence(ref, _forced(engine, p, ids, method))
+                kl_divergence(ref, forced_logits(engine, p, ids, method))
                 for p, ids, ref in zip(prompts, dense, dense_logits, strict=True)
             ]
         )
@@ -85,6 +85,6 @@ def fidelity(
     return results
 
 
-def _forced(engine, prompt, tokens: list[int], method: str | Method) -> torch.Tensor:
-    """The next-token logits at each of `tokens`' steps, feeding `tokens` (not the method's own picks)."""
-    return engine.next_token_logits(prompt, tokens[:-1], method=method)
+def forced_logits(engine, prompt, tokens: Sequence[int], method: str | Method) -> torch.Tensor:
+    """The logits `method` picks each of `tokens` from, feeding `tokens` (not its own picks): `[len(tokens), vocab]`."""
+    return engine.next_token_logits(prompt, list(tokens[:-1]), method=method)

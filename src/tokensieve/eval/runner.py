@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .fidelity import greedy_agreement
+from .fidelity import forced_logits, greedy_agreement, kl_divergence
 from .longbench import LongBenchSample, truncate_middle
 from .tasks import Haystack, Sample, make_samples
 
@@ -52,6 +52,7 @@ class Record:
     agreement: float  # greedy agreement with dense's tokens on the same sample
     outputs: list[str]
     expected: list[list[str]]
+    kl: float | None = None  # mean KL(dense || method), teacher-forced along dense's first answer (if asked)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Row:
     prefill_fraction: float
     prompt_tokens: float
     agreement: float
+    kl: float | None  # None unless asked for (`kl=True`)
 
 
 @dataclass
@@ -85,12 +87,13 @@ class Report:
 
     def table(self) -> str:
         header = f"{'task':<22}{'method':<16}{'length':>7}{'acc':>7}{'TTFT ms':>10}{'speedup':>9}"
-        header += f"{'computed':>10}{'agree':>7}"
+        header += f"{'computed':>10}{'agree':>7}{'KL':>9}"
         lines = [header]
         for r in self.rows:
+            kl = "-" if r.kl is None else f"{r.kl:.4f}"
             lines.append(
                 f"{r.task:<22}{r.method:<16}{r.length:>7}{r.accuracy:>7.1%}{r.ttft_s * 1e3:>10.1f}{r.speedup:>8.2f}x"
-                f"{r.prefill_fraction:>10.1%}{r.agreement:>7.0%}"
+                f"{r.prefill_fraction:>10.1%}{r.agreement:>7.0%}{kl:>9}"
             )
         return "\n".join(lines)
 
@@ -173,10 +176,13 @@ def run_eval(
     config: dict[str, Any] | None = None,
     progress: bool = True,
     max_new_tokens: int | None = None,
+    kl: bool = False,
 ) -> Report:
     """Run every method on every sample of `suite` (dense is added first if missing); a `Report`.
 
     `max_new_tokens` caps each sample's own answer length (for quick runs; answers may be cut short).
+    `kl` adds the mean KL(dense || method) of next-token distributions along dense's first answer
+    (teacher-forced: one more prefill and decode per method and sample).
     """
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -195,21 +201,26 @@ def run_eval(
                 for method in methods[shift:] + methods[:shift]:
                     runs[method] = _run_sample(engine, sample, method, length, index, max_new_tokens)
                     bar.update()
+                dense_turns = runs["dense"][1]
+                reference = forced_logits(engine, sample.prompt(), dense_turns[0], "dense") if kl else None
                 for method in methods:
-                    record, ids = runs[method]
-                    record.agreement = greedy_agreement(runs["dense"][1], ids)
+                    record, turns = runs[method]
+                    record.agreement = greedy_agreement(sum(dense_turns, []), sum(turns, []))
+                    if reference is not None:
+                        forced = forced_logits(engine, sample.prompt(), dense_turns[0], method)
+                        record.kl = float(kl_divergence(reference, forced).mean())
                     report.records.append(record)
     return report
 
 
 def _run_sample(engine, sample: Sample, method: str, length: int, index: int, cap: int | None):
-    """Every turn of `sample` with `method`, each answer fed back into the next turn's prompt."""
-    outputs, ids, gens = [], [], []
+    """Every turn of `sample` with `method`, each answer fed back into the next turn's prompt; the record
+    and each turn's token ids."""
+    outputs, gens = [], []
     new_tokens = min(sample.max_new_tokens, cap or sample.max_new_tokens)
     for _ in sample.turns:
         gen = engine.generate(sample.prompt(outputs), max_new_tokens=new_tokens, method=method)
         outputs.append(gen.text)
-        ids += gen.token_ids
         gens.append(gen)
     scores = [sample.score(turn, text) for turn, text in enumerate(outputs)]
     record = Record(
@@ -225,7 +236,7 @@ def _run_sample(engine, sample: Sample, method: str, length: int, index: int, ca
         outputs=outputs,
         expected=[list(turn.answers) for turn in sample.turns],
     )
-    return record, ids
+    return record, [g.token_ids for g in gens]
 
 
 def _row(key: tuple, group: list[Record], dense: list[Record]) -> Row:
@@ -256,12 +267,13 @@ def _mean_rows(rows: list[Row]) -> list[Row]:
 def _summary(task: str, method: str, length: int, samples: int, accuracy: float, items: list, speedup: float) -> Row:
     """A row whose timing, computed-fraction, prompt-size and agreement columns are means over `items`."""
 
-    def mean(name: str) -> float:
-        return statistics.fmean(getattr(item, name) for item in items)
+    def mean(name: str) -> float | None:
+        values = [getattr(item, name) for item in items]
+        return None if None in values else statistics.fmean(values)
 
     return Row(
         task, method, length, samples, accuracy, mean("ttft_s"), speedup, mean("prefill_fraction"),
-        mean("prompt_tokens"), mean("agreement"),
+        mean("prompt_tokens"), mean("agreement"), mean("kl"),
     )  # fmt: skip
 
 
