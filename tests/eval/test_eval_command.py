@@ -101,6 +101,8 @@ def test_unknown_method_task_and_bad_lengths_are_clear_errors(tmp_path, capsys):
     assert "unknown method(s) nope" in capsys.readouterr().err
     assert main([*base, "--tasks", "nope", "--lengths", "700"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main([*base, "--tasks", "hotpotqa", "--lengths", "700"]) == 2
+    assert "pass --longbench DIR" in capsys.readouterr().err
     assert main([*base, "--lengths", "2x"]) == 2
     assert "bad length '2x'" in capsys.readouterr().err
     assert parse_length("2k") == 2048 and parse_length("1.5k") == 1536 and parse_length("300") == 300

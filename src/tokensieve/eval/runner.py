@@ -19,7 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .fidelity import forced_logits, greedy_agreement, kl_divergence
-from .longbench import LongBenchSample, truncate_middle
+from .longbench import TASK_METRICS, LongBenchSample, truncate_middle
 from .tasks import Haystack, Sample, make_samples
 
 MEAN = "mean"  # the task name of the rows that average every task
@@ -160,6 +160,8 @@ def build_samples(
         for task in tasks:
             if task in longbench:
                 suite[task, length] = [_truncated(tokenizer, s, length) for s in longbench[task][:samples]]
+            elif task in TASK_METRICS:
+                raise ValueError(f"{task} is a LongBench task and no data for it was given: pass --longbench DIR")
             else:
                 suite[task, length] = make_samples(task, tokenizer, length, samples, seed, haystack, depth)
     return suite
