@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from conftest import random_prompt
+from tokensieve.cache import LayerKV
 from tokensieve.cli import main
-from tokensieve.methods import METHODS, Context, Method, Policy, SnapKV, StreamingLLM
+from tokensieve.methods import H2O, METHODS, Context, Method, Policy, Rows, Run, SnapKV, StreamingLLM
+from tokensieve.methods import h2o as h2o_module
 from tokensieve.methods.snapkv import observation_scores, pool_scores
 
 PROMPT = random_prompt(200, seed=5)
@@ -62,8 +64,8 @@ def dense_logits(deep_engine, dense_tokens):
     return deep_engine.next_token_logits(PROMPT, dense_tokens, method="dense")
 
 
-def test_both_are_registered_by_name():
-    assert METHODS["streaming_llm"] is StreamingLLM and METHODS["snapkv"] is SnapKV
+def test_baselines_are_registered_by_name():
+    assert METHODS["streaming_llm"] is StreamingLLM and METHODS["snapkv"] is SnapKV and METHODS["h2o"] is H2O
 
 
 # -- StreamingLLM ----------------------------------------------------------------------------------------
@@ -280,10 +282,134 @@ def test_snapkv_fraction_below_the_window_is_a_clear_error(deep_engine):
         deep_engine.generate(PROMPT, max_new_tokens=2, method=SnapKV(budget=0.1))
 
 
+# -- H2O -------------------------------------------------------------------------------------------------
+
+
+def brute_force_accumulated(q, k, pos, scale):
+    """Column sums of the full causal attention per query head (K repeated), summed per KV head."""
+    group = q.shape[0] // k.shape[0]
+    logits = q.double() @ k.repeat_interleave(group, dim=0).double().transpose(1, 2) * scale
+    logits = logits.masked_fill(pos[None, None, :] > pos[None, :, None], float("-inf"))
+    return logits.softmax(-1).sum(1).reshape(k.shape[0], group, -1).sum(1)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 300])
+def test_h2o_prefill_scores_equal_brute_force_in_any_chunking(monkeypatch, chunk_elements):
+    monkeypatch.setattr(h2o_module, "SCORE_CHUNK_ELEMENTS", chunk_elements)
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(8, 70, 16, generator=gen), torch.randn(2, 70, 16, generator=gen)
+    pos = torch.randperm(200, generator=gen)[:70].sort().values
+    ours = h2o_module.accumulated_attention(q, k, pos, 0.25)
+    torch.testing.assert_close(ours.double(), brute_force_accumulated(q, k, pos, 0.25), rtol=1e-5, atol=1e-6)
+
+
+def test_h2o_evicts_like_a_per_head_reference_through_prefill_and_decode(deep_engine):
+    """Drive one layer of the policy by hand and replay H2O per KV head with explicit per-head caches."""
+    spec = deep_engine.model.spec
+    kv_heads, heads, d, n, budget, recent, steps = spec.num_kv_heads, spec.num_heads, spec.head_dim, 40, 12, 4, 6
+    scale = d**-0.5
+    run = Run(spec, n, steps + 1, torch.device("cpu"), torch.float32, scale)
+    policy = H2O(budget=budget, recent_ratio=recent / budget).start(run)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (
+        torch.randn(heads, n, d, generator=gen),
+        torch.randn(kv_heads, n, d, generator=gen),
+        torch.randn(kv_heads, n, d),
+    )
+    pos = torch.arange(n)
+    kv = LayerKV(kv_heads, d, torch.float32, torch.device("cpu"))
+    kv.append(k, v, pos)
+    assert policy.prefill_keep_after_attention(0, Rows(torch.zeros(n, 1), pos, pos, pos), q, k) is None
+    policy.prefill_layer_done(0, kv)
+
+    # reference: per KV head, a dict position -> (key, accumulated score)
+    scores = brute_force_accumulated(q, k, pos, scale)
+    cache = []
+    for head in range(kv_heads):
+        top = scores[head, : n - recent].topk(budget - recent).indices.tolist()
+        cache.append({p: (k[head, p], scores[head, p]) for p in sorted(top) + list(range(n - recent, n))})
+
+    def check():
+        assert len(kv) == budget
+        for head in range(kv_heads):
+            assert policy.positions[0][head].tolist() == sorted(cache[head])
+            expected_keys = torch.stack([cache[head][p][0] for p in sorted(cache[head])])
+            assert torch.equal(kv.keys[head], expected_keys)
+        assert kv.positions.tolist() == policy.positions[0].amax(0).tolist()
+
+    check()
+    group = heads // kv_heads
+    for step in range(steps):
+        p = n + step
+        q_new, k_new = torch.randn(heads, 1, d, generator=gen), torch.randn(kv_heads, 1, d, generator=gen)
+        kv.append(k_new, torch.randn(kv_heads, 1, d), torch.tensor([p]))
+        rows = Rows(torch.zeros(1, 1), torch.tensor([p]), torch.zeros(1), torch.zeros(1))
+        context = policy.decode_context(0, q_new, rows, kv)
+        policy.decode_layer_done(0, rows, q_new, context)
+        for head in range(kv_heads):
+            cache[head][p] = (k_new[head, 0], 0.0)
+            order = sorted(cache[head])
+            keys = torch.stack([cache[head][x][0] for x in order]).double()
+            probs = (q_new[head * group : (head + 1) * group, 0].double() @ keys.T * scale).softmax(-1).sum(0)
+            for x, prob in zip(order, probs, strict=True):
+                cache[head][x] = (cache[head][x][0], cache[head][x][1] + prob)
+            candidates = order[: len(order) - recent]
+            del cache[head][min(candidates, key=lambda x: cache[head][x][1])]
+        check()
+    stats = policy.stats()
+    assert stats["evicted_in_prefill_per_layer"][0] == n - budget
+    assert stats["evicted_in_decode_per_layer"][0] == steps
+
+
+def test_h2o_generation_keeps_its_budget_and_reports_it(deep_engine):
+    method = H2O(budget=0.25)
+    seen = record(method)
+    gen = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=method)
+    layers, budget = deep_engine.model.spec.num_layers, 50
+    for layer in range(layers):
+        _, positions = seen["prefill"][layer]
+        assert len(positions) == budget
+        assert positions[-25:].tolist() == list(range(len(PROMPT) - 25, len(PROMPT)))  # the recent half
+    for _, length, _, _ in seen["decode"]:
+        assert length == budget + 1  # the new entry is attended, then one entry is evicted
+    stats = gen.stats.method_stats
+    assert stats["budget_tokens"] == budget and stats["recent_tokens"] == 25
+    assert stats["kept_after_prefill_per_layer"] == [budget] * layers
+    assert stats["evicted_in_prefill_per_layer"] == [len(PROMPT) - budget] * layers
+    assert stats["evicted_in_decode_per_layer"] == [gen.stats.new_tokens - 1] * layers
+    assert gen.stats.decode_keys_per_layer == [budget + 1] * layers
+    assert gen.stats.kv_bytes_device == layers * budget * deep_engine.model.spec.kv_bytes_per_token(torch.float32)
+
+
+def test_h2o_keep_all_is_dense_and_says_it_evicted_nothing(deep_engine, dense_tokens):
+    gen = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=H2O.keep_all())
+    layers = deep_engine.model.spec.num_layers
+    assert gen.token_ids == dense_tokens
+    assert gen.stats.method_stats["budget_tokens"] is None
+    assert gen.stats.method_stats["evicted_in_decode_per_layer"] == [0] * layers
+
+
+@pytest.mark.parametrize(
+    "settings, error, match",
+    [
+        (dict(budget=0), ValueError, "budget must be > 0"),
+        (dict(budget=1.5), ValueError, "budget 1.5 is a float above 1"),
+        (dict(recent_ratio=0.0), ValueError, "recent_ratio must be in"),
+        (dict(recent_ratio="half"), TypeError, "recent_ratio must be a number"),
+    ],
+)
+def test_h2o_bad_settings_are_clear_errors(settings, error, match):
+    with pytest.raises(error, match=match):
+        H2O(**settings)
+
+
 # -- CLI ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, stat", [("streaming_llm", "evicted_in_prefill_per_layer"), ("snapkv", "budget_tokens")])
+@pytest.mark.parametrize(
+    "name, stat",
+    [("streaming_llm", "evicted_in_prefill_per_layer"), ("snapkv", "budget_tokens"), ("h2o", "recent_tokens")],
+)
 def test_cli_runs_each_baseline_and_prints_its_stats(capsys, name, stat):
     argv = ["generate", "--model", "tiny", "--prompt", "hello " * 20, "--max-new-tokens", "3", "--method", name]
     assert main([*argv, "--stats", "--device", "cpu"]) == 0

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from .base import Context, Dense, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .h2o import H2O
 from .lazyllm import LazyLLM
 from .omnikv import OmniKV
 from .sliminfer import SlimInfer
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, LazyLLM, OmniKV, StreamingLLM, SnapKV, SlimInfer)}
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Dense, LazyLLM, OmniKV, StreamingLLM, SnapKV, H2O, SlimInfer)
+}
 
 
 def resolve_method(method: str | Method) -> Method:
@@ -25,6 +28,7 @@ __all__ = [
     "METHODS",
     "Context",
     "Dense",
+    "H2O",
     "LazyLLM",
     "Method",
     "OmniKV",

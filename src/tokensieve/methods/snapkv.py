@@ -102,8 +102,8 @@ class SnapKVPolicy(Policy):
                 f"the observation window {method.window} it includes: raise the budget or shrink the window"
             )
         layers = run.spec.num_layers
-        self.kept = [run.prompt_len] * layers
-        self.distinct_kept = [run.prompt_len] * layers
+        self.kept = [0] * layers
+        self.distinct_kept = [0] * layers
         self.evicted = [0] * layers
         self.selection: torch.Tensor | None = None  # `[kv_heads, budget]` slots of the layer being prefilled
 
@@ -122,15 +122,15 @@ class SnapKVPolicy(Policy):
 
     def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
         if self.selection is None:
+            self.kept[layer] = self.distinct_kept[layer] = len(kv)
             return
-        slots = self.selection
-        rows = slots[..., None].expand(-1, -1, kv.keys.shape[-1])
+        slots, self.selection = self.selection, None
+        index = slots[..., None].expand(-1, -1, kv.keys.shape[-1])
         positions = kv.positions[slots].amax(0)  # shared placeholder: see the module docstring
         self.evicted[layer] = len(kv) - slots.shape[1]
         self.kept[layer] = slots.shape[1]
         self.distinct_kept[layer] = int(slots.unique().numel())
-        kv.replace(kv.keys.gather(1, rows), kv.values.gather(1, rows), positions)
-        self.selection = None
+        kv.replace(kv.keys.gather(1, index), kv.values.gather(1, index), positions)
 
     def stats(self) -> dict[str, Any]:
         return {
