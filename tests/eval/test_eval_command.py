@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
 
 from conftest import STORIES, needs_stories
+from tokensieve import presets
 from tokensieve.cli import main
 from tokensieve.eval import command
-from tokensieve.eval.runner import MEAN, parse_length
+from tokensieve.eval.runner import MEAN, build_samples, parse_length, run_eval
 from tokensieve.eval.tasks import TASKS
+from tokensieve.generation import Generation, Stats
 from tokensieve.methods import METHODS
 
 
@@ -30,7 +33,7 @@ OTHERS = sorted(set(METHODS) - {"dense"}, key=lambda name: (name != "streaming_l
 METHODS_UNDER_TEST = ["dense", *OTHERS[:1]]
 
 
-def run_eval(tmp_path, *extra: str) -> dict:
+def eval_cli(tmp_path, *extra: str) -> dict:
     out = tmp_path / "out"
     argv = ["eval", "--model", "tiny", "--samples", "2", "--max-new-tokens", "2", "--out", str(out), *extra]
     assert main(argv) == 0
@@ -38,7 +41,7 @@ def run_eval(tmp_path, *extra: str) -> dict:
 
 
 def test_eval_on_tiny_preset_writes_every_row(tmp_path, capsys):
-    data = run_eval(tmp_path, "--methods", ",".join(METHODS_UNDER_TEST), "--lengths", "640", "--plot")
+    data = eval_cli(tmp_path, "--methods", ",".join(METHODS_UNDER_TEST), "--lengths", "640", "--plot")
     rows = {(r["task"], r["method"], r["length"]): r for r in data["rows"]}
     for task in [*TASKS, MEAN]:
         for method in METHODS_UNDER_TEST:
@@ -59,7 +62,7 @@ def test_eval_on_tiny_preset_writes_every_row(tmp_path, capsys):
 
 
 def test_eval_rows_for_every_length(tmp_path):
-    data = run_eval(tmp_path, "--methods", "dense", "--tasks", "niah_single", "--lengths", "300,0.5k")
+    data = eval_cli(tmp_path, "--methods", "dense", "--tasks", "niah_single", "--lengths", "300,0.5k")
     assert {(r["task"], r["length"]) for r in data["rows"]} == {
         (task, length) for task in ("niah_single", MEAN) for length in (300, 512)
     }
@@ -71,18 +74,41 @@ def test_eval_adds_dense_and_takes_longbench_data(tmp_path):
     lb_dir = tmp_path / "lb"
     lb_dir.mkdir()
     (lb_dir / "hotpotqa.jsonl").write_text(json.dumps(record) + "\n")
-    data = run_eval(tmp_path, "--methods", METHODS_UNDER_TEST[-1], "--longbench", str(lb_dir), "--lengths", "200")
+    data = eval_cli(tmp_path, "--methods", METHODS_UNDER_TEST[-1], "--longbench", str(lb_dir), "--lengths", "200")
     assert {(r["task"], r["method"]) for r in data["rows"]} >= {("hotpotqa", m) for m in METHODS_UNDER_TEST}
     assert all(r["prompt_tokens"] <= 202 for r in data["records"])  # cut in the middle to the length
 
 
+class OracleEngine:
+    """A stand-in engine that reads the asked key's value off the prompt; "fast" reports half dense's TTFT."""
+
+    tokenizer = presets.byte_tokenizer()
+
+    def generate(self, prompt, *, max_new_tokens, method):
+        key = re.findall(r"special magic \w+ for (\S+)\?", prompt)[-1]
+        value = re.search(rf"for {re.escape(key)} is: (\S+)\.", prompt).group(1)
+        stats = Stats(method={"name": method}, prompt_tokens=len(prompt), ttft_s=0.01 if method == "dense" else 0.005)
+        stats.prefill_tokens_per_layer = [len(prompt)] * 2
+        return Generation(text=f" {value}.", token_ids=[1, 2], stats=stats, finish_reason="length")
+
+
+def test_runner_scores_a_perfect_model_and_pairs_speedups():
+    engine = OracleEngine()
+    suite = build_samples(engine.tokenizer, ["niah_single", "multi_turn"], [700], samples=2)
+    report = run_eval(engine, suite, ["fast"], progress=False)
+    rows = {(r.task, r.method): r for r in report.rows}
+    assert all(r.accuracy == 1.0 and r.agreement == 1.0 for r in report.rows)
+    assert rows["multi_turn", "fast"].speedup == pytest.approx(2.0) and rows["mean", "dense"].speedup == 1.0
+    assert len(report.records) == 2 * 2 * 2 and report.config["methods"] == ["dense", "fast"]
+
+
 def test_eval_kl_column(tmp_path):
-    data = run_eval(
+    data = eval_cli(
         tmp_path, "--methods", ",".join(METHODS_UNDER_TEST), "--tasks", "niah_single", "--lengths", "640", "--kl"
     )
     assert all(r["kl"] is not None and r["kl"] >= 0 for r in data["rows"])
     assert all(r["kl"] < 1e-6 for r in data["rows"] if r["method"] == "dense")
-    no_kl = run_eval(tmp_path, "--methods", "dense", "--tasks", "niah_single", "--lengths", "640")
+    no_kl = eval_cli(tmp_path, "--methods", "dense", "--tasks", "niah_single", "--lengths", "640")
     assert all(r["kl"] is None for r in no_kl["rows"])
 
 
