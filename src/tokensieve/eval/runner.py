@@ -74,6 +74,8 @@ class Row:
 
 @dataclass
 class Report:
+    """Every record of an evaluation; `rows` summarises them per task, method and length (plus means)."""
+
     config: dict[str, Any]
     records: list[Record] = field(default_factory=list)
 
@@ -116,7 +118,10 @@ class Report:
 
     def plot(self, path: str | Path) -> Path:
         """Accuracy (mean over tasks) against TTFT speedup, one line per method through its lengths."""
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError as err:
+            raise ValueError("plotting needs matplotlib: pip install 'tokensieve[plot]'") from err
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
