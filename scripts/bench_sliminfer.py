@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -113,7 +114,7 @@ def main() -> None:
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
-            "cpus": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
         },
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "results": results,
