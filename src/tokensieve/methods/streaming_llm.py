@@ -85,7 +85,10 @@ class StreamingPolicy(Policy):
         if self.window is None or len(kv) <= self.sink + self.window:
             return 0
         evicted = len(kv) - self.sink - self.window
-        keep = torch.cat([torch.arange(self.sink), torch.arange(self.sink + evicted, len(kv))]).to(kv.positions.device)
+        device = kv.positions.device
+        keep = torch.cat(
+            [torch.arange(self.sink, device=device), torch.arange(self.sink + evicted, len(kv), device=device)]
+        )
         kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
         return evicted
 
