@@ -288,3 +288,15 @@ def test_bfloat16_offload_matches_no_offload():
     runs = [engine.generate(PROMPT[:400], max_new_tokens=6, method=replace(method, offload=o)) for o in (True, False)]
     assert runs[0].token_ids == runs[1].token_ids
     assert runs[0].stats.method_stats["pruned_tokens"] == [256, 64, 0] and runs[0].stats.kv_bytes_host > 0
+
+
+def test_offload_and_no_offload_give_identical_logits(deep_engine, dense_tokens):
+    """Teacher-forced along the dense tokens, with swaps at every change of the top set."""
+    method = SlimInfer(budgets=FRACTIONS, gamma=1.0)
+    logits = [
+        deep_engine.next_token_logits(PROMPT, dense_tokens, method=replace(method, offload=o)) for o in (True, False)
+    ]
+    assert torch.equal(logits[0], logits[1])
+    dense = deep_engine.next_token_logits(PROMPT, dense_tokens, method="dense")
+    assert torch.equal(deep_engine.next_token_logits(PROMPT, dense_tokens, method=SlimInfer.keep_all()), dense)
+    assert not torch.allclose(logits[0][1:], dense[1:])  # pruning is visible in decode
