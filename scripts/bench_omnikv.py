@@ -8,11 +8,13 @@ Decode is bound by bytes: every step reads the weights once plus the keys and va
 4K tokens on, the regime where OmniKV can pay off. OmniKV runs with the paper's filter layers 2, 8, 18 and
 a budget of 0.067 of the prompt (`--budget`).
 
-Prefill is not what is measured, and at 16K it costs minutes on a CPU, so each length is prefilled once
-with our dense path and every contestant starts decoding from a copy of that KV: OmniKV's prefill is
-dense, so its policy gets exactly the `prefill_layer_done` calls the engine would make (moving the sparse
-layers' prompt KV to its host store), and `transformers` gets a `DynamicCache` holding the same keys and
-values (our dense path equals transformers, checked below on the first decoded tokens). Then, in rounds
+Prefill is not what is measured, and at 16K it costs minutes on a CPU, so one prompt of the longest length
+is prefilled once with our dense path. Attention is causal, so the first n entries of that KV are exactly
+what a prefill of the first n tokens computes: each length starts from a copy of that prefix, decoding the
+prompt's token n at position n first. OmniKV's prefill is dense, so its policy gets exactly the
+`prefill_layer_done` calls the engine would make (moving the sparse layers' prompt KV to its host store),
+and `transformers` gets a `DynamicCache` holding the same keys and values (our dense path equals
+transformers: checked on the decoded tokens). Then, in rounds
 with a rotating order, each contestant decodes `--steps` tokens; the table gives the median over rounds of
 the mean step time, and ratios against our dense path measured in the same rounds.
 """
@@ -44,15 +46,16 @@ CONTESTANTS = ("transformers", "dense", "omnikv", "omnikv-no-offload")
 class OurDecoder:
     """A generation on our engine that starts from a copy of a dense prefill's KV."""
 
-    def __init__(self, engine: tokensieve.Engine, method: Method, prompt_len: int, kv: list[LayerKV], token: int):
+    def __init__(self, engine: tokensieve.Engine, method: Method, cache: list[tuple], token: int):
         model = engine.model
+        prompt_len = len(cache[0][2])
         self.engine, self.token, self.position = engine, token, prompt_len
         run = Run(model.spec, prompt_len, 10_000, model.device, model.dtype, model.scale)
         self.policy = method.start(run)
         self.kv = []
-        for layer, source in enumerate(kv):
+        for layer, (keys, values, positions) in enumerate(cache):
             copy = LayerKV(model.spec.num_kv_heads, model.spec.head_dim, model.dtype, model.device)
-            copy.append(source.keys, source.values, source.positions, reserve=256)
+            copy.append(keys, values, positions, reserve=256)
             self.policy.prefill_layer_done(layer, copy)  # what the engine calls after each prefill layer
             self.kv.append(copy)
         self.keys_attended = [0] * model.spec.num_layers
@@ -69,11 +72,11 @@ class OurDecoder:
 class HFDecoder:
     """`transformers` decoding one token at a time from a DynamicCache holding the same prompt KV."""
 
-    def __init__(self, hf_model, kv: list[LayerKV], token: int):
-        self.model, self.token, self.position = hf_model, token, len(kv[0])
+    def __init__(self, hf_model, cache: list[tuple], token: int):
+        self.model, self.token, self.position = hf_model, token, len(cache[0][2])
         self.cache = DynamicCache(config=hf_model.config)
-        for layer, source in enumerate(kv):
-            self.cache.update(source.keys[None].clone(), source.values[None].clone(), layer)
+        for layer, (keys, values, _) in enumerate(cache):
+            self.cache.update(keys[None].clone(), values[None].clone(), layer)
         self.tokens: list[int] = []
 
     def step(self) -> None:
@@ -83,37 +86,39 @@ class HFDecoder:
         self.tokens.append(self.token)
 
 
-def prefill(engine: tokensieve.Engine, length: int) -> tuple[list[LayerKV], int]:
-    """Dense prefill of a random prompt: the per-layer KV and the first generated token."""
+def prefill(engine: tokensieve.Engine, length: int) -> tuple[list[LayerKV], list[int]]:
+    """Dense prefill of a random prompt of `length` tokens: the per-layer KV and the prompt."""
     model = engine.model
     gen = torch.Generator().manual_seed(length)
     prompt = [presets.BOS_ID, *torch.randint(0, 256, (length - 1,), generator=gen).tolist()]
     run = Run(model.spec, length, 1, model.device, model.dtype, model.scale)
-    kv, logits = engine._prefill(prompt, 1, Policy(run), Stats(method={"name": "dense"}))
-    return kv, int(logits.argmax())
+    kv, _ = engine._prefill(prompt, 1, Policy(run), Stats(method={"name": "dense"}))
+    return kv, prompt
 
 
-def bench(engine: tokensieve.Engine, length: int, rounds: int, steps: int, budget: int | float) -> dict:
-    start = time.perf_counter()
-    kv, token = prefill(engine, length)
-    print(f"{length} tokens: prefill {time.perf_counter() - start:.0f} s", flush=True)
+def prefix(kv: list[LayerKV], length: int) -> list[tuple]:
+    """Keys, values and positions of the first `length` entries of every layer (views, not copies)."""
+    return [(layer.keys[:, :length], layer.values[:, :length], layer.positions[:length]) for layer in kv]
+
+
+def bench(engine: tokensieve.Engine, kv: list[LayerKV], prompt: list[int], length: int, args) -> dict:
+    cache, token = prefix(kv, length), prompt[length]
     decoders = {
-        "transformers": HFDecoder(engine.model.hf, kv, token),
-        "dense": OurDecoder(engine, Method(), length, kv, token),
-        "omnikv": OurDecoder(engine, OmniKV(budget=budget), length, kv, token),
-        "omnikv-no-offload": OurDecoder(engine, OmniKV(budget=budget, offload=False), length, kv, token),
+        "transformers": HFDecoder(engine.model.hf, cache, token),
+        "dense": OurDecoder(engine, Method(), cache, token),
+        "omnikv": OurDecoder(engine, OmniKV(budget=args.budget), cache, token),
+        "omnikv-no-offload": OurDecoder(engine, OmniKV(budget=args.budget, offload=False), cache, token),
     }
-    del kv
     times: dict[str, list[float]] = {name: [] for name in CONTESTANTS}
-    for round_ in range(rounds + 1):  # round 0 warms up and is not counted
+    for round_ in range(args.rounds + 1):  # round 0 warms up and is not counted
         shift = round_ % len(CONTESTANTS)
         for name in CONTESTANTS[shift:] + CONTESTANTS[:shift]:
             tick = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(args.steps):
                 decoders[name].step()
             if round_ > 0:
-                times[name].append((time.perf_counter() - tick) / steps)
-        print(f"  round {round_}: " + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items() if t), flush=True)
+                times[name].append((time.perf_counter() - tick) / args.steps)
+        print(f"{length} round {round_}: " + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items() if t))
     if decoders["transformers"].tokens != decoders["dense"].tokens:
         raise RuntimeError("our dense path and transformers decoded different tokens from the same KV")
     return summarize(engine, length, times, decoders)
@@ -142,15 +147,8 @@ def summarize(engine: tokensieve.Engine, length: int, times: dict, decoders: dic
 
 
 def crossover(rows: list[dict], name: str) -> str:
-    """Where `name` turns faster than our dense path: between the last slower and the first faster length."""
-    speedups = {row["context"]: row["speedup_vs_dense"][name] for row in rows}
-    faster = [context for context, speedup in sorted(speedups.items()) if speedup > 1]
-    if not faster:
-        return f"slower than dense at every length measured (up to {max(speedups)} tokens)"
-    below = [context for context in speedups if context < faster[0]]
-    if not below:
-        return f"faster than dense from the shortest length measured ({faster[0]} tokens)"
-    return f"between {max(below)} and {faster[0]} tokens"
+    """Each length's verdict against our dense path, shortest first."""
+    return ", ".join(f"{r['context']}: {'faster' if r['speedup_vs_dense'][name] > 1 else 'slower'}" for r in rows)
 
 
 def main() -> None:
@@ -164,16 +162,19 @@ def main() -> None:
     parser.add_argument("--out", default="bench_omnikv.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    budget = int(args.budget) if args.budget >= 1 else args.budget
-    lengths = [int(x) for x in args.lengths.split(",")]
+    args.budget = int(args.budget) if args.budget >= 1 else args.budget
+    lengths = sorted(int(x) for x in args.lengths.split(","))
     model, tokenizer = presets.build(args.model, max_positions=max(lengths) + 1024)
     engine = tokensieve.load(model, tokenizer=tokenizer, device="cpu", dtype="float32")
     load_before = os.getloadavg()
     with torch.inference_mode():
-        rows = [bench(engine, length, args.rounds, args.steps, budget) for length in lengths]
+        start = time.perf_counter()
+        kv, prompt = prefill(engine, max(lengths) + 1)
+        print(f"prefill of {len(prompt)} tokens: {time.perf_counter() - start:.0f} s", flush=True)
+        rows = [bench(engine, kv, prompt, length, args) for length in lengths]
     report = {
         "model": args.model,
-        "budget": budget,
+        "budget": args.budget,
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -188,7 +189,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(table(rows))
     for name, text in report["crossover"].items():
-        print(f"{name}: {text}")
+        print(f"{name} vs our dense: {text}")
 
 
 def table(rows: list[dict]) -> str:
