@@ -160,6 +160,7 @@ def test_keep_all_and_prompts_within_budget_equal_dense(deep_engine, dense_token
         assert gen.stats.prefill_tokens_per_layer == [len(PROMPT)] * 12
         assert gen.stats.method_stats["pruned_tokens"] == [0, 0, 0]
         assert gen.stats.method_stats["decode_rescorings"] == 0 and gen.stats.kv_bytes_host == 0
+        assert gen.stats.method_stats["mean_overlap"] is None
 
 
 @pytest.mark.parametrize("layers", [1, 2])

@@ -314,7 +314,7 @@ class SlimInferPolicy(Policy):
             "swaps": len(swaps),
             "blocks_swapped_in": blocks_in,
             "swaps_per_step": len(swaps) / max(1, self.steps),
-            "mean_overlap": sum(d.overlap for d in self.decisions) / max(1, len(self.decisions)),
+            "mean_overlap": sum(d.overlap for d in self.decisions) / len(self.decisions) if self.decisions else None,
             "host_bytes_loaded_per_step": blocks_in * block_bytes / max(1, self.steps) if self.method.offload else 0.0,
         }
 
