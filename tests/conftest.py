@@ -10,6 +10,10 @@ import torch
 import tokensieve
 from tokensieve import presets
 
+# The test models are tiny: one thread is fastest, and on a shared, loaded machine two threads can be
+# many times slower (every op waits for the other thread).
+torch.set_num_threads(1)
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260k"
 
