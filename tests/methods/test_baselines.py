@@ -1,4 +1,4 @@
-"""Token-dropping baselines: StreamingLLM and SnapKV keep exactly their budgets, and SnapKV scores like the paper."""
+"""Token-dropping baselines: StreamingLLM, SnapKV and H2O keep exactly their budgets and score like references."""
 
 from __future__ import annotations
 
