@@ -91,6 +91,20 @@ def test_unknown_method_is_a_clear_error(capsys):
     assert "unknown method(s) nope" in capsys.readouterr().err
 
 
+def test_bad_settings_are_clear_errors():
+    from tokensieve import load, presets
+    from tokensieve.bench import measure
+
+    model, tokenizer = presets.build("tiny", max_positions=256)
+    engine = load(model, tokenizer=tokenizer, device="cpu")
+    with pytest.raises(ValueError, match="exceed the model's 256 positions"):
+        measure(engine, ["dense"], [250], new_tokens=8, progress=False)
+    with pytest.raises(ValueError, match="too short"):
+        measure(engine, ["dense"], [8], new_tokens=2, progress=False)
+    with pytest.raises(ValueError, match="new_tokens must be >= 2"):
+        measure(engine, ["dense"], [64], new_tokens=1, progress=False)
+
+
 def test_lengths_and_accuracy_files(tmp_path):
     assert parse_lengths("8k, 4k,4096,100") == [100, 4096, 8192]
     with pytest.raises(ValueError, match="bad context length 'abc'"):

@@ -88,6 +88,11 @@ def measure(
         raise ValueError(f"new_tokens must be >= 2 so that time per output token is defined, got {new_tokens}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not lengths:
+        raise ValueError("no context lengths given: pass at least one, e.g. [4096]")
+    limit = engine.model.spec.max_positions
+    if max(lengths) + new_tokens > limit:
+        raise ValueError(f"{max(lengths)} tokens plus {new_tokens} new ones exceed the model's {limit} positions")
     names = contestants(methods)
     prompts = {length: build_prompt(engine.tokenizer, length) for length in lengths}
     warmup = build_prompt(engine.tokenizer, min(256, min(lengths)))
