@@ -199,8 +199,9 @@ class OmniKVPolicy(Policy):
         """The segment's selected prompt tokens, then every generated token (the device tail)."""
         index = self.selected[segment]
         if not self.method.offload:
-            tail = torch.arange(self.run.prompt_len, len(kv), device=index.device)
-            return Context.of(kv, torch.cat([index, tail]))
+            index = torch.cat([index, torch.arange(self.run.prompt_len, len(kv), device=index.device)])
+            # index_select, not advanced indexing: several times faster on CPU for this gather.
+            return Context(kv.keys.index_select(1, index), kv.values.index_select(1, index), kv.positions[index])
         keys, values = self.stores[segment].keys_values(self.loading[segment].wait(), layer)
         return Context(
             torch.cat([keys, kv.keys], 1),
