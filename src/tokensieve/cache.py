@@ -48,13 +48,18 @@ class LayerKV:
         self._pos[self.length : self.length + n] = positions
         self.length += n
 
-    def replace(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """Keep only the given entries (an offloading method keeps the rest elsewhere)."""
-        self.length = 0
-        self._k = self._k[:, :0]
-        self._v = self._v[:, :0]
-        self._pos = self._pos[:0]
-        self.append(k, v, positions)
+    def replace(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, reserve: int = 0) -> None:
+        """Keep only the given entries (an offloading or evicting method keeps the rest elsewhere, or drops it).
+
+        They go into fresh buffers, so the old ones are freed now rather than at the next growth;
+        `reserve` leaves room for that many appends (e.g. the decode steps to come).
+        """
+        n = k.shape[1]
+        self._k = k.new_empty(k.shape[0], n + reserve, k.shape[2])
+        self._v = torch.empty_like(self._k)
+        self._pos = positions.new_empty(n + reserve)
+        self._k[:, :n], self._v[:, :n], self._pos[:n] = k, v, positions
+        self.length = n
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self._k.shape[1], 16)

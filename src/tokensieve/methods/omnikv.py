@@ -167,7 +167,7 @@ class OmniKVPolicy(Policy):
         if segment in self.stores:
             self.stores[segment].put(layer, kv.keys, kv.values)
             # The device keeps only what decode appends: this layer's tail of generated tokens.
-            kv.replace(kv.keys[:, :0], kv.values[:, :0], kv.positions[:0])
+            kv.replace(kv.keys[:, :0], kv.values[:, :0], kv.positions[:0], reserve=self.run.max_new_tokens)
 
     # -- decode ------------------------------------------------------------------------------------------
     def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:

@@ -266,7 +266,7 @@ class SlimInferPolicy(Policy):
             blocks = torch.stack([kv.keys[:, :full], kv.values[:, :full]]).unflatten(2, positions.shape)
             store.host = self.transfers.to_host(blocks.permute(2, 0, 1, 3, 4))  # block-major: loads gather rows
             keep = torch.cat([block_rows(chosen, store.block_size), torch.arange(full, len(kv), device=chosen.device)])
-            refill(kv, kv.keys[:, keep], kv.values[:, keep], kv.positions[keep], self.run.max_new_tokens)
+            kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep], reserve=self.run.max_new_tokens)
         self.layers[layer] = store
 
     # -- decode ----------------------------------------------------------------------------------------
@@ -325,9 +325,3 @@ class SlimInferPolicy(Policy):
             present -= self.pruned_tokens.get(layer, 0)
             tokens.append(present)
         return tokens
-
-
-def refill(kv: LayerKV, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, reserve: int) -> None:
-    """`kv.replace`, keeping room for `reserve` decode entries (replace alone would make the next append double it)."""
-    kv.replace(k[:, :0], v[:, :0], positions[:0])
-    kv.append(k, v, positions, reserve=reserve)

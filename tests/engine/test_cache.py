@@ -1,0 +1,36 @@
+"""LayerKV: appends keep positions; replace frees the old buffers and reserves room for decode."""
+
+from __future__ import annotations
+
+import torch
+
+from tokensieve.cache import LayerKV
+
+
+def entries(n: int, start: int = 0):
+    k = torch.arange(start, start + n, dtype=torch.float32).view(1, n, 1).expand(2, n, 3).clone()
+    return k, -k, torch.arange(start, start + n)
+
+
+def test_append_keeps_order_and_positions_and_grows():
+    kv = LayerKV(2, 3, torch.float32, torch.device("cpu"))
+    kv.append(*entries(5), reserve=2)
+    capacity = kv._k.shape[1]
+    kv.append(*entries(2, start=5))
+    assert kv._k.shape[1] == capacity == 7  # the reserve absorbed the decode appends
+    kv.append(*entries(1, start=7))
+    assert len(kv) == 8 and kv.positions.tolist() == list(range(8))
+    assert torch.equal(kv.keys[0, :, 0], torch.arange(8.0)) and torch.equal(kv.values, -kv.keys)
+    assert kv.nbytes == 2 * 2 * 8 * 3 * 4
+
+
+def test_replace_frees_the_old_buffers_and_reserves_room():
+    kv = LayerKV(2, 3, torch.float32, torch.device("cpu"))
+    kv.append(*entries(100))
+    old = kv._k
+    keep = torch.tensor([0, 50, 99])
+    kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep], reserve=4)
+    assert kv._k.untyped_storage().data_ptr() != old.untyped_storage().data_ptr()
+    assert kv._k.shape[1] == 7 and len(kv) == 3 and kv.positions.tolist() == [0, 50, 99]
+    kv.append(*entries(4, start=100))
+    assert kv._k.shape[1] == 7 and kv.positions.tolist() == [0, 50, 99, 100, 101, 102, 103]
