@@ -14,14 +14,14 @@ def entries(n: int, start: int = 0):
 
 def test_append_keeps_order_and_positions_and_grows():
     kv = LayerKV(2, 3, torch.float32, torch.device("cpu"))
-    kv.append(*entries(5), reserve=2)
-    capacity = kv._k.shape[1]
-    kv.append(*entries(2, start=5))
-    assert kv._k.shape[1] == capacity == 7  # the reserve absorbed the decode appends
-    kv.append(*entries(1, start=7))
-    assert len(kv) == 8 and kv.positions.tolist() == list(range(8))
-    assert torch.equal(kv.keys[0, :, 0], torch.arange(8.0)) and torch.equal(kv.values, -kv.keys)
-    assert kv.nbytes == 2 * 2 * 8 * 3 * 4
+    kv.append(*entries(20), reserve=2)
+    kv.append(*entries(2, start=20))
+    assert kv._k.shape[1] == 22  # the reserve absorbed the decode appends
+    kv.append(*entries(1, start=22))
+    assert kv._k.shape[1] == 44  # then capacity doubles
+    assert len(kv) == 23 and kv.positions.tolist() == list(range(23))
+    assert torch.equal(kv.keys[0, :, 0], torch.arange(23.0)) and torch.equal(kv.values, -kv.keys)
+    assert kv.nbytes == 2 * 2 * 23 * 3 * 4
 
 
 def test_replace_frees_the_old_buffers_and_reserves_room():
