@@ -11,6 +11,7 @@ from .engine import Engine
 from .methods import Method
 from .model import SUPPORTED_ARCHITECTURES, DecoderModel
 
+TESTBED = "testbed"
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -32,8 +33,8 @@ def load(
     """An engine for `model`: a local Hugging Face checkpoint directory or an already loaded model.
 
     `device` defaults to CUDA when available, else CPU; `dtype` to float32 on CPU and bfloat16 on CUDA.
-    Nothing is downloaded: a directory must hold `config.json`, the weights and (unless `tokenizer` is
-    given) the tokenizer files.
+    `"testbed"` names the small model embedded in the package. Nothing is downloaded: a directory must
+    hold `config.json`, the weights and (unless `tokenizer` is given) the tokenizer files.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -41,11 +42,23 @@ def load(
         hf_model = model.to(device=device, dtype=dtype)
         source = getattr(model, "name_or_path", "")
     else:
-        source = str(model)
+        source = str(resolve_model_path(model))
         hf_model = _load_checkpoint(Path(source), device, dtype)
     if tokenizer is None:
         tokenizer = _load_tokenizer(source)
     return Engine(DecoderModel(hf_model), tokenizer, method)
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A checkpoint directory; `"testbed"` (unless a directory of that name exists) is the embedded model."""
+    if str(model) == TESTBED and not Path(model).exists():
+        from .testbed import model_path
+
+        try:
+            return model_path()
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from err
+    return Path(model)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

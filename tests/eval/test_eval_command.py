@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,6 @@ import torch
 from conftest import STORIES, needs_stories
 from tokensieve import presets
 from tokensieve.cli import main
-from tokensieve.eval import command
 from tokensieve.eval.runner import MEAN, build_samples, parse_length, run_eval
 from tokensieve.eval.tasks import TASKS
 from tokensieve.generation import Generation, Stats
@@ -135,12 +135,16 @@ def test_unknown_method_task_and_bad_lengths_are_clear_errors(tmp_path, capsys):
 
 
 def test_testbed_resolves_to_embedded_dir_or_says_it_is_missing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(command, "TESTBED_DIR", tmp_path / "model")
-    with pytest.raises(ValueError, match="testbed model is not embedded yet"):
-        command.resolve_model_path("testbed")
+    import tokensieve.testbed as testbed
+    from tokensieve.loading import resolve_model_path
+
+    monkeypatch.setattr(testbed, "MODEL_DIR", tmp_path / "model")
+    with pytest.raises(ValueError, match="embedded testbed model is missing"):
+        resolve_model_path("testbed")
     assert main(["eval", "--lengths", "700", "--out", str(tmp_path)]) == 2  # testbed is the default model
-    assert "not embedded yet" in capsys.readouterr().err
+    assert "testbed model is missing" in capsys.readouterr().err
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")
-    assert command.resolve_model_path("testbed") == str(tmp_path / "model")
-    assert command.resolve_model_path("tiny") == "tiny"
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / "model" / name).write_text("{}")
+    assert resolve_model_path("testbed") == tmp_path / "model"
+    assert resolve_model_path("some/dir") == Path("some/dir")

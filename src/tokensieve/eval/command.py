@@ -3,22 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-TESTBED = "testbed"
-TESTBED_DIR = Path(__file__).resolve().parents[1] / "testbed" / "model"
-
-
-def resolve_model_path(model: str) -> str:
-    """`"testbed"` -> the embedded testbed model's directory; anything else (a directory, a preset) as is."""
-    if model != TESTBED:
-        return model
-    if not (TESTBED_DIR / "config.json").is_file():
-        raise ValueError(
-            f"the testbed model is not embedded yet (no Hugging Face checkpoint in {TESTBED_DIR}); pass "
-            "--model DIR (a checkpoint directory) or a preset name such as 'tiny'"
-        )
-    return str(TESTBED_DIR)
 
 
 def register(sub) -> None:
@@ -32,7 +16,7 @@ def register(sub) -> None:
         "table and write eval.json and eval.csv (and eval.png with --plot). --model also accepts 'testbed', "
         "the embedded model.",
     )
-    add_model_arguments(parser, default_model=TESTBED)
+    add_model_arguments(parser, default_model="testbed")
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: all registered)")
     parser.add_argument(
         "--tasks",
@@ -80,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
     tasks = _split(args.tasks) or (list(longbench) if longbench else list(TASKS))
     haystack = Haystack.from_file(args.haystack) if args.haystack else None
 
-    engine = load_engine(argparse.Namespace(**{**vars(args), "model": resolve_model_path(args.model)}))
+    engine = load_engine(args)
     suite = build_samples(engine.tokenizer, tasks, lengths, args.samples, args.seed, haystack, args.depth, longbench)
     config = {
         "model": args.model,
