@@ -293,8 +293,9 @@ def brute_force_accumulated(q, k, pos, scale):
     return logits.softmax(-1).sum(1).reshape(k.shape[0], group, -1).sum(1)
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 24, 300])
-def test_h2o_prefill_scores_equal_brute_force_in_any_chunking(monkeypatch, chunk_elements):
+@pytest.mark.parametrize("chunk_rows, chunk_elements", [(256, 1 << 24), (16, 1 << 24), (256, 300)])
+def test_h2o_prefill_scores_equal_brute_force_in_any_chunking(monkeypatch, chunk_rows, chunk_elements):
+    monkeypatch.setattr(h2o_module, "SCORE_CHUNK_ROWS", chunk_rows)
     monkeypatch.setattr(h2o_module, "SCORE_CHUNK_ELEMENTS", chunk_elements)
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randn(8, 70, 16, generator=gen), torch.randn(2, 70, 16, generator=gen)

@@ -25,7 +25,8 @@ from ..attention import grouped_logits
 from ..cache import LayerKV
 from .base import Context, Method, Policy, Rows, Run, resolve_budget
 
-# Query rows scored at once in prefill: bounds the logits buffer to about this many fp32 values.
+# Query rows scored at once in prefill: at most this many rows, and about this many fp32 logits.
+SCORE_CHUNK_ROWS = 256
 SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -63,17 +64,21 @@ class H2O(Method):
 
 def accumulated_attention(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention `[kv_heads, n]` each of `n` rows received from every row's query (causal), summed over
-    queries and over the query heads of each KV head. Scores `chunk x n` query rows at a time."""
+    queries and over the query heads of each KV head.
+
+    Rows are sorted by position (prefill), so query rows `[a, b)` see only key rows `[0, b)`: chunks of
+    query rows score only those (about half the work of the full square) and never hold `n x n` logits.
+    """
     heads, n, _ = q.shape
     kv_heads = k.shape[0]
     total = torch.zeros(kv_heads, n, dtype=torch.float32, device=k.device)
-    chunk = max(1, SCORE_CHUNK_ELEMENTS // (heads * n))
+    chunk = max(1, min(SCORE_CHUNK_ROWS, SCORE_CHUNK_ELEMENTS // (heads * n)))
     for start in range(0, n, chunk):
-        rows = slice(start, start + chunk)
-        logits = grouped_logits(q[:, rows], k, scale)
-        logits.masked_fill_(pos[None, None, :] > pos[None, rows, None], float("-inf"))
+        end = min(n, start + chunk)
+        logits = grouped_logits(q[:, start:end], k[:, :end], scale)
+        logits.masked_fill_(pos[None, None, :end] > pos[None, start:end, None], float("-inf"))
         received = logits.softmax(-1).sum(1)
-        total += received.reshape(kv_heads, -1, n).sum(1)
+        total[:, :end] += received.reshape(kv_heads, -1, end).sum(1)
     return total
 
 
