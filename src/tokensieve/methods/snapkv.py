@@ -38,7 +38,8 @@ class SnapKV(Method):
     (0, 1] for a fraction of the prompt. The default 2048 equals OmniKV's default budget, so the two compare
     at equal budgets out of the box (the paper evaluates 1024 to 4096). A prompt within budget is kept whole.
     `window`: the last prompt tokens whose queries score the rest; always kept (paper: 32).
-    `kernel`: width of the pooling along tokens, odd (paper: 7). `pooling`: "max" or "avg".
+    `kernel`: width of the pooling along tokens, odd (paper: 7). `pooling`: "max" (a peak brings its whole
+    neighbourhood along) or "avg" (the authors' released code defaults to avg, with kernel 5).
     """
 
     name: ClassVar[str] = "snapkv"
