@@ -138,7 +138,8 @@ class H2OPolicy(Policy):
         index = slots[..., None].expand(-1, -1, kv.keys.shape[-1])
         self.scores[layer] = scores.gather(1, slots)
         self.positions[layer] = positions.gather(1, slots)
-        kv.replace(kv.keys.gather(1, index), kv.values.gather(1, index), self.positions[layer].amax(0))
+        positions = self.positions[layer].amax(0)
+        kv.replace(kv.keys.gather(1, index), kv.values.gather(1, index), positions, reserve=1)  # room for the next step
         return t - self.budget
 
     def stats(self) -> dict[str, Any]:

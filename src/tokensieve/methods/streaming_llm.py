@@ -89,7 +89,7 @@ class StreamingPolicy(Policy):
         keep = torch.cat(
             [torch.arange(self.sink, device=device), torch.arange(self.sink + evicted, len(kv), device=device)]
         )
-        kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
+        kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep], reserve=1)  # room for the next step
         return evicted
 
     def stats(self) -> dict[str, Any]:
