@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import STORIES, needs_stories
 from tokensieve import presets
@@ -17,16 +16,6 @@ from tokensieve.eval.runner import MEAN, build_samples, parse_length, run_eval
 from tokensieve.eval.tasks import TASKS
 from tokensieve.generation import Generation, Stats
 from tokensieve.methods import METHODS
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared, loaded 2-core machine two threads run these tiny models ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # dense plus one more registered method when there is one (a cheap one), to check the pairing with dense
 OTHERS = sorted(set(METHODS) - {"dense"}, key=lambda name: (name != "streaming_llm", name))

@@ -14,15 +14,6 @@ from tokensieve.eval.fidelity import common_prefix, fidelity, greedy_agreement, 
 from tokensieve.methods import Method, Policy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared, loaded 2-core machine two threads run these tiny models ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_greedy_agreement_and_common_prefix():
     assert greedy_agreement([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
     assert greedy_agreement([1, 2, 3, 4], [1, 9, 3, 9]) == 0.5

@@ -18,15 +18,6 @@ PROMPT = random_prompt(240, seed=5)
 NEW_TOKENS = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a loaded 2-core machine run ~100x faster without intra-op threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class RecordingPolicy(LazyLLMPolicy):
     """Keeps each layer's KV object, the aux caches at each step's start, and each decode layer's rows/context."""
 

@@ -50,15 +50,6 @@ class Spy(SlimInfer):
         return self.policy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared, loaded CPU two threads spin-wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dense_tokens(deep_engine):
     return deep_engine.generate(PROMPT, max_new_tokens=8, method="dense").token_ids
