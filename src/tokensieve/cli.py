@@ -74,7 +74,12 @@ def register_generate(sub) -> None:
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-file", help="a file holding the prompt text")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--method", default="dense", help=f"one of: {', '.join(sorted(METHODS))}")
+    parser.add_argument(
+        "--method",
+        default="dense",
+        help=f"a method name ({', '.join(sorted(METHODS))}) or a spec "
+        "with settings, e.g. 'omnikv(budget=256, offload=False)'",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)

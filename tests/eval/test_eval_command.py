@@ -113,7 +113,7 @@ def test_eval_on_stories_checkpoint(tmp_path):
 def test_unknown_method_task_and_bad_lengths_are_clear_errors(tmp_path, capsys):
     base = ["eval", "--model", "tiny", "--out", str(tmp_path)]
     assert main([*base, "--methods", "dense,nope"]) == 2
-    assert "unknown method(s) nope" in capsys.readouterr().err
+    assert "unknown method 'nope'" in capsys.readouterr().err
     assert main([*base, "--tasks", "nope", "--lengths", "700"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main([*base, "--tasks", "hotpotqa", "--lengths", "700"]) == 2

@@ -40,3 +40,30 @@ def test_default_settings_report_complete_stats(deep_engine, name):
 def test_unknown_method_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         resolve_method("nope")
+
+
+def test_method_specs_carry_settings_and_split_on_top_level_commas():
+    from tokensieve.methods import OmniKV, SlimInfer, split_methods
+
+    method = resolve_method("sliminfer(budgets=(0.25, 0.125, 0.0625), gamma=0.8)")
+    assert method == SlimInfer(budgets=(0.25, 0.125, 0.0625), gamma=0.8)
+    assert resolve_method(" OmniKV(budget=128) ") == OmniKV(budget=128)
+    assert split_methods("dense, sliminfer(budgets=(0.5,0.25,0.1)),omnikv(budget=64)") == [
+        "dense",
+        "sliminfer(budgets=(0.5,0.25,0.1))",
+        "omnikv(budget=64)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("sliminfer(3)", "keyword arguments"),
+        ("sliminfer(budgets=__import__('os'))", "Python literals"),
+        ("sliminfer(nope=1)", "bad settings for sliminfer"),
+        ("omnikv(budget=0)", "budget must be > 0"),
+    ],
+)
+def test_bad_method_specs_are_clear_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_method(spec)

@@ -17,7 +17,11 @@ def register(sub) -> None:
         "the embedded model.",
     )
     add_model_arguments(parser, default_model="testbed")
-    parser.add_argument("--methods", default=None, help="comma-separated method names (default: all registered)")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated methods: names or specs with settings, e.g. omnikv(budget=256) (default: all)",
+    )
     parser.add_argument(
         "--tasks",
         default=None,
@@ -48,15 +52,14 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..cli import load_engine
-    from ..methods import METHODS
+    from ..methods import METHODS, resolve_method, split_methods
     from .longbench import load_longbench
     from .runner import build_samples, parse_length, run_eval
     from .tasks import TASKS, Haystack
 
-    methods = _split(args.methods) or list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}: registered methods are {', '.join(METHODS)}")
+    methods = split_methods(args.methods or "") or list(METHODS)
+    for spec in methods:
+        resolve_method(spec)  # a clear error now, not after an hour of evaluation
     lengths = sorted({parse_length(x) for x in _split(args.lengths)})
     if not lengths:
         raise ValueError("--lengths is empty: give lengths such as 2k,4k")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 from .base import Context, Dense, Method, Policy, Rows, Run, resolve_budget, scaled_layers
 from .h2o import H2O
 from .lazyllm import LazyLLM
@@ -16,12 +18,46 @@ METHODS: dict[str, type[Method]] = {
 
 
 def resolve_method(method: str | Method) -> Method:
-    """A method instance from a name ("dense", "sliminfer", ...) or an instance (returned as is)."""
+    """A method from an instance (returned as is), a name ("sliminfer") or a call-like spec with settings,
+    e.g. "sliminfer(budgets=(0.25, 0.125, 0.0625), gamma=0.8)" (keyword arguments, Python literals only).
+    """
     if isinstance(method, Method):
         return method
-    if isinstance(method, str) and method.lower() in METHODS:
-        return METHODS[method.lower()]()
-    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(sorted(METHODS))} or pass a Method instance")
+    if not isinstance(method, str):
+        raise TypeError(f"a method is a name, a spec string or a Method instance, got {type(method).__name__}")
+    name, _, args = method.strip().partition("(")
+    cls = METHODS.get(name.strip().lower())
+    if cls is None:
+        known = ", ".join(sorted(METHODS))
+        raise ValueError(f"unknown method {name.strip()!r}: choose one of {known} or pass a Method instance")
+    if not args:
+        return cls()
+    try:
+        call = ast.parse(f"f({args}", mode="eval").body
+        if call.args:
+            raise ValueError("settings must be keyword arguments")
+        settings = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError) as err:
+        hint = "write name(key=value, ...) with Python literals"
+        raise ValueError(f"bad method spec {method!r}: {hint} ({err})") from err
+    try:
+        return cls(**settings)
+    except TypeError as err:
+        raise ValueError(f"bad settings for {cls.name}: {err}") from err
+
+
+def split_methods(text: str) -> list[str]:
+    """Comma-separated method specs, where commas inside parentheses belong to a spec's settings."""
+    specs, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            specs.append(current.strip())
+            current = ""
+        else:
+            current += char
+    specs.append(current.strip())
+    return [spec for spec in specs if spec]
 
 
 __all__ = [
@@ -41,4 +77,5 @@ __all__ = [
     "resolve_budget",
     "resolve_method",
     "scaled_layers",
+    "split_methods",
 ]
