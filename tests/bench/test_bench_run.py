@@ -37,7 +37,7 @@ def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     accuracy = out / "eval.json"
     accuracy.write_text(json.dumps([{"method": "dense", "accuracy": 0.5}, {"method": "dense", "accuracy": 1.0}]))
-    argv = ["bench", "--model", "tiny", "--device", "cpu", "--methods", "dense", "--lengths", "64,96"]
+    argv = ["bench", "--model", "tiny", "--device", "cpu", "--methods", "dense,Dense", "--lengths", "64,96"]
     argv += ["--new-tokens", "2", "--repeats", "1", "--out", str(out), "--accuracy", str(accuracy), "--no-progress"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -83,12 +83,15 @@ def test_bench_prints_tables_and_draws_plots(bench_run):
 
 def test_all_means_every_registered_method():
     assert parse_methods("all") == sorted(METHODS)
-    assert parse_methods(" Dense, dense ") == ["dense", "dense"]
+    assert parse_methods("dense, omnikv(budget=256, filter_layers=(1, 2))") == [
+        "dense",
+        "omnikv(budget=256, filter_layers=(1, 2))",
+    ]
 
 
 def test_unknown_method_is_a_clear_error(capsys):
     assert cli.main(["bench", "--model", "tiny", "--methods", "dense,nope", "--lengths", "64"]) == 2
-    assert "unknown method(s) nope" in capsys.readouterr().err
+    assert "unknown method 'nope'" in capsys.readouterr().err
 
 
 def test_bad_settings_are_clear_errors():
@@ -103,6 +106,14 @@ def test_bad_settings_are_clear_errors():
         measure(engine, ["dense"], [8], new_tokens=2, progress=False)
     with pytest.raises(ValueError, match="new_tokens must be >= 2"):
         measure(engine, ["dense"], [64], new_tokens=1, progress=False)
+
+
+def test_contestants_accept_specs_and_always_include_the_baselines():
+    from tokensieve.bench.runner import contestants
+
+    assert contestants(["Dense", "omnikv(budget=256)"]) == ["transformers", "dense", "omnikv(budget=256)"]
+    with pytest.raises(ValueError, match="bad settings for omnikv"):
+        contestants(["omnikv(nope=1)"])
 
 
 def test_lengths_and_accuracy_files(tmp_path):

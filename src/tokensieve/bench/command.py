@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..methods import METHODS
+from ..methods import METHODS, split_methods
 
 
 def register(sub) -> None:
@@ -19,7 +19,8 @@ def register(sub) -> None:
     parser.add_argument(
         "--methods",
         default="all",
-        help=f"comma-separated methods, or 'all' (registered: {', '.join(sorted(METHODS))}); "
+        help=f"comma-separated methods or specs like 'omnikv(budget=256)', or 'all' "
+        f"(registered: {', '.join(sorted(METHODS))}); "
         "transformers and our dense path always run",
     )
     parser.add_argument("--lengths", default="4k", help="comma-separated context lengths in tokens, e.g. 4k,8k,16384")
@@ -48,10 +49,10 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def parse_methods(text: str) -> list[str]:
-    """Method names from `--methods` ('all' = every registered method)."""
+    """Method names or specs from `--methods` ('all' = every registered method with its defaults)."""
     if text.strip().lower() == "all":
         return sorted(METHODS)
-    return [name.strip().lower() for name in text.split(",") if name.strip()]
+    return split_methods(text)
 
 
 def run(args: argparse.Namespace) -> None:

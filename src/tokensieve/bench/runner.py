@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..engine import Engine
 from ..generation import Stats
-from ..methods import METHODS
+from ..methods import resolve_method
 
 TRANSFORMERS = "transformers"
 DENSE = "dense"
@@ -52,11 +52,11 @@ class Series:
 
 
 def contestants(methods: Sequence[str]) -> list[str]:
-    """`transformers`, our dense path, then the requested methods (each once); unknown names are an error."""
-    unknown = [name for name in methods if name not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}: registered methods are {', '.join(sorted(METHODS))}")
-    return [TRANSFORMERS, DENSE, *dict.fromkeys(name for name in methods if name != DENSE)]
+    """`transformers`, our dense path, then the requested methods (names or specs such as
+    "omnikv(budget=256)", each once); an unknown method or bad settings are an error here, before any run."""
+    for spec in methods:
+        resolve_method(spec)
+    return [TRANSFORMERS, DENSE, *dict.fromkeys(spec for spec in methods if spec.lower() != DENSE)]
 
 
 def build_prompt(tokenizer, length: int) -> list[int]:
