@@ -40,6 +40,8 @@ def answer_text(sample: Sample, turn: int) -> str:
     if sample.task.startswith("two_stage"):  # say the sum first, then the colour as the table writes it
         a, b = map(int, re.search(r"t = (\d+) \+ (\d+)", sample.turns[turn].question).groups())
         return f" {a + b}: '{answers[0]}'."
+    if len(answers) == 1:  # a single needle: repeat its own continuation ("...for KEY is: VALUE."), a pure copy
+        return f": {answers[0]}."
     return " " + ", ".join(answers) + "."
 
 
@@ -85,16 +87,44 @@ def haystack_example(tokenizer, length: int, seed: int) -> Example:
     return Example.shifted(ids, [IGNORE] + [TEXT] * (len(ids) - 1), tokenizer.pad_token_id)
 
 
-def draw_examples(tokenizer, length: int, tokens: int, seed: int, haystack_fraction: float = 0.05) -> list[Example]:
-    """Examples of about `length` tokens, `tokens` in all, every task spec equally likely, sorted by length
-    (so that batches of neighbours pad little); deterministic in `seed`."""
+def copy_example(tokenizer, length: int, seed: int, segment: int = 32) -> Example:
+    """`segment` random tokens, random filler up to `length`, then the segment again, the repeat supervised:
+    the quickest way to grow the induction heads (attend to the token after an earlier occurrence of this
+    one) that retrieval needs, at every distance up to `length`."""
+    rng = random.Random(seed)
+    segment = min(segment, length // 2)
+
+    def draw(n: int) -> list[int]:
+        return [rng.randrange(len(tokenizer.all_special_ids), len(tokenizer)) for _ in range(n)]
+
+    repeated, filler = draw(segment), draw(length - 2 * segment)
+    ids = [tokenizer.bos_token_id, *repeated, *filler, *repeated]
+    roles = [IGNORE] * (1 + segment + len(filler)) + [ANSWER] * segment
+    return Example.shifted(ids, roles, tokenizer.pad_token_id)
+
+
+def draw_examples(
+    tokenizer,
+    length: int,
+    tokens: int,
+    seed: int,
+    haystack_fraction: float = 0.05,
+    copy_fraction: float = 0.2,
+    copy_segment: int = 32,
+) -> list[Example]:
+    """Examples of about `length` tokens, `tokens` in all: plain haystack text, copy examples, and task
+    samples (every task spec equally likely); sorted by length (so that batches of neighbours pad little);
+    deterministic in `seed`."""
     rng = random.Random(seed)
     specs = task_specs()
     examples: list[Example] = []
     while sum(len(e.ids) for e in examples) < tokens:
         sample_seed = TRAIN_SEEDS + rng.getrandbits(40)
-        if rng.random() < haystack_fraction:
+        draw = rng.random()
+        if draw < haystack_fraction:
             examples.append(haystack_example(tokenizer, length, sample_seed))
+        elif draw < haystack_fraction + copy_fraction:
+            examples.append(copy_example(tokenizer, length, sample_seed, copy_segment))
         else:
             examples.append(task_example(tokenizer, rng.choice(specs), length, sample_seed))
     return sorted(examples, key=lambda e: len(e.ids))

@@ -34,7 +34,7 @@ VALIDATION_SEEDS = 500_000  # model selection samples: neither training (>= 1e6)
 class TrainConfig:
     """Model shape and training schedule (defaults: the embedded model's recipe)."""
 
-    steps: int = 2000
+    steps: int = 2300
     seed: int = 0
     # model
     vocab_size: int = 2048
@@ -54,11 +54,21 @@ class TrainConfig:
     micro_batch: int = 4  # examples per forward pass; neighbours in length, so little padding
     text_loss_weight: float = 0.1  # language modelling on the haystack, next to the answer loss
     text_loss_stride: int = 8  # the text loss reads every 8th position: the output layer costs less
+    # Copy examples (repeated random tokens) grow the induction heads that retrieval builds on: most of the
+    # first stage, so they form within a few hundred steps, then enough to keep them. The repeated segment
+    # stays 32 tokens while the gap before its repeat grows with the prompts (when the segment grew with
+    # them, the copy heads collapsed at the stage change; with no gap, they never reached past 32 tokens).
+    first_stage_copy_fraction: float = 0.7
+    copy_fraction: float = 0.3
+    copy_segment: int = 32
+    haystack_fraction: float = 0.05  # share of plain haystack text
     # curriculum: (fraction of the steps at which a stage ends, prompt length in tokens)
     curriculum: list[tuple[float, int]] = field(
-        default_factory=lambda: [(0.25, 128), (0.45, 256), (0.65, 512), (0.85, 1024), (1.0, 2048)]
+        default_factory=lambda: [(0.15, 64), (0.35, 128), (0.55, 256), (0.75, 512), (0.92, 1024), (1.0, 2048)]
     )
-    pose_fraction: float = 0.5  # share of batches whose positions are stretched (PoSE)
+    # Share of batches whose positions are stretched (PoSE), once past the first stage. Off: on our CPU budget
+    # (a run at 0.5) the stretched batches wiped out the freshly formed copy heads.
+    pose_fraction: float = 0.0
     pose_max_position: int = 9216  # stretched positions reach 8K prompts plus their answers
     # bookkeeping
     log_every: int = 5
@@ -162,9 +172,14 @@ def train(
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
     for step in bar:
         length = cfg.length_at(step)
-        examples = draw_examples(tokenizer, length, cfg.tokens_per_step, seed=cfg.seed * 1_000_003 + step)
+        first_stage = length == cfg.curriculum[0][1]
+        copy = cfg.first_stage_copy_fraction if first_stage else cfg.copy_fraction
+        seed = cfg.seed * 1_000_003 + step
+        examples = draw_examples(
+            tokenizer, length, cfg.tokens_per_step, seed, cfg.haystack_fraction, copy, cfg.copy_segment
+        )
         rng = random.Random(f"{cfg.seed}|pose|{step}")
-        pose = rng.random() < cfg.pose_fraction
+        pose = rng.random() < cfg.pose_fraction and not first_stage
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr_at(step)
         optimizer.zero_grad(set_to_none=True)
