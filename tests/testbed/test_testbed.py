@@ -25,11 +25,15 @@ def small_tokenizer():
 
 
 @needs_model
-def test_embedded_model_answers_a_short_needle_task_under_dense():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_embedded_model_answers_a_short_needle_task_under_dense(seed):
+    # Word values: the embedded model retrieves them (100% on held-out seeds up to 1K tokens); 7-digit numbers
+    # it does not yet (see docs/testbed.md).
     engine = tokensieve.load(model_path(), device="cpu")
-    sample = make_sample("niah_single", engine.tokenizer, 256, seed=0)
+    sample = make_sample("niah_single:words", engine.tokenizer, 256, seed=seed)
     generation = engine.generate(sample.prompt(), max_new_tokens=sample.max_new_tokens)
     assert sample.score(0, generation.text) == 1.0, generation.text
+    assert generation.finish_reason == "eos"  # it stops after the answer
 
 
 def test_model_path_names_the_missing_directory(monkeypatch, tmp_path):
