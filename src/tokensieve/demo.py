@@ -34,8 +34,10 @@ def demo_methods(prompt_tokens: int) -> dict[str, Method]:
 def register(sub) -> None:
     parser = sub.add_parser("demo", help="a needle task on the embedded model: every method beside dense")
     parser.add_argument("--model", default="testbed", help="a checkpoint directory, 'testbed' (default) or a preset")
-    parser.add_argument("--tokens", type=int, default=4096, help="prompt length in tokens (default 4096)")
-    parser.add_argument("--task", default="niah_single", help="a task of `tokensieve eval` (default niah_single)")
+    parser.add_argument("--tokens", type=int, default=2048, help="prompt length in tokens (default 2048)")
+    parser.add_argument(
+        "--task", default="niah_single:words", help="a task of `tokensieve eval` (default niah_single:words)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--device", default=None)
