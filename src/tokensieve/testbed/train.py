@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import model_path
 from .data import ANSWER, TEXT, collate, draw_examples, stretched_positions, task_example
 from .tokenizer import save_tokenizer, task_specs, train_tokenizer
 
@@ -148,14 +149,23 @@ def train(
     resume: bool = False,
     progress: bool = True,
     plot: bool = True,
+    init: str | Path | None = None,
 ) -> Path:
-    """Train (or resume) into `out`; returns the path of the Hugging Face directory (`out` itself)."""
+    """Train (or resume) into `out`; returns the path of the Hugging Face directory (`out` itself).
+
+    `init`: a Hugging Face checkpoint directory (e.g. the embedded testbed) whose weights and tokenizer
+    the run starts from instead of fresh ones: a continuation with a new schedule and a fresh optimizer.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    tokenizer = train_tokenizer(cfg.vocab_size, seed=cfg.seed, samples_per_task=cfg.tokenizer_samples)
-    model = build_model(cfg, tokenizer).to(device)
+    if init is not None:
+        tokenizer, model = _initial_checkpoint(Path(init), cfg)
+    else:
+        tokenizer = train_tokenizer(cfg.vocab_size, seed=cfg.seed, samples_per_task=cfg.tokenizer_samples)
+        model = build_model(cfg, tokenizer)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     start, elapsed = 0, 0.0
     state_path, log_path = out / "state.pt", out / "train_log.jsonl"
@@ -217,6 +227,23 @@ def train(
     return out
 
 
+def _initial_checkpoint(path: Path, cfg: TrainConfig):
+    """Tokenizer and model of a checkpoint directory, checked against the configured shape."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--init {path}: no config.json there; pass a Hugging Face checkpoint directory")
+    model = LlamaForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+    )
+    shape = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+             "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads}  # fmt: skip
+    differs = {k: (getattr(model.config, k), v) for k, v in shape.items() if getattr(model.config, k) != v}
+    if differs:
+        raise ValueError(f"--init {path} has a different shape from the config (checkpoint, config): {differs}")
+    return AutoTokenizer.from_pretrained(path), model
+
+
 def save(model, tokenizer, optimizer, step: int, elapsed_s: float, out: Path) -> None:
     """The Hugging Face directory and the resume state, each written to a temporary file then renamed."""
     model.save_pretrained(out)
@@ -264,6 +291,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="testbed-run", help="output directory (a Hugging Face checkpoint)")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/state.pt")
+    parser.add_argument("--init", default=None, help="start from a checkpoint's weights ('testbed': embedded)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--no-plot", action="store_true", help="skip the training-curve PNG")
@@ -286,7 +314,8 @@ def main(argv=None) -> None:
     cfg, args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = train(cfg, args.out, device=args.device, resume=args.resume, progress=not args.quiet, plot=not args.no_plot)
+    init = model_path() if args.init == "testbed" else args.init
+    out = train(cfg, args.out, args.device, args.resume, not args.quiet, not args.no_plot, init)
     print(f"model written to {out}")
 
 
