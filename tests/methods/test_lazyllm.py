@@ -102,6 +102,9 @@ def test_paper_layers_for_32_layers_and_scaling():
         (dict(keep=("a", 0.5, 0.3)), TypeError, "token count"),
         (dict(prune_layers=(3, 6)), ValueError, "differ in length"),
         (dict(prune_layers=(6, 3, 9)), ValueError, "strictly increasing"),
+        (dict(revive_per_step=-1), ValueError, "revive_per_step must be"),
+        (dict(revive_per_step=2.5), ValueError, "revive_per_step must be"),
+        (dict(revive=False, revive_per_step=4), ValueError, "turn off"),
     ],
 )
 def test_bad_settings_are_clear_errors(kwargs, error, match):
@@ -171,15 +174,16 @@ def _generate_recorded(engine, method: RecordingLazyLLM, prompt, new_tokens):
     layers=st.data(),
     new_tokens=st.integers(2, 10),
     revive=st.booleans(),
+    budget=st.one_of(st.none(), st.integers(0, 6)),
     seed=st.integers(0, 1000),
 )
 def test_each_token_is_computed_at_most_once_per_layer(
-    deep_engine, prompt_len, fractions, layers, new_tokens, revive, seed
+    deep_engine, prompt_len, fractions, layers, new_tokens, revive, budget, seed
 ):
     num_layers = deep_engine.model.spec.num_layers
     keep = tuple(sorted(fractions, reverse=True))
     prune = tuple(sorted(layers.draw(st.sets(st.integers(0, num_layers - 2), min_size=len(keep), max_size=len(keep)))))
-    method = RecordingLazyLLM(prune_layers=prune, keep=keep, revive=revive)
+    method = RecordingLazyLLM(prune_layers=prune, keep=keep, revive=revive, revive_per_step=budget if revive else None)
     gen, policy = _generate_recorded(deep_engine, method, random_prompt(prompt_len, seed=seed), new_tokens)
 
     computed = 0
@@ -249,3 +253,27 @@ def test_static_pruning_decodes_over_what_prefill_kept(deep_engine):
     assert stats.decode_keys_per_layer == pytest.approx(expected_keys)
     assert stats.revived_tokens == 0 and stats.method_stats["aux_cache_bytes"] == 0
     assert stats.method_stats["decode_tokens_per_layer"] == [1.0] * deep_engine.model.spec.num_layers
+
+
+def test_revival_budget_bounds_revivals_and_keeps_each_stage_full(deep_engine):
+    budget = 2
+    gen, policy = _generate_recorded(deep_engine, RecordingLazyLLM(revive_per_step=budget), PROMPT, NEW_TOKENS)
+    unbounded = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method="lazyllm").stats
+    assert 0 < gen.stats.revived_tokens < unbounded.revived_tokens
+    assert gen.stats.method_stats["revivals_deferred_per_step"] > 0
+    assert unbounded.method_stats["revivals_deferred_per_step"] == 0
+    for step in policy.log:
+        for layer in sorted(policy.stage_start):
+            rows_before = set(step["layers"][layer - 1][0].tolist())
+            rows, *_, context = step["layers"][layer]
+            assert len(set(rows.tolist()) - rows_before) <= budget  # tokens revived at this boundary
+            prompt_keys = int((context.pos < len(PROMPT)).sum())
+            assert prompt_keys == policy.keep[policy.stage_of[layer] - 1]  # the places are filled from KV
+
+
+def test_zero_revival_budget_is_static_pruning(deep_engine):
+    bounded = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=LazyLLM(revive_per_step=0))
+    static = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=LazyLLM(revive=False))
+    assert bounded.token_ids == static.token_ids
+    assert bounded.stats.revived_tokens == 0 and bounded.stats.method_stats["revivals_deferred_per_step"] > 0
+    assert bounded.stats.decode_keys_per_layer == static.stats.decode_keys_per_layer

@@ -42,6 +42,10 @@ class LazyLLM(Method):
       reviving selected tokens that lack KV from the aux cache.
     - `revive`: False is the paper's "static pruning" ablation: prune in prefill only, keep no aux cache,
       and let decode attend to every key that exists. `dynamic_decode=False` decodes the same way.
+    - `revive_per_step`: a latency bound on revival, not in the paper: at most this many tokens revived per
+      boundary per decode step, the best-scoring first; the stage's other places go to the best tokens that
+      already have KV, and what the paper would have revived on top shows as `revivals_deferred_per_step`.
+      None (the paper) revives every selected token; 0 keeps each stage's prefill set, i.e. static pruning.
     """
 
     name: ClassVar[str] = "lazyllm"
@@ -49,6 +53,7 @@ class LazyLLM(Method):
     keep: tuple[int | float, ...] = (0.7, 0.5, 0.3)
     dynamic_decode: bool = True
     revive: bool = True
+    revive_per_step: int | None = None
 
     def __post_init__(self):
         self.keep = tuple(self.keep)
@@ -70,6 +75,13 @@ class LazyLLM(Method):
                 raise TypeError(f"prune_layers must be layer indices (ints), got {self.prune_layers}")
             if list(self.prune_layers) != sorted(set(self.prune_layers)):
                 raise ValueError(f"prune_layers must be strictly increasing, got {self.prune_layers}")
+        if self.revive_per_step is not None:
+            limit = self.revive_per_step
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+                raise ValueError(f"revive_per_step must be None (no bound) or an int >= 0, got {limit!r}")
+            if not (self.revive and self.dynamic_decode):
+                raise ValueError("revive_per_step bounds decode revival, which revive=False / dynamic_decode=False "
+                                 "turn off: drop one of them")  # fmt: skip
 
     @classmethod
     def keep_all(cls) -> LazyLLM:
@@ -171,7 +183,9 @@ class LazyLLMPolicy(Policy):
         self.revived_rows: Rows | None = None
         self.context_index: torch.Tensor | None = None
         self.decode_rows_per_layer = [0] * layers
+        self.revive_limit = method.revive_per_step  # None: every selected token (the paper)
         self.revived = 0
+        self.deferred = 0
         self.steps = 0
 
     # -- prefill ---------------------------------------------------------------------------------------
@@ -222,25 +236,37 @@ class LazyLLMPolicy(Policy):
         candidates = context.pos < prompt_len
         scores = last_query_probs(q[:, -1], context.k, self.run.scale)[candidates]
         positions = context.pos[candidates]
-        selected = positions[scores.topk(min(self.keep[boundary], len(positions))).indices]
+        in_flight = rows.pos[:-1]  # tokens revived earlier in this step; the new token is the last row
+        has_kv = self.present[boundary + 1, positions] | torch.isin(positions, in_flight)
+        selected = positions[self._select(boundary, scores, has_kv)]
         self.attend[:prompt_len] = False
         self.attend[selected] = True
 
-        revived_here = rows.pos[:-1]  # rows revived earlier in this step; the new token is last
-        continues = self.attend[revived_here]
-        self.aux[boundary].put(rows.h[:-1][~continues], revived_here[~continues])
-        self._revive_from_aux(boundary, selected[~torch.isin(selected, revived_here[continues])])
+        continues = self.attend[in_flight]
+        self.aux[boundary].put(rows.h[:-1][~continues], in_flight[~continues])
+        revive = selected[~(self.present[boundary + 1, selected] | torch.isin(selected, in_flight))]
+        if len(revive):  # selected, with no KV in the next stage and not already a row: from the aux cache
+            cos, sin = self.rope
+            self.revived_rows = Rows(self.aux[boundary].take(revive), revive, cos[revive], sin[revive])
         if bool(continues.all()):
             return rows
         last = torch.tensor([len(rows) - 1], device=continues.device)
         return rows.select(torch.cat([continues.nonzero().squeeze(1), last]))
 
-    def _revive_from_aux(self, boundary: int, selected: torch.Tensor) -> None:
-        """Selected tokens with no KV in the next stage (and not already rows) come back from the aux cache."""
-        missing = selected[~self.present[boundary + 1, selected]]
-        if len(missing):
-            cos, sin = self.rope
-            self.revived_rows = Rows(self.aux[boundary].take(missing), missing, cos[missing], sin[missing])
+    def _select(self, boundary: int, scores: torch.Tensor, has_kv: torch.Tensor) -> torch.Tensor:
+        """Indices of the stage's `keep` best-scoring candidates. Under a revival budget, candidates with no
+        KV in the next stage compete only for `revive_per_step` places (the best of them); the other places
+        go to the best candidates that have KV, so the stage still attends to `keep` tokens."""
+        keep = min(self.keep[boundary], len(scores))
+        paper = scores.topk(keep).indices
+        missing = int((~has_kv).sum())
+        if self.revive_limit is None or missing <= self.revive_limit:
+            return paper
+        allowed = has_kv.clone()
+        allowed[scores.masked_fill(has_kv, -1.0).topk(self.revive_limit).indices] = True
+        chosen = scores.masked_fill(~allowed, -1.0).topk(min(keep, int(allowed.sum()))).indices
+        self.deferred += int((~torch.isin(paper, chosen)).sum())  # what the paper would revive on top
+        return chosen
 
     def decode_step_done(self) -> None:
         self.steps += 1
@@ -265,6 +291,7 @@ class LazyLLMPolicy(Policy):
             "prompt_computed_pct": round(100 * computed / (prompt_len * layers), 2),
             "decode_tokens_per_layer": [round(n / steps, 2) for n in self.decode_rows_per_layer],
             "revived_per_step": round(self.revived / steps, 2),
+            "revivals_deferred_per_step": round(self.deferred / steps, 2),
             "aux_cache_tokens": [len(aux) for aux in self.aux],
             "aux_cache_bytes": self.device_bytes(),
         }
