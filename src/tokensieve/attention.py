@@ -23,15 +23,21 @@ def attend(
     v: torch.Tensor,
     k_pos: torch.Tensor,
     scale: float,
+    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Queries at positions `q_pos` attend to keys at `k_pos`, each seeing only keys with position <= its own.
+    """Queries at positions `q_pos` attend to keys at `k_pos`, each seeing only keys with position <= its own
+    and none of the keys marked `hidden` (bool `[t]`, optional).
 
     Keys need not be sorted (revived tokens are appended after newer ones). When every key is visible
     to every query (the usual decode step) no mask is built.
     """
     mask = None
     if q.shape[1] > 1 or bool((k_pos > q_pos.min()).any()):
-        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        mask = k_pos[None, :] <= q_pos[:, None]
+    if hidden is not None:
+        mask = ~hidden[None, :] if mask is None else mask & ~hidden[None, :]
+    if mask is not None:
+        mask = mask[None, None]
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True)[0]
 
 
@@ -44,9 +50,15 @@ def grouped_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
     return logits.reshape(heads, m, -1)
 
 
-def last_query_probs(q_last: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """LazyLLM's importance: attention probability from one query `[heads, d]` to each key, mean over heads."""
-    return grouped_logits(q_last[:, None], k, scale).softmax(-1).mean(0)[0]
+def last_query_probs(
+    q_last: torch.Tensor, k: torch.Tensor, scale: float, hidden: torch.Tensor | None = None
+) -> torch.Tensor:
+    """LazyLLM's importance: attention probability from one query `[heads, d]` to each key, mean over heads
+    (keys marked `hidden` get probability 0 and take no share of the softmax)."""
+    logits = grouped_logits(q_last[:, None], k, scale)
+    if hidden is not None:
+        logits = logits.masked_fill(hidden, float("-inf"))
+    return logits.softmax(-1).mean(0)[0]
 
 
 def max_head_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

@@ -193,7 +193,7 @@ class Engine:
             kv[layer].append(k, v, rows.pos)
             context = policy.decode_context(layer, q, rows, kv[layer])
             keys_attended[layer] += len(context)
-            out = attend(q, rows.pos, context.k, context.v, context.pos, model.scale)
+            out = attend(q, rows.pos, context.k, context.v, context.pos, model.scale, context.hidden)
             rows = rows.with_h(model.mlp(layer, model.attention_output(layer, rows.h, out)))
             rows = policy.decode_layer_done(layer, rows, q, context)
         policy.decode_step_done()

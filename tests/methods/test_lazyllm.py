@@ -31,14 +31,16 @@ class RecordingPolicy(LazyLLMPolicy):
 
     def decode_rows(self, layer, rows):
         if layer == 0:
-            self.log.append({"aux": [_entries(aux) for aux in self.aux], "layers": {}})
+            self.log.append({"aux": [_entries(aux) for aux in self.aux], "layers": {}, "masked": 0})
         return super().decode_rows(layer, rows)
 
     def decode_context(self, layer, q, rows, kv):
         context = super().decode_context(layer, q, rows, kv)
         n = len(rows)
         own = (kv.keys[:, -n:].clone(), kv.values[:, -n:].clone())
-        copy = Context(context.k.clone(), context.v.clone(), context.pos.clone())
+        shown = torch.ones_like(context.pos, dtype=torch.bool) if context.hidden is None else ~context.hidden
+        self.log[-1]["masked"] += context.hidden is not None
+        copy = Context(context.k[:, shown].clone(), context.v[:, shown].clone(), context.pos[shown].clone())
         self.log[-1]["layers"][layer] = (rows.pos.clone(), *own, copy)
         return context
 
@@ -269,6 +271,7 @@ def test_revival_budget_bounds_revivals_and_keeps_each_stage_full(deep_engine):
             assert len(set(rows.tolist()) - rows_before) <= budget  # tokens revived at this boundary
             prompt_keys = int((context.pos < len(PROMPT)).sum())
             assert prompt_keys == policy.keep[policy.stage_of[layer] - 1]  # the places are filled from KV
+    assert any(step["masked"] for step in policy.log)  # few keys left out: masked, not copied
 
 
 def test_zero_revival_budget_is_static_pruning(deep_engine):

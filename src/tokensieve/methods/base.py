@@ -52,11 +52,16 @@ class Rows:
 
 @dataclass
 class Context:
-    """Keys, values `[kv_heads, t, head_dim]` and positions `[t]` a layer attends to in one decode step."""
+    """Keys, values `[kv_heads, t, head_dim]` and positions `[t]` a layer attends to in one decode step.
+
+    `hidden` (bool `[t]`, optional) leaves some of those entries out by masking instead of copying: the
+    cheaper choice when a policy drops only a few of a layer's cached keys.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
     pos: torch.Tensor
+    hidden: torch.Tensor | None = None
 
     @staticmethod
     def of(kv: LayerKV, index: torch.Tensor | None = None) -> Context:
@@ -65,7 +70,9 @@ class Context:
         return Context(kv.keys[:, index], kv.values[:, index], kv.positions[index])
 
     def __len__(self) -> int:
-        return self.pos.shape[0]
+        """The number of keys attended."""
+        total = self.pos.shape[0]
+        return total if self.hidden is None else total - int(self.hidden.sum())
 
 
 @dataclass

@@ -181,7 +181,8 @@ class LazyLLMPolicy(Policy):
         # decode: the positions each stage attends to in this step (generated tokens always)
         self.attend = torch.ones(prompt_len + run.max_new_tokens, dtype=torch.bool, device=device)
         self.revived_rows: Rows | None = None
-        self.context_index: torch.Tensor | None = None
+        self.context_index: torch.Tensor | None = None  # the stage's selected entries, copied out ...
+        self.context_hidden: torch.Tensor | None = None  # ... or masked, when only a few are left out
         self.decode_rows_per_layer = [0] * layers
         self.revive_limit = method.revive_per_step  # None: every selected token (the paper)
         self.revived = 0
@@ -225,7 +226,12 @@ class LazyLLMPolicy(Policy):
             return Context.of(kv)
         if layer in self.stage_start:  # every layer of a stage holds the same entries in the same order
             selected = self.attend[kv.positions]
-            self.context_index = None if bool(selected.all()) else selected.nonzero().squeeze(1)
+            left_out = len(selected) - int(selected.sum())
+            # Masking reads every cached key; copying the selected ones reads them twice and writes them once.
+            self.context_hidden = ~selected if 0 < left_out <= len(selected) // 2 else None
+            self.context_index = selected.nonzero().squeeze(1) if left_out > len(selected) // 2 else None
+        if self.context_hidden is not None:
+            return Context(kv.keys, kv.values, kv.positions, self.context_hidden)
         return Context.of(kv, self.context_index)
 
     def decode_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, context: Context) -> Rows:
@@ -234,7 +240,9 @@ class LazyLLMPolicy(Policy):
         boundary = self.bounds.index(layer)
         prompt_len = self.run.prompt_len
         candidates = context.pos < prompt_len
-        scores = last_query_probs(q[:, -1], context.k, self.run.scale)[candidates]
+        if context.hidden is not None:
+            candidates &= ~context.hidden
+        scores = last_query_probs(q[:, -1], context.k, self.run.scale, context.hidden)[candidates]
         positions = context.pos[candidates]
         in_flight = rows.pos[:-1]  # tokens revived earlier in this step; the new token is the last row
         has_kv = self.present[boundary + 1, positions] | torch.isin(positions, in_flight)
