@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -24,10 +25,35 @@ def test_qa_f1_hand_computed():
     assert lb.normalize_answer("The  Answer, is: an apple.") == "answer is apple"
 
 
-def test_chinese_qa_f1_by_characters():
-    # 5 predicted characters, 4 reference characters, all 4 shared: P = 4/5, R = 1, F1 = 8/9.
-    assert lb.qa_f1_zh("北京是首都", "首都北京") == pytest.approx(8 / 9)
-    assert lb.qa_f1_zh("北京。", "北京") == 1.0  # Chinese punctuation is dropped
+def test_chinese_qa_f1_by_jieba_words():
+    pytest.importorskip("jieba")
+    # jieba keeps 北京大学 whole: ["北京大学"] vs ["北京"] share no word, F1 = 0 (by characters it was
+    # 2 of 4 and 2 of 2: P = 1/2, R = 1, F1 = 2/3).
+    assert lb.zh_words("北京大学") == ["北京大学"] and lb.qa_f1_zh("北京大学", "北京") == 0.0
+    # ["我", "在", "北京大学", "读书"] vs ["我", "在", "北京", "读书"]: 3 common of 4 each side, F1 = 3/4
+    # (by characters: 6 common, P = 6/8, R = 6/6, F1 = 6/7).
+    assert lb.qa_f1_zh("我在北京大学读书", "我在北京读书") == pytest.approx(3 / 4)
+    # ["北京", "是", "首都"] vs ["首都北京"] (one word for jieba): nothing in common (by characters: 8/9).
+    assert lb.qa_f1_zh("北京是首都", "首都北京") == 0.0
+    # ["北京", "。"]: the punctuation word normalises to "" and is dropped.
+    assert lb.zh_words("北京。") == ["北京"] and lb.qa_f1_zh("北京。", "北京") == 1.0
+    assert lb.zh_words("Hello World 北京大学!") == ["hello", "world", "北京大学"]  # spaces and "!" dropped
+    # Rouge-L: ["今天天气", "很", "好"] vs ["今天", "很", "好"], LCS 2 ("很 好"): P = R = 2/3, F1 = 2/3
+    # (0.8 over characters: see the fallback test).
+    assert lb.rouge_l_zh("今天天气很好", "今天很好") == pytest.approx(2 / 3)
+
+
+def test_chinese_metrics_fall_back_to_characters_with_one_warning(monkeypatch):
+    monkeypatch.setitem(sys.modules, "jieba", None)  # `import jieba` raises ImportError
+    monkeypatch.setattr(lb, "_word_cutter", None)  # as if no Chinese metric ran yet in this process
+    with pytest.warns(UserWarning, match=r"jieba is not installed.*tokensieve\[zh\]") as caught:
+        # 5 predicted characters, 4 reference characters, all 4 shared: P = 4/5, R = 1, F1 = 8/9.
+        assert lb.qa_f1_zh("北京是首都", "首都北京") == pytest.approx(8 / 9)
+        assert lb.qa_f1_zh("北京大学", "北京") == pytest.approx(2 / 3)  # P = 2/4, R = 2/2
+        # LCS of 今天天气很好 / 今天很好 is 4 characters: P = 4/6, R = 1, F1 = 0.8.
+        assert lb.rouge_l_zh("今天天气很好", "今天很好") == pytest.approx(0.8)
+        assert lb.zh_words("北京。") == ["北", "京"]
+    assert len([w for w in caught if "jieba" in str(w.message)]) == 1  # once, not once per call
 
 
 def test_rouge_l_hand_computed():
@@ -35,7 +61,6 @@ def test_rouge_l_hand_computed():
     assert lb.rouge_l("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(5 / 6)
     # LCS("a b c d", "a c e") = 2 ("a c"): P = 2/4, R = 2/3, F = 2PR/(P+R) = 4/7.
     assert lb.rouge_l("a b c d", "a c e") == pytest.approx(4 / 7)
-    assert lb.rouge_l_zh("今天天气很好", "今天很好") == pytest.approx(2 * (4 / 6) * 1 / (4 / 6 + 1))
     assert lb.longest_common_subsequence("ABCBDAB", "BDCABA") == 4
 
 
