@@ -6,6 +6,7 @@ and writes the samples as JSON.
 
     .venv/bin/python scripts/bench_lazyllm.py --lengths 4096,8192 --repeats 3
     .venv/bin/python scripts/bench_lazyllm.py --lengths 4096 --keep 0.7,0.5,0.3 --keep 0.6,0.4,0.2 --static
+    .venv/bin/python scripts/bench_lazyllm.py --lengths 8192 --revive-per-step 0,1,4 --threads 1
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from tokensieve.bench.runner import DENSE, TRANSFORMERS, build_prompt, run_once
 from tokensieve.methods import LazyLLM
 
 
-def contestants(keeps: list[tuple[float, ...]], static: bool) -> dict[str, object]:
-    """Label -> what `run_once` runs: `transformers`, our dense path, and each LazyLLM schedule."""
+def contestants(keeps: list[tuple[float, ...]], static: bool, budgets: list[int]) -> dict[str, object]:
+    """Label -> what `run_once` runs: `transformers`, our dense path, and each LazyLLM schedule (and budget)."""
     runs: dict[str, object] = {TRANSFORMERS: TRANSFORMERS, DENSE: DENSE}
     for keep in keeps:
         runs[f"lazyllm {keep}"] = LazyLLM(keep=keep)
+        for budget in budgets:
+            runs[f"lazyllm {keep} revive<={budget}"] = LazyLLM(keep=keep, revive_per_step=budget)
         if static:
             runs[f"lazyllm {keep} static"] = LazyLLM(keep=keep, revive=False)
     return runs
@@ -81,6 +84,7 @@ def summarise(engine, length: int, samples: dict[str, list], cpu: dict[str, list
                 prefill_computed_pct=100 * stats.prefill_fraction,
                 prompt_computed_pct=stats.method_stats["prompt_computed_pct"],
                 revived_per_step=stats.method_stats["revived_per_step"],
+                deferred_per_step=stats.method_stats["revivals_deferred_per_step"],
                 ideal_prefill_speedup=ideal,
                 ttft_of_ideal=row["ttft_vs_dense"] / ideal,
             )
@@ -105,6 +109,7 @@ def table(rows: list[dict]) -> str:
         ("prefill computed", lambda r: f"{r['prefill_computed_pct']:.1f}%"),
         ("prompt computed (Table 2)", lambda r: f"{r['prompt_computed_pct']:.1f}%"),
         ("revived/step", lambda r: f"{r['revived_per_step']:.0f}"),
+        ("deferred/step", lambda r: f"{r['deferred_per_step']:.0f}"),
     ]
 
     def cell(fn, row):
@@ -125,6 +130,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", action="append", help="a keep schedule, e.g. 0.7,0.5,0.3 (repeatable: a sweep)")
     parser.add_argument("--static", action="store_true", help="also run each schedule with revive=False")
+    parser.add_argument("--revive-per-step", default="", help="revival budgets to add, e.g. 0,1,4 (default: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench-lazyllm.json")
     args = parser.parse_args()
@@ -133,7 +139,8 @@ def main() -> None:
     keeps = [tuple(float(x) for x in k.split(",")) for k in args.keep or ["0.7,0.5,0.3"]]
     model, tokenizer = presets.build("cpu-prefill")
     engine = tokensieve.load(model, tokenizer=tokenizer, device="cpu", dtype="float32")
-    runs = contestants(keeps, args.static)
+    budgets = [int(x) for x in args.revive_per_step.split(",") if x]
+    runs = contestants(keeps, args.static, budgets)
     warmup = build_prompt(tokenizer, 256)
     for run in runs.values():
         run_once(engine, run, warmup, 2)
