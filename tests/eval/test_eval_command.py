@@ -12,7 +12,8 @@ import pytest
 from conftest import STORIES, needs_stories
 from tokensieve import presets
 from tokensieve.cli import main
-from tokensieve.eval.runner import MEAN, build_samples, parse_length, run_eval
+from tokensieve.eval import runner
+from tokensieve.eval.runner import MEAN, build_samples, chat_overhead, parse_length, run_eval
 from tokensieve.eval.tasks import TASKS
 from tokensieve.generation import Generation, Stats
 from tokensieve.methods import METHODS
@@ -137,3 +138,66 @@ def test_testbed_resolves_to_embedded_dir_or_says_it_is_missing(tmp_path, monkey
         (tmp_path / "model" / name).write_text("{}")
     assert resolve_model_path("testbed") == tmp_path / "model"
     assert resolve_model_path("some/dir") == Path("some/dir")
+
+
+TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+
+
+def chat_engine():
+    from tokensieve import load
+
+    model, tokenizer = presets.build("tiny")
+    tokenizer.chat_template = TEMPLATE
+    return load(model, tokenizer=tokenizer)
+
+
+def test_chat_overhead_counts_the_template_tokens():
+    """The tokens `build_samples(..., chat=True)` leaves for the template, so templated prompts keep their length."""
+    # Byte tokenizer: "<|user|>" (8) and "<|assistant|>" (13) added; the template has no BOS, the plain text 1.
+    assert chat_overhead(chat_engine().tokenizer) == 8 + 13 - 1
+    with pytest.raises(ValueError, match="no chat template|has none"):
+        chat_overhead(presets.byte_tokenizer())
+
+
+def test_run_eval_with_chat_gives_the_model_templated_ids_on_every_turn(monkeypatch):
+    engine = chat_engine()
+    seen, logits_seen = [], []
+    generate, next_token_logits = engine.generate, engine.next_token_logits
+    monkeypatch.setattr(engine, "generate", lambda prompt, **kw: seen.append(prompt) or generate(prompt, **kw))
+    monkeypatch.setattr(
+        engine, "next_token_logits", lambda p, c, **kw: logits_seen.append(p) or next_token_logits(p, c, **kw)
+    )
+    suite = build_samples(engine.tokenizer, ["multi_turn"], [500], samples=1, chat=True)
+    report = run_eval(engine, suite, ["dense"], progress=False, max_new_tokens=2, kl=True, chat=True)
+    sample, (record,) = suite["multi_turn", 500][0], report.records
+    turns = [engine.encode(sample.prompt(record.outputs[:i]), chat=True) for i in range(3)]
+    assert seen == [turns[0], *turns]  # the warm-up, then each of the 3 turns, all as templated ids
+    assert logits_seen == [turns[0]] * 2  # the KL (reference, then dense as a method) sees the same prompt
+    text = engine.tokenizer.decode(turns[0])
+    assert text.startswith("<|user|>Some special magic") and text.endswith(" is<|assistant|>")
+    assert abs(len(turns[0]) - 500) <= 0.02 * 500 + 1  # sized to the asked length with the template
+    assert record.prompt_tokens == pytest.approx(sum(map(len, turns)) / 3)
+    assert report.config["chat"] is True
+
+
+def test_eval_cli_chat(tmp_path, monkeypatch, capsys):
+    build = presets.build
+
+    def build_with_template(name):
+        model, tokenizer = build(name)
+        tokenizer.chat_template = TEMPLATE
+        return model, tokenizer
+
+    base = ["--methods", "dense", "--tasks", "niah_single", "--lengths", "400"]
+    assert eval_cli(tmp_path, *base)["config"]["chat"] is False
+    with monkeypatch.context() as m:
+        m.setattr(presets, "build", build_with_template)
+        data = eval_cli(tmp_path, *base, "--chat")
+    assert data["config"]["chat"] is True
+    assert all(abs(r["prompt_tokens"] - 400) <= 9 for r in data["records"])
+
+    # No template (the tiny preset's byte tokenizer): a clear error before any sample is built.
+    monkeypatch.setattr(runner, "build_samples", lambda *a, **k: pytest.fail("built samples before failing"))
+    assert main(["eval", "--model", "tiny", *base, "--chat", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--chat" in err and "chat template" in err and "has none" in err

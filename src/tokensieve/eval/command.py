@@ -45,6 +45,12 @@ def register(sub) -> None:
     parser.add_argument(
         "--kl", action="store_true", help="also measure KL(dense || method) of next-token distributions (slower)"
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap every prompt in the model's chat template (instruction-tuned models); prompts are sized so "
+        "that the templated prompt has the asked length",
+    )
     parser.add_argument("--out", default="eval-results", help="output directory (default: eval-results)")
     parser.add_argument("--plot", action="store_true", help="also write eval.png: accuracy vs speedup per method")
     parser.set_defaults(run=run)
@@ -54,7 +60,7 @@ def run(args: argparse.Namespace) -> None:
     from ..cli import load_engine
     from ..methods import METHODS, resolve_method, split_methods
     from .longbench import load_longbench
-    from .runner import build_samples, parse_length, run_eval
+    from .runner import build_samples, parse_length, require_chat_template, run_eval
     from .tasks import TASKS, Haystack
 
     methods = split_methods(args.methods or "") or list(METHODS)
@@ -68,7 +74,11 @@ def run(args: argparse.Namespace) -> None:
     haystack = Haystack.from_file(args.haystack) if args.haystack else None
 
     engine = load_engine(args)
-    suite = build_samples(engine.tokenizer, tasks, lengths, args.samples, args.seed, haystack, args.depth, longbench)
+    if args.chat:
+        require_chat_template(engine.tokenizer)  # now, not after the samples are built
+    suite = build_samples(
+        engine.tokenizer, tasks, lengths, args.samples, args.seed, haystack, args.depth, longbench, chat=args.chat
+    )
     config = {
         "model": args.model,
         "tasks": tasks,
@@ -82,8 +92,9 @@ def run(args: argparse.Namespace) -> None:
         "device": args.device,
         "max_new_tokens": args.max_new_tokens,
         "kl": args.kl,
+        "chat": args.chat,
     }
-    report = run_eval(engine, suite, methods, config, max_new_tokens=args.max_new_tokens, kl=args.kl)
+    report = run_eval(engine, suite, methods, config, max_new_tokens=args.max_new_tokens, kl=args.kl, chat=args.chat)
     print(report.table())
     for path in report.save(args.out, plot=args.plot):
         print(f"wrote {path}")

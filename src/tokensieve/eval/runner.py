@@ -3,6 +3,11 @@
 For every sample, every method runs back to back (in an order rotated from sample to sample), so timings
 of a method and of dense are taken under the same conditions, and speedups are paired per sample (median of
 dense TTFT / method TTFT).
+
+With `chat=True` every prompt (every turn of a multi-turn sample) is given to the model wrapped in its chat
+template, as one user message followed by the assistant's turn. Samples are then built for `length` minus
+the tokens the template adds (`chat_overhead`), so the templated prompts still come out about `length`
+tokens long.
 """
 
 from __future__ import annotations
@@ -154,22 +159,57 @@ def build_samples(
     haystack: Haystack | None = None,
     depth: float | None = None,
     longbench: dict[str, list[LongBenchSample]] | None = None,
+    chat: bool = False,
 ) -> dict[tuple[str, int], list[Sample]]:
     """The samples of every (task, length): synthetic tasks are generated to length; LongBench tasks take
-    their first `samples` entries, cut in the middle to at most `length` tokens."""
+    their first `samples` entries, cut in the middle to at most `length` tokens.
+
+    `chat=True` (pass the same to `run_eval`) leaves room for the chat template: prompts are sized to
+    `length - chat_overhead(tokenizer)` tokens (synthetic prompts: not below 64), so that templated they are
+    about `length` tokens. The samples are then drawn for that length and differ from those without chat.
+    """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    overhead = chat_overhead(tokenizer) if chat else 0
     longbench = longbench or {}
     suite = {}
     for length in lengths:
         for task in tasks:
             if task in longbench:
-                suite[task, length] = [_truncated(tokenizer, s, length) for s in longbench[task][:samples]]
+                cut = max(1, length - overhead)
+                suite[task, length] = [_truncated(tokenizer, s, cut) for s in longbench[task][:samples]]
             elif task in TASK_METRICS:
                 raise ValueError(f"{task} is a LongBench task and no data for it was given: pass --longbench DIR")
             else:
-                suite[task, length] = make_samples(task, tokenizer, length, samples, seed, haystack, depth)
+                sized = max(64, length - overhead) if length >= 64 else length  # make_sample rejects < 64
+                try:
+                    suite[task, length] = make_samples(task, tokenizer, sized, samples, seed, haystack, depth)
+                except ValueError as err:
+                    if sized == length:
+                        raise
+                    raise ValueError(f"{err} ({length} tokens less {overhead} for the chat template)") from err
     return suite
+
+
+def require_chat_template(tokenizer) -> None:
+    """A clear `ValueError` if `tokenizer` has no chat template (for `--chat`, before any work is done)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "--chat (chat=True) needs a chat template, and this model's tokenizer has none "
+            "(tokenizer.chat_template is empty): drop --chat, or use an instruction-tuned checkpoint whose "
+            "tokenizer_config.json or chat_template.jinja defines one"
+        )
+
+
+def chat_overhead(tokenizer) -> int:
+    """Tokens the chat template adds to a prompt: a short text as one templated user message (with the
+    assistant's turn opened, as `engine.generate(..., chat=True)` encodes it) minus the same text encoded
+    plainly (with BOS, as the task generators count it); 0 if the template adds nothing."""
+    require_chat_template(tokenizer)
+    text = "Hello, world."
+    message = [{"role": "user", "content": text}]
+    templated = tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return max(0, len(templated) - len(tokenizer(text, verbose=False)["input_ids"]))
 
 
 def _truncated(tokenizer, sample: LongBenchSample, length: int) -> LongBenchSample:
@@ -184,21 +224,26 @@ def run_eval(
     progress: bool = True,
     max_new_tokens: int | None = None,
     kl: bool = False,
+    chat: bool = False,
 ) -> Report:
     """Run every method on every sample of `suite` (dense is added first if missing); a `Report`.
 
     `max_new_tokens` caps each sample's own answer length (for quick runs; answers may be cut short).
     `kl` adds the mean KL(dense || method) of next-token distributions along dense's first answer
     (teacher-forced: one more prefill and decode per method and sample).
+    `chat` wraps every prompt (every turn) in the model's chat template (build `suite` with the same `chat`
+    so that prompts keep their length); recorded as `config["chat"]`.
     """
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if chat:
+        require_chat_template(engine.tokenizer)
     methods = ["dense", *[m for m in methods if m != "dense"]]
-    report = Report(config={**(config or {}), "methods": methods})
+    report = Report(config={**(config or {}), "methods": methods, "chat": chat})
     total = sum(len(samples) for samples in suite.values()) * len(methods)
     first = min(suite.items(), key=lambda item: item[0][1])[1][0]
     for method in methods:  # warm-up: first calls pay for allocations and kernel choices
-        engine.generate(first.prompt(), max_new_tokens=2, method=method)
+        engine.generate(_model_input(engine, first.prompt(), chat), max_new_tokens=2, method=method)
     with tqdm(total=total, desc="eval", unit="run", disable=not progress) as bar:
         for (task, length), samples in suite.items():
             bar.set_postfix_str(f"{task} @ {length}")
@@ -206,27 +251,35 @@ def run_eval(
                 shift = index % len(methods)  # rotate the order so no method always runs first
                 runs = {}
                 for method in methods[shift:] + methods[:shift]:
-                    runs[method] = _run_sample(engine, sample, method, length, index, max_new_tokens)
+                    runs[method] = _run_sample(engine, sample, method, length, index, max_new_tokens, chat)
                     bar.update()
                 dense_turns = runs["dense"][1]
-                reference = forced_logits(engine, sample.prompt(), dense_turns[0], "dense") if kl else None
+                prompt = _model_input(engine, sample.prompt(), chat) if kl else None
+                reference = forced_logits(engine, prompt, dense_turns[0], "dense") if kl else None
                 for method in methods:
                     record, turns = runs[method]
                     record.agreement = greedy_agreement(sum(dense_turns, []), sum(turns, []))
                     if reference is not None:
-                        forced = forced_logits(engine, sample.prompt(), dense_turns[0], method)
+                        forced = forced_logits(engine, prompt, dense_turns[0], method)
                         record.kl = float(kl_divergence(reference, forced).mean())
                     report.records.append(record)
     return report
 
 
-def _run_sample(engine, sample: Sample, method: str, length: int, index: int, cap: int | None):
+def _model_input(engine, text: str, chat: bool):
+    """What the engine is given for a prompt: the text, or with `chat` the ids of its chat-templated form
+    (so that `engine.next_token_logits`, which takes no `chat`, sees the same prompt as `generate`)."""
+    return engine.encode(text, chat=True) if chat else text
+
+
+def _run_sample(engine, sample: Sample, method: str, length: int, index: int, cap: int | None, chat: bool = False):
     """Every turn of `sample` with `method`, each answer fed back into the next turn's prompt; the record
     and each turn's token ids."""
     outputs, gens = [], []
     new_tokens = min(sample.max_new_tokens, cap or sample.max_new_tokens)
     for _ in sample.turns:
-        gen = engine.generate(sample.prompt(outputs), max_new_tokens=new_tokens, method=method)
+        prompt = _model_input(engine, sample.prompt(outputs), chat)
+        gen = engine.generate(prompt, max_new_tokens=new_tokens, method=method)
         outputs.append(gen.text)
         gens.append(gen)
     scores = [sample.score(turn, text) for turn, text in enumerate(outputs)]
