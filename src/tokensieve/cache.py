@@ -61,6 +61,12 @@ class LayerKV:
         self._k[:, :n], self._v[:, :n], self._pos[:n] = k, v, positions
         self.length = n
 
+    def move_last_to(self, slot: int) -> None:
+        """Overwrite entry `slot` with the last entry and drop the last: an O(1) eviction of `slot`."""
+        last = self.length - 1
+        self._k[:, slot], self._v[:, slot], self._pos[slot] = self._k[:, last], self._v[:, last], self._pos[last]
+        self.length = last
+
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self._k.shape[1], 16)
         k = self._k.new_empty(self._k.shape[0], capacity, self._k.shape[2])

@@ -34,3 +34,15 @@ def test_replace_frees_the_old_buffers_and_reserves_room():
     assert kv._k.shape[1] == 7 and len(kv) == 3 and kv.positions.tolist() == [0, 50, 99]
     kv.append(*entries(4, start=100))
     assert kv._k.shape[1] == 7 and kv.positions.tolist() == [0, 50, 99, 100, 101, 102, 103]
+
+
+def test_move_last_to_evicts_one_slot_in_place():
+    kv = LayerKV(2, 4, torch.float32, torch.device("cpu"))
+    k, v = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    kv.append(k, v, torch.arange(10, 15), reserve=1)
+    buffer = kv._k.data_ptr()
+    kv.move_last_to(1)
+    assert len(kv) == 4 and kv.positions.tolist() == [10, 14, 12, 13]
+    torch.testing.assert_close(kv.keys, k[:, [0, 4, 2, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(kv.values, v[:, [0, 4, 2, 3]], rtol=0, atol=0)
+    assert kv._k.data_ptr() == buffer  # no copy of the cache

@@ -66,6 +66,9 @@ class StreamingPolicy(Policy):
         self.evicted_in_prefill = [0] * layers
         self.evicted_in_decode = [0] * layers
         self.cache_tokens = [0] * layers
+        # Decode evicts in place: the window's slots form a ring and `oldest[layer]` is the slot of its
+        # oldest entry, which the new token's entry overwrites (attention masks by position, not by slot).
+        self.oldest = [self.sink] * layers
 
     def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
         self.evicted_in_prefill[layer] = self._evict(kv)
@@ -73,14 +76,17 @@ class StreamingPolicy(Policy):
 
     def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
         # The engine has appended this step's entry already, so evicting here keeps the new token.
-        self.evicted_in_decode[layer] += self._evict(kv)
+        if self.window is not None and len(kv) > self.sink + self.window:
+            kv.move_last_to(self.oldest[layer])
+            self.oldest[layer] = self.sink + (self.oldest[layer] - self.sink + 1) % self.window
+            self.evicted_in_decode[layer] += 1
         self.cache_tokens[layer] = len(kv)
         return Context.of(kv)
 
     def _evict(self, kv: LayerKV) -> int:
-        """Cut `kv` to its first `sink` and last `window` entries; returns how many were evicted.
+        """Cut the prompt's `kv` to its first `sink` and last `window` entries; returns how many were evicted.
 
-        Entries are in position order (prompt, then generated tokens), so slot order is age order.
+        Entries are in position order here, so slot order is age order (and the ring starts at `sink`).
         """
         if self.window is None or len(kv) <= self.sink + self.window:
             return 0
