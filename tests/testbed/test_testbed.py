@@ -12,7 +12,7 @@ from tokensieve.eval.tasks import make_sample
 from tokensieve.testbed import MODEL_DIR, model_path
 from tokensieve.testbed.data import ANSWER, TEXT, task_example
 from tokensieve.testbed.tokenizer import train_tokenizer
-from tokensieve.testbed.train import main
+from tokensieve.testbed.train import TrainConfig, main
 
 needs_model = pytest.mark.skipif(
     not (MODEL_DIR / "model.safetensors").is_file(), reason=f"the embedded testbed model is not in {MODEL_DIR}"
@@ -68,10 +68,22 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+TINY = ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2", "--tokens-per-step", "256"]
+
+
+def test_curriculum_stages_with_a_list_of_lengths_draw_one_per_step():
+    cfg = TrainConfig(steps=100, curriculum=[(0.5, 64), (1.0, [128, 256])])
+    assert [cfg.length_at(step) for step in range(50)] == [64] * 50
+    late = [cfg.length_at(step) for step in range(50, 100)]
+    assert set(late) == {128, 256}
+    assert late == [cfg.length_at(step) for step in range(50, 100)]  # drawn from the seed
+    assert cfg.stage_at(49) == 0 and cfg.stage_at(50) == 1 and cfg.stage_at(1000) == 1
+
+
 def test_train_runs_two_tiny_steps_and_writes_its_log(tmp_path, restore_threads):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({"curriculum": [[1.0, 128]], "tokenizer_samples": 2, "vocab_size": 600}))
-    tiny = ["--hidden-size", "32", "--intermediate-size", "64", "--num-layers", "2", "--tokens-per-step", "256"]
+    tiny = TINY
     main(
         [
             "--config",
@@ -93,3 +105,11 @@ def test_train_runs_two_tiny_steps_and_writes_its_log(tmp_path, restore_threads)
     assert "validation" in log[-1]
     engine = tokensieve.load(tmp_path, device="cpu")  # the output is a loadable Hugging Face directory
     assert engine.model.spec.num_layers == 2
+
+    # --init continues from that checkpoint (same tokenizer); a different shape is a clear error
+    more = ["--config", str(config), "--steps", "1", "--quiet", "--no-plot", "--init", str(tmp_path), *tiny]
+    main([*more, "--out", str(tmp_path / "continued")])
+    continued = tokensieve.load(tmp_path / "continued", device="cpu")
+    assert continued.tokenizer.get_vocab() == engine.tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="different shape"):
+        main([*more, "--out", str(tmp_path / "wide"), "--hidden-size", "64"])

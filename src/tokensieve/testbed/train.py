@@ -63,8 +63,9 @@ class TrainConfig:
     copy_fraction: float = 0.3
     copy_segment: int = 32
     haystack_fraction: float = 0.05  # share of plain haystack text
-    # curriculum: (fraction of the steps at which a stage ends, prompt length in tokens)
-    curriculum: list[tuple[float, int]] = field(
+    # curriculum: (fraction of the steps at which a stage ends, prompt length in tokens); a stage may give a
+    # list of lengths instead, one drawn per step (mixing lengths keeps short-range skills while adding long)
+    curriculum: list[tuple[float, int | list[int]]] = field(
         default_factory=lambda: [(0.15, 64), (0.35, 128), (0.55, 256), (0.75, 512), (0.92, 1024), (1.0, 2048)]
     )
     # Share of batches whose positions are stretched (PoSE), once past the first stage. Off: on our CPU budget
@@ -76,11 +77,19 @@ class TrainConfig:
     validate_every: int = 50
     save_every: int = 25
 
-    def length_at(self, step: int) -> int:
-        for end, length in self.curriculum:
+    def stage_at(self, step: int) -> int:
+        """Index of the curriculum stage that `step` belongs to."""
+        for stage, (end, _) in enumerate(self.curriculum):
             if step < end * self.steps:
-                return length
-        return self.curriculum[-1][1]
+                return stage
+        return len(self.curriculum) - 1
+
+    def length_at(self, step: int) -> int:
+        """The prompt length of `step`: its stage's, or one of its stage's lengths drawn from the seed."""
+        lengths = self.curriculum[self.stage_at(step)][1]
+        if isinstance(lengths, int):
+            return lengths
+        return random.Random(f"{self.seed}|length|{step}").choice(lengths)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to a tenth."""
@@ -182,7 +191,7 @@ def train(
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
     for step in bar:
         length = cfg.length_at(step)
-        first_stage = length == cfg.curriculum[0][1]
+        first_stage = cfg.stage_at(step) == 0
         copy = cfg.first_stage_copy_fraction if first_stage else cfg.copy_fraction
         seed = cfg.seed * 1_000_003 + step
         examples = draw_examples(
