@@ -61,10 +61,19 @@ class LayerKV:
         self._k[:, :n], self._v[:, :n], self._pos[:n] = k, v, positions
         self.length = n
 
-    def move_last_to(self, slot: int) -> None:
-        """Overwrite entry `slot` with the last entry and drop the last: an O(1) eviction of `slot`."""
+    def move_last_to(self, slot: int | torch.Tensor) -> None:
+        """Overwrite entry `slot` with the last entry and drop the last: an O(1) eviction of `slot`.
+
+        `slot` may give one slot per KV head (`[kv_heads]`) for a policy whose heads keep different entries;
+        the stored position of each such slot becomes the last entry's (the newest, so a per-slot maximum
+        over heads stays one).
+        """
         last = self.length - 1
-        self._k[:, slot], self._v[:, slot], self._pos[slot] = self._k[:, last], self._v[:, last], self._pos[last]
+        slots = torch.as_tensor(slot, device=self._pos.device).expand(self._k.shape[0])
+        heads = torch.arange(self._k.shape[0], device=self._pos.device)
+        self._k[heads, slots] = self._k[:, last].clone()  # clones: index_put refuses an overlapping source
+        self._v[heads, slots] = self._v[:, last].clone()
+        self._pos[slots] = self._pos[last].clone()
         self.length = last
 
     def _grow(self, needed: int) -> None:

@@ -46,3 +46,14 @@ def test_move_last_to_evicts_one_slot_in_place():
     torch.testing.assert_close(kv.keys, k[:, [0, 4, 2, 3]], rtol=0, atol=0)
     torch.testing.assert_close(kv.values, v[:, [0, 4, 2, 3]], rtol=0, atol=0)
     assert kv._k.data_ptr() == buffer  # no copy of the cache
+
+
+def test_move_last_to_takes_one_slot_per_kv_head():
+    kv = LayerKV(2, 4, torch.float32, torch.device("cpu"))
+    k, v = torch.randn(2, 4, 4), torch.randn(2, 4, 4)
+    kv.append(k, v, torch.tensor([0, 1, 2, 3]))
+    kv.move_last_to(torch.tensor([0, 2]))  # head 0 evicts slot 0, head 1 slot 2
+    torch.testing.assert_close(kv.keys[0], k[0, [3, 1, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(kv.keys[1], k[1, [0, 1, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(kv.values[1], v[1, [0, 1, 3]], rtol=0, atol=0)
+    assert kv.positions.tolist() == [3, 1, 3]  # per slot, the newest position any head holds there

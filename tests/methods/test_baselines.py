@@ -330,12 +330,12 @@ def test_h2o_evicts_like_a_per_head_reference_through_prefill_and_decode(deep_en
         top = scores[head, : n - recent].topk(budget - recent).indices.tolist()
         cache.append({p: (k[head, p], scores[head, p]) for p in sorted(top) + list(range(n - recent, n))})
 
-    def check():
+    def check():  # slots may be in any order (decode evicts in place), but each head's entries must match
         assert len(kv) == budget
         for head in range(kv_heads):
-            assert policy.positions[0][head].tolist() == sorted(cache[head])
-            expected_keys = torch.stack([cache[head][p][0] for p in sorted(cache[head])])
-            assert torch.equal(kv.keys[head], expected_keys)
+            held = policy.positions[0][head].tolist()
+            assert sorted(held) == sorted(cache[head])
+            assert torch.equal(kv.keys[head], torch.stack([cache[head][p][0] for p in held]))
         assert kv.positions.tolist() == policy.positions[0].amax(0).tolist()
 
     check()

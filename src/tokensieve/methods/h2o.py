@@ -122,9 +122,23 @@ class H2OPolicy(Policy):
         step = step.reshape(kv_heads, -1, step.shape[-1]).sum(1)
         self.scores[layer] = torch.cat([self.scores[layer], step.new_zeros(kv_heads, new)], dim=1) + step
         self.positions[layer] = torch.cat([self.positions[layer], kv.positions[-new:].expand(kv_heads, -1)], dim=1)
-        self.evicted_in_decode[layer] += self._evict(layer, kv)
+        if len(kv) == self.budget + 1:  # the usual step: one entry over, evicted in place
+            self._evict_one(layer, kv)
+            self.evicted_in_decode[layer] += 1
+        else:
+            self.evicted_in_decode[layer] += self._evict(layer, kv)
         self.caches[layer] = None
         return rows
+
+    def _evict_one(self, layer: int, kv: LayerKV) -> None:
+        """Per KV head, the lowest-scoring entry older than the recent window makes room for the newest."""
+        scores, positions = self.scores[layer], self.positions[layer]
+        older = positions <= positions[:, -1:] - self.recent  # the recent window is the newest positions
+        slots = scores.masked_fill(~older, float("inf")).argmin(-1)
+        heads, last = torch.arange(len(slots), device=slots.device), len(kv) - 1
+        scores[heads, slots], positions[heads, slots] = scores[:, last].clone(), positions[:, last].clone()
+        self.scores[layer], self.positions[layer] = scores[:, :last], positions[:, :last]
+        kv.move_last_to(slots)
 
     def _evict(self, layer: int, kv: LayerKV) -> int:
         """Keep per KV head the `budget - recent` highest-scoring older entries and the `recent` newest."""
