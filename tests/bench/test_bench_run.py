@@ -10,8 +10,8 @@ import pytest
 
 from tokensieve import cli
 from tokensieve.bench import load_accuracy
-from tokensieve.bench.command import parse_lengths, parse_methods
-from tokensieve.methods import METHODS
+from tokensieve.bench.command import parse_lengths
+from tokensieve.methods import METHODS, split_methods
 
 RECORD_KEYS = {
     "method",
@@ -82,8 +82,8 @@ def test_bench_prints_tables_and_draws_plots(bench_run):
 
 
 def test_all_means_every_registered_method():
-    assert parse_methods("all") == sorted(METHODS)
-    assert parse_methods("dense, omnikv(budget=256, filter_layers=(1, 2))") == [
+    assert split_methods("all") == split_methods(" ALL ") == sorted(METHODS)
+    assert split_methods("dense, omnikv(budget=256, filter_layers=(1, 2))") == [
         "dense",
         "omnikv(budget=256, filter_layers=(1, 2))",
     ]

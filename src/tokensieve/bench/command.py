@@ -48,20 +48,13 @@ def parse_lengths(text: str) -> list[int]:
     return sorted(set(lengths))
 
 
-def parse_methods(text: str) -> list[str]:
-    """Method names or specs from `--methods` ('all' = every registered method with its defaults)."""
-    if text.strip().lower() == "all":
-        return sorted(METHODS)
-    return split_methods(text)
-
-
 def run(args: argparse.Namespace) -> None:
     import torch
 
     from ..cli import load_engine
     from . import report, runner
 
-    methods, lengths = parse_methods(args.methods), parse_lengths(args.lengths)
+    methods, lengths = split_methods(args.methods), parse_lengths(args.lengths)
     runner.contestants(methods)  # unknown names fail before the model loads
     accuracy = report.load_accuracy(Path(args.accuracy)) if args.accuracy else None
     if args.threads is not None:

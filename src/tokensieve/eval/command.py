@@ -20,7 +20,7 @@ def register(sub) -> None:
     parser.add_argument(
         "--methods",
         default=None,
-        help="comma-separated methods: names or specs with settings, e.g. omnikv(budget=256) (default: all)",
+        help="comma-separated methods: names or specs with settings, e.g. omnikv(budget=256), or 'all' (default)",
     )
     parser.add_argument(
         "--tasks",

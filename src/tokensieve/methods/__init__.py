@@ -47,7 +47,10 @@ def resolve_method(method: str | Method) -> Method:
 
 
 def split_methods(text: str) -> list[str]:
-    """Comma-separated method specs, where commas inside parentheses belong to a spec's settings."""
+    """Comma-separated method specs, where commas inside parentheses belong to a spec's settings;
+    'all' is every registered method with its defaults, in name order."""
+    if text.strip().lower() == "all":
+        return sorted(METHODS)
     specs, depth, current = [], 0, ""
     for char in text:
         depth += {"(": 1, ")": -1}.get(char, 0)
