@@ -9,26 +9,42 @@ from collections.abc import Callable
 from .methods import METHODS
 
 
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return int(text)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
-    """The model, method, device and dtype options every command shares."""
+    """The model, device, dtype and CPU-thread options every command shares."""
     parser.add_argument(
         "--model",
         default=default_model,
         required=default_model is None,
-        help="a Hugging Face checkpoint directory, or a preset name (random weights)",
+        help="a Hugging Face checkpoint directory, 'testbed' (the embedded model) or a preset name (random weights)",
     )
     parser.add_argument(
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's own; 1 gives steadier timings on a busy machine)",
+    )
 
 
 def load_engine(args: argparse.Namespace, method: str = "dense"):
     """An engine for `--model`: a checkpoint directory, or a preset name from `tokensieve.presets`."""
     from pathlib import Path
 
+    import torch
+
     from . import load, presets
 
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
     if not Path(args.model).exists() and args.model in presets.PRESETS:
         model, tokenizer = presets.build(args.model)
         return load(model, tokenizer=tokenizer, method=method, device=args.device, dtype=args.dtype)

@@ -32,15 +32,15 @@ def demo_methods(prompt_tokens: int) -> dict[str, Method]:
 
 
 def register(sub) -> None:
+    from .cli import add_model_arguments
+
     parser = sub.add_parser("demo", help="a needle task on the embedded model: every method beside dense")
-    parser.add_argument("--model", default="testbed", help="a checkpoint directory, 'testbed' (default) or a preset")
+    add_model_arguments(parser, default_model="testbed")
     parser.add_argument("--tokens", type=int, default=2048, help="prompt length in tokens (default 2048)")
     parser.add_argument(
         "--task", default="niah_single:words", help="a task of `tokensieve eval` (default niah_single:words)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--device", default=None)
     parser.set_defaults(run=run)
 
 

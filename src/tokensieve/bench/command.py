@@ -26,7 +26,6 @@ def register(sub) -> None:
     parser.add_argument("--lengths", default="4k", help="comma-separated context lengths in tokens, e.g. 4k,8k,16384")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (>= 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method and length (medians)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--out", default="results/bench", help="folder for bench.json and the plots")
     parser.add_argument("--accuracy", default=None, help="eval results JSON, to plot accuracy vs speedup")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -49,7 +48,6 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
 
     from ..cli import load_engine
     from . import report, runner
@@ -57,8 +55,6 @@ def run(args: argparse.Namespace) -> None:
     methods, lengths = split_methods(args.methods), parse_lengths(args.lengths)
     runner.contestants(methods)  # unknown names fail before the model loads
     accuracy = report.load_accuracy(Path(args.accuracy)) if args.accuracy else None
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     engine = load_engine(args)
     series = runner.measure(
         engine, methods, lengths, new_tokens=args.new_tokens, repeats=args.repeats, progress=not args.no_progress
