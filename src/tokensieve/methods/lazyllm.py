@@ -246,13 +246,14 @@ class LazyLLMPolicy(Policy):
         positions = context.pos[candidates]
         in_flight = rows.pos[:-1]  # tokens revived earlier in this step; the new token is the last row
         has_kv = self.present[boundary + 1, positions] | torch.isin(positions, in_flight)
-        selected = positions[self._select(boundary, scores, has_kv)]
+        chosen = self._select(boundary, scores, has_kv)
+        selected = positions[chosen]
         self.attend[:prompt_len] = False
         self.attend[selected] = True
 
         continues = self.attend[in_flight]
         self.aux[boundary].put(rows.h[:-1][~continues], in_flight[~continues])
-        revive = selected[~(self.present[boundary + 1, selected] | torch.isin(selected, in_flight))]
+        revive = selected[~has_kv[chosen]]
         if len(revive):  # selected, with no KV in the next stage and not already a row: from the aux cache
             cos, sin = self.rope
             self.revived_rows = Rows(self.aux[boundary].take(revive), revive, cos[revive], sin[revive])
