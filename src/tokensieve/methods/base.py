@@ -55,13 +55,15 @@ class Context:
     """Keys, values `[kv_heads, t, head_dim]` and positions `[t]` a layer attends to in one decode step.
 
     `hidden` (bool `[t]`, optional) leaves some of those entries out by masking instead of copying: the
-    cheaper choice when a policy drops only a few of a layer's cached keys.
+    cheaper choice when a policy drops only a few of a layer's cached keys. `hidden_count` is its number of
+    True entries, given by the policy (which knows it) so that `len()` needs no device sync per layer.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     pos: torch.Tensor
     hidden: torch.Tensor | None = None
+    hidden_count: int = 0
 
     @staticmethod
     def of(kv: LayerKV, index: torch.Tensor | None = None) -> Context:
@@ -71,8 +73,7 @@ class Context:
 
     def __len__(self) -> int:
         """The number of keys attended."""
-        total = self.pos.shape[0]
-        return total if self.hidden is None else total - int(self.hidden.sum())
+        return self.pos.shape[0] - self.hidden_count
 
 
 @dataclass

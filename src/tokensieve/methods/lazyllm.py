@@ -183,6 +183,7 @@ class LazyLLMPolicy(Policy):
         self.revived_rows: Rows | None = None
         self.context_index: torch.Tensor | None = None  # the stage's selected entries, copied out ...
         self.context_hidden: torch.Tensor | None = None  # ... or masked, when only a few are left out
+        self.context_left_out = 0
         self.decode_rows_per_layer = [0] * layers
         self.revive_limit = method.revive_per_step  # None: every selected token (the paper)
         self.revived = 0
@@ -230,8 +231,9 @@ class LazyLLMPolicy(Policy):
             # Masking reads every cached key; copying the selected ones reads them twice and writes them once.
             self.context_hidden = ~selected if 0 < left_out <= len(selected) // 2 else None
             self.context_index = selected.nonzero().squeeze(1) if left_out > len(selected) // 2 else None
+            self.context_left_out = left_out
         if self.context_hidden is not None:
-            return Context(kv.keys, kv.values, kv.positions, self.context_hidden)
+            return Context(kv.keys, kv.values, kv.positions, self.context_hidden, self.context_left_out)
         return Context.of(kv, self.context_index)
 
     def decode_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, context: Context) -> Rows:
