@@ -12,7 +12,12 @@ from conftest import random_prompt
 from tokensieve import presets
 
 TURNS = [random_prompt(90, seed=21), random_prompt(40, seed=22)[1:], random_prompt(25, seed=23)[1:]]
-CHAT_TEMPLATE = "{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+CHAT_TEMPLATE = "".join(
+    [
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}",
+        "{% if add_generation_prompt %}[assistant]{% endif %}",
+    ]
+)
 
 
 @pytest.fixture(scope="module")
