@@ -34,14 +34,15 @@ class PackedSegment:
         if self.host is None:
             kv_heads, _, head_dim = keys.shape
             shape = (self.prompt_len, len(self.layers), 2, kv_heads, head_dim)
-            # Pinned on CUDA so that later loads can run asynchronously on the side stream; zeros, so that a
-            # row a layer lacks holds no garbage (it is masked, never attended).
-            self.host = torch.zeros(shape, dtype=keys.dtype, pin_memory=self.transfers.cuda)
+            # Pinned on CUDA so that later loads can run asynchronously on the side stream. Empty, not zeros:
+            # pages are committed only as layers are written, so prefill never holds this beside the device KV.
+            self.host = torch.empty(shape, dtype=keys.dtype, pin_memory=self.transfers.cuda)
         slot = self.slot[layer]
         if len(positions) == self.prompt_len:  # every position, in order: plain copies
             self.host[:, slot, 0].copy_(keys.transpose(0, 1))
             self.host[:, slot, 1].copy_(values.transpose(0, 1))
-        else:
+        else:  # a pruned layer: the rows it lacks are zeroed (masked, never attended, but no garbage)
+            self.host[:, slot].zero_()
             where = positions.to("cpu")
             self.host[where, slot, 0] = keys.transpose(0, 1).to("cpu")
             self.host[where, slot, 1] = values.transpose(0, 1).to("cpu")
