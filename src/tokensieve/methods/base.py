@@ -200,6 +200,16 @@ def resolve_budget(budget: int | float, prompt_len: int, what: str = "budget") -
     return min(prompt_len, budget)
 
 
+def require_int(value: Any, what: str, minimum: int = 1, note: str = "") -> int:
+    """`value`, an int >= `minimum` (a bool is not a count here); otherwise a ValueError naming `what`.
+
+    `note` follows the bound in the message, e.g. " (the paper uses 32)".
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}{note}, got {value!r}")
+    return value
+
+
 def scaled_layers(paper_layers: tuple[int, ...], paper_depth: int, num_layers: int) -> tuple[int, ...]:
     """A paper's layer positions for a `paper_depth`-layer model, scaled to `num_layers` (distinct, in range)."""
     scaled = sorted({min(num_layers - 1, round(layer * num_layers / paper_depth)) for layer in paper_layers})
