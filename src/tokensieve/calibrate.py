@@ -174,7 +174,7 @@ def load_prompts(engine, path: str | None, tokens: int, count: int) -> list[list
 
 
 def register(sub) -> None:
-    from .cli import add_model_arguments
+    from .commands.options import add_model_arguments
 
     parser = sub.add_parser("calibrate-filters", help="find a model's OmniKV filter layers from its decode attention")
     add_model_arguments(parser)
@@ -188,7 +188,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .cli import load_engine
+    from .commands.options import load_engine
 
     if args.tokens < 2 or args.steps < 1:
         raise ValueError(f"--tokens must be >= 2 and --steps >= 1, got {args.tokens} and {args.steps}")

@@ -32,7 +32,7 @@ def demo_methods(prompt_tokens: int) -> dict[str, Method]:
 
 
 def register(sub) -> None:
-    from .cli import add_model_arguments
+    from .commands.options import add_model_arguments
 
     parser = sub.add_parser("demo", help="a needle task on the embedded model: every method beside dense")
     add_model_arguments(parser, default_model="testbed")
@@ -45,7 +45,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .cli import load_engine
+    from .commands.options import load_engine
     from .eval.tasks import make_sample
 
     try:

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from . import inputs
 from .attention import attend, causal_attention
 from .cache import LayerKV
 from .generation import Generation, Sampling, Stats, TextStream
@@ -72,6 +73,7 @@ class Engine:
         """
         method = self.method if method is None else resolve_method(method)
         ids = self.encode(prompt)
+        continuation = inputs.token_ids(continuation, self.model.spec.vocab_size, "continuation", allow_empty=True)
         self._check_lengths(len(ids), len(continuation) + 1)
         model = self.model
         policy = method.start(Run(model.spec, len(ids), len(continuation) + 1, model.device, model.dtype, model.scale))
@@ -85,9 +87,8 @@ class Engine:
 
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
         """Token ids of a prompt (with the tokenizer's special tokens, or its chat template)."""
+        inputs.check_prompt(prompt, chat)
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty: pass some text or token ids")
             if chat:
                 if not getattr(self.tokenizer, "chat_template", None):
                     raise ValueError("chat=True but this tokenizer has no chat template; pass chat=False")
@@ -96,22 +97,14 @@ class Engine:
                 )
                 return list(ids)
             return list(self.tokenizer(prompt)["input_ids"])
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.flatten().tolist()
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty: pass some text or token ids")
-        vocab = self.model.spec.vocab_size
-        if not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
-            raise TypeError(f"a token-id prompt must be a list of ints in [0, {vocab}); got {ids[:8]}...")
-        return ids
+        return inputs.token_ids(prompt, self.model.spec.vocab_size)
 
     # -- the loop --------------------------------------------------------------------------------------
     def _pieces(self, prompt, max_new_tokens, sampling, stop, chat, method):
         method = self.method if method is None else resolve_method(method)
         ids = self.encode(prompt, chat)
         self._check_lengths(len(ids), max_new_tokens)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = inputs.stop_strings(stop)
         model = self.model
         run = Run(model.spec, len(ids), max_new_tokens, model.device, model.dtype, model.scale)
         policy = method.start(run)
@@ -146,7 +139,7 @@ class Engine:
                 logits = self._decode(token, len(ids) + len(new_ids) - 1, kv, policy, keys_attended)
                 token = sampling.pick(logits, generator)
                 step_times.append(self._now() - start)
-        tail = text.flush()
+        tail = text.finish()
         if tail:
             yield tail
 
@@ -201,8 +194,7 @@ class Engine:
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _check_lengths(self, prompt_len: int, max_new_tokens: int) -> None:
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        inputs.max_new_tokens(max_new_tokens)
         total, limit = prompt_len + max_new_tokens, self.model.spec.max_positions
         if total > limit:
             raise ValueError(

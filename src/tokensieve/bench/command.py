@@ -9,7 +9,7 @@ from ..methods import METHODS, split_methods
 
 
 def register(sub) -> None:
-    from ..cli import add_model_arguments
+    from ..commands.options import add_model_arguments
 
     parser = sub.add_parser(
         "bench",
@@ -49,7 +49,7 @@ def parse_lengths(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> None:
 
-    from ..cli import load_engine
+    from ..commands.options import load_engine
     from . import report, runner
 
     methods, lengths = split_methods(args.methods), parse_lengths(args.lengths)

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub) -> None:
-    from ..cli import add_model_arguments
+    from ..commands.options import add_model_arguments
     from .tasks import TASKS, VALUE_KINDS
 
     parser = sub.add_parser(
@@ -57,7 +57,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..cli import load_engine
+    from ..commands.options import load_engine
     from ..methods import METHODS, resolve_method, split_methods
     from .longbench import load_longbench
     from .runner import build_samples, parse_length, require_chat_template, run_eval

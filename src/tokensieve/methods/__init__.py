@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 
 from .base import Context, Dense, Method, Policy, Rows, Run, resolve_budget, scaled_layers
 from .h2o import H2O
@@ -16,6 +17,8 @@ METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Dense, LazyLLM, OmniKV, StreamingLLM, SnapKV, H2O, SlimInfer)
 }
 
+SPEC = re.compile(r"\s*(?P<name>[^\s()]+)\s*(?:\((?P<args>.*)\))?\s*", re.DOTALL)  # name, or name(settings)
+
 
 def resolve_method(method: str | Method) -> Method:
     """A method from an instance (returned as is), a name ("sliminfer") or a call-like spec with settings,
@@ -25,15 +28,18 @@ def resolve_method(method: str | Method) -> Method:
         return method
     if not isinstance(method, str):
         raise TypeError(f"a method is a name, a spec string or a Method instance, got {type(method).__name__}")
-    name, _, args = method.strip().partition("(")
-    cls = METHODS.get(name.strip().lower())
+    spec = SPEC.fullmatch(method)
+    if spec is None:
+        raise ValueError(f"bad method spec {method!r}: write a name, or name(key=value, ...) with Python literals")
+    name, args = spec.group("name"), spec.group("args")
+    cls = METHODS.get(name.lower())
     if cls is None:
         known = ", ".join(sorted(METHODS))
-        raise ValueError(f"unknown method {name.strip()!r}: choose one of {known} or pass a Method instance")
+        raise ValueError(f"unknown method {name!r}: choose one of {known} or pass a Method instance")
     if not args:
         return cls()
     try:
-        call = ast.parse(f"f({args}", mode="eval").body
+        call = ast.parse(f"f({args})", mode="eval").body
         if call.args:
             raise ValueError("settings must be keyword arguments")
         settings = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
