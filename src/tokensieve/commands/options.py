@@ -68,9 +68,19 @@ def known_max_positions(model: str) -> int | None:
         return presets.MAX_POSITIONS
     try:
         config = json.loads((resolve_model_path(model) / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # e.g. no such directory, or the testbed is not embedded
         return None  # the loader will say what is wrong with it
     return config.get("max_position_embeddings")
+
+
+def check_context(model: str, tokens: int, option: str, new_tokens: int = 1) -> None:
+    """A prompt of `tokens` plus `new_tokens` must fit the positions of `--model` (when known without loading)."""
+    limit = known_max_positions(model)
+    if limit is not None and tokens + new_tokens > limit:
+        raise ValueError(
+            f"{option}: {tokens} tokens plus {new_tokens} new exceed the {limit} positions of {model}: "
+            f"ask for at most {limit - new_tokens} tokens"
+        )
 
 
 def load_engine(args: argparse.Namespace, method: str = "dense"):
