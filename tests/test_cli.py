@@ -61,6 +61,7 @@ GENERATE = ["generate", "--model", "tiny"]
         (["--prompt-ids", "[1, 2"], "--prompt-ids is not a JSON list of token ids"),
         (["--prompt-ids", "ids.json"], "--prompt-ids ids.json: no such file"),
         (["--prompt-ids", "[1, 2]", "--chat"], "chat=True applies the chat template to text"),
+        (["--prompt-ids", json.dumps([7] * 131000), "--max-new-tokens", "100"], "exceed the 131072 positions"),
         (["--prompt", "hi", "--prompt-ids", "[1]"], "not allowed with argument"),
     ],
 )

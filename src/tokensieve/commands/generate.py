@@ -74,6 +74,8 @@ def check(args: argparse.Namespace) -> tuple[str | list[int], dict]:
         chat=args.chat,
     )
     inputs.check_prompt(prompt, chat=args.chat)
+    if not isinstance(prompt, str):
+        options.check_context(args.model, len(prompt), "--prompt-ids", args.max_new_tokens)
     resolve_method(args.method)
     return prompt, settings
 
