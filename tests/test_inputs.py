@@ -22,11 +22,12 @@ def engine() -> tokensieve.Engine:
 @pytest.fixture
 def no_prefill(engine, monkeypatch):
     """The engine with a prefill that fails the test: the error must come before any work."""
+    from tokensieve.engine import loop
 
     def prefill(*args, **kwargs):
         raise AssertionError("the prefill ran before the bad input was refused")
 
-    monkeypatch.setattr(engine, "_prefill", prefill)
+    monkeypatch.setattr(loop, "prefill", prefill)
     return engine
 
 

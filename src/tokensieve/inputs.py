@@ -29,8 +29,8 @@ def check_prompt(prompt: Any, chat: bool = False, what: str = "prompt") -> None:
         return
     if chat:
         raise ValueError(
-            f"chat=True applies the chat template to text, but the {what} is token ids: pass the text, or render "
-            "the template yourself (tokenizer.apply_chat_template) and pass chat=False"
+            f"chat=True applies the chat template to text, but the {what} is token ids: pass the {what} as text, "
+            "or render the template yourself (tokenizer.apply_chat_template) and pass chat=False"
         )
 
 

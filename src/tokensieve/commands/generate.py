@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
         print(piece, end="", flush=True)
     print()
     if args.stats:
-        print(options.format_stats(engine.last_generation.stats))
+        print(options.format_stats(stream.generation.stats))
 
 
 def check(args: argparse.Namespace) -> tuple[str | list[int], dict]:
