@@ -169,3 +169,18 @@ def test_text_stream_drops_only_an_incomplete_tail():
     for token in [invalid, *tok("!")["input_ids"][1:]]:
         stopped.push(token)
     assert stopped.stopped and stopped.finish() == "" and stopped.text == "\ufffd"  # a real invalid byte stays
+
+
+def test_session_calls_check_their_input_and_stay_usable(engine):
+    session = engine.start("hello")
+    with pytest.raises(ValueError, match="stop holds an empty string"):
+        session.generate(stop=[""])
+    with pytest.raises(TypeError, match="max_new_tokens must be an int >= 1, got True"):
+        session.generate(max_new_tokens=True)
+    with pytest.raises(TypeError, match="prompt is bytes"):
+        session.extend(b" more")
+    with pytest.raises(TypeError, match="prompt token id at index 1 is True, a bool"):
+        session.extend([5, True])
+    session.extend(np.array([5, 6]))
+    assert session.generate(max_new_tokens=2).stats.new_tokens == 2
+    session.close()
