@@ -131,12 +131,20 @@ def failed_tests(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.startswith(("FAILED ", "ERROR "))]
 
 
+def check_tests(result: Result, log: str) -> None:
+    """A test step passes only if some test passed (all skipped means CUDA was not used); failures listed."""
+    if result.status == "PASS" and " passed" not in f" {result.detail}":
+        result.status, result.detail = "FAIL", f"no CUDA test ran: {result.detail}"
+    if result.status == "FAIL":
+        result.detail += "".join(f"\n{'':<8}{line}" for line in failed_tests(log))
+
+
 def speedup_table(rows: list[dict]) -> str:
     """Methods x lengths: TTFT and TPOT speedups vs transformers, from bench.json's results."""
     lengths = sorted({row["length"] for row in rows})
     methods = list(dict.fromkeys(row["method"] for row in rows))
     cells = {(row["method"], row["length"]): row["speedup_vs_transformers"] for row in rows}
-    header = f"{'method':<28}" + "".join(f"{f'{n // 1024}K TTFT/TPOT':>20}" for n in lengths)
+    header = f"{'method':<28}" + "".join(f"{f'{_tokens(n)} TTFT/TPOT':>20}" for n in lengths)
     lines = ["speedup vs transformers (above 1 = faster)", header]
     for method in methods:
         parts = []
@@ -145,6 +153,10 @@ def speedup_table(rows: list[dict]) -> str:
             parts.append(f"{cell['ttft']:.2f}x / {cell['tpot']:.2f}x" if cell else "-")
         lines.append(f"{method[:27]:<28}" + "".join(f"{part:>20}" for part in parts))
     return "\n".join(lines)
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
 def summary(results: list[Result], device: str, bench_json: Path) -> str:
@@ -176,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(Result(step.name, "TIMEOUT", 0.0, "not started: the overall --budget was spent"))
             continue
         result = run_step(step, min(step.timeout_s, left))
-        if step.name == "cuda tests" and result.status == "FAIL":
-            result.detail += "".join(f"\n{'':<8}{line}" for line in failed_tests(step.log.read_text()))
+        if step.name == "cuda tests":
+            check_tests(result, step.log.read_text())
         results.append(result)
     print(summary(results, device, bench_json))
     return 0 if all(r.status == "PASS" for r in results) else 1

@@ -111,6 +111,7 @@ def test_summary_has_pass_fail_lines_and_the_speedup_table(tmp_path):
             ("sliminfer", 16384, 1.6, 1.7),
             ("transformers", 32768, 1.0, 1.0),
             ("sliminfer", 32768, 1.9, 2.0),
+            ("sliminfer", 1000, 1.1, 1.0),
         ]
     ]
     bench = tmp_path / "bench.json"
@@ -124,10 +125,22 @@ def test_summary_has_pass_fail_lines_and_the_speedup_table(tmp_path):
     assert lines[0] == "tokensieve gpu-check on NVIDIA H200"
     assert lines[1].startswith("PASS    cuda tests") and "27 passed" in lines[1]
     assert lines[2].startswith("TIMEOUT bench llama3-8b 16k,32k")
-    assert "16K TTFT/TPOT" in text and "32K TTFT/TPOT" in text
+    assert "1000 TTFT/TPOT" in text and "16K TTFT/TPOT" in text and "32K TTFT/TPOT" in text
     sliminfer = next(line for line in lines if line.startswith("sliminfer"))
-    assert sliminfer.split() == ["sliminfer", "1.60x", "/", "1.70x", "1.90x", "/", "2.00x"]
+    assert sliminfer.split() == ["sliminfer", "1.10x", "/", "1.00x", "1.60x", "/", "1.70x", "1.90x", "/", "2.00x"]
     dense = next(line for line in lines if line.startswith("dense"))
-    assert dense.split()[-1] == "-"  # no 32K run of dense
+    assert dense.split()[1] == "-" and dense.split()[-1] == "-"  # dense ran at 16K only
     assert lines[-1] == "overall: FAIL"
     assert gpu_check.summary(results[:1], "x", tmp_path / "none.json").endswith("overall: PASS")
+
+
+def test_a_test_step_passes_only_when_tests_passed():
+    skipped = gpu_check.Result("cuda tests", "PASS", 2.0, "15 skipped in 1.2s")
+    gpu_check.check_tests(skipped, "15 skipped in 1.2s\n")
+    assert skipped.status == "FAIL" and skipped.detail.startswith("no CUDA test ran")
+    failed = gpu_check.Result("cuda tests", "FAIL", 9.0, "exit 1: 1 failed, 14 passed in 8s")
+    gpu_check.check_tests(failed, "FAILED tests/cuda/test_cuda.py::test_x - boom\n1 failed, 14 passed in 8s\n")
+    assert failed.detail.splitlines()[1].strip() == "FAILED tests/cuda/test_cuda.py::test_x - boom"
+    passed = gpu_check.Result("cuda tests", "PASS", 9.0, "15 passed in 8s")
+    gpu_check.check_tests(passed, "15 passed in 8s\n")
+    assert passed.status == "PASS" and passed.detail == "15 passed in 8s"
