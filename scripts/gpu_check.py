@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model", default="llama3-8b", help="bench model: a preset or a checkpoint (default llama3-8b)"
     )
-    parser.add_argument("--new-tokens", type=int, default=16, help="bench tokens per run (default 16)")
-    parser.add_argument("--repeats", type=int, default=2, help="bench timed runs per method and length (default 2)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="bench tokens per run (default 32)")
+    parser.add_argument("--repeats", type=int, default=3, help="bench timed runs per method and length (default 3)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "gpu-check", help="logs and bench.json")
     parser.add_argument("--skip-tests", action="store_true", help="run the bench only")
     parser.add_argument("--skip-bench", action="store_true", help="run the CUDA tests only")
