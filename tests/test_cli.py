@@ -63,6 +63,8 @@ GENERATE = ["generate", "--model", "tiny"]
         (["--prompt-ids", "[1, 2]", "--chat"], "chat=True applies the chat template to text"),
         (["--prompt-ids", json.dumps([7] * 131000), "--max-new-tokens", "100"], "exceed the 131072 positions"),
         (["--prompt", "hi", "--prompt-ids", "[1]"], "not allowed with argument"),
+        (["--prompt", "hi", "--encoding", "latin-1"], "--encoding is the encoding of --prompt-file"),
+        (["--prompt", "hi", "--temperature", "1", "--seed", "-1"], "--seed must be in [0, 2**64)"),
     ],
 )
 def test_generate_refuses_bad_arguments_before_loading(no_loading, capsys, argv, message):

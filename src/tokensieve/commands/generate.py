@@ -27,7 +27,7 @@ def register(sub) -> None:
         "--prompt-ids",
         help="the prompt as token ids: a JSON list such as '[1, 450, 4996]', or a file holding one",
     )
-    parser.add_argument("--encoding", default="utf-8", help="the text encoding of --prompt-file")
+    parser.add_argument("--encoding", default=None, help="the text encoding of --prompt-file (default: utf-8)")
     parser.add_argument("--max-new-tokens", type=options.positive_int, default=64, help="tokens to generate at most")
     parser.add_argument(
         "--method",
@@ -69,7 +69,7 @@ def check(args: argparse.Namespace) -> tuple[str | list[int], dict]:
         max_new_tokens=args.max_new_tokens,  # an int >= 1 by its argparse type
         temperature=inputs.temperature(args.temperature, "--temperature"),
         top_p=inputs.top_p(args.top_p, "--top-p"),
-        seed=args.seed,  # an int by its argparse type
+        seed=inputs.seed(args.seed, "--seed"),
         stop=inputs.stop_strings(args.stop, "--stop"),
         chat=args.chat,
     )
@@ -82,10 +82,12 @@ def check(args: argparse.Namespace) -> tuple[str | list[int], dict]:
 
 def read_prompt(args: argparse.Namespace) -> str | list[int]:
     """The prompt of `--prompt`, `--prompt-file` or `--prompt-ids`."""
+    if args.encoding is not None and args.prompt_file is None:
+        raise ValueError("--encoding is the encoding of --prompt-file: give a --prompt-file, or drop --encoding")
     if args.prompt is not None:
         return args.prompt
     if args.prompt_file is not None:
-        return read_text(args.prompt_file, args.encoding, "--prompt-file")
+        return read_text(args.prompt_file, args.encoding or "utf-8", "--prompt-file")
     text = args.prompt_ids
     if not text.lstrip().startswith("["):
         text = read_text(text, "utf-8", "--prompt-ids")
