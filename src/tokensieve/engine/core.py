@@ -85,7 +85,7 @@ class Engine:
     ) -> GenerationStream:
         """Like `generate`, as an iterator of text pieces; its `generation` holds the result once exhausted."""
         self.check_lengths(1, max_new_tokens)  # cheap checks before the prefill
-        Sampling(temperature, top_p, seed)
+        Sampling(temperature, top_p, seed)  # bad sampling settings or stop strings: refused before the prefill
         inputs.stop_strings(stop)
         session = self.start(prompt, method=method, chat=chat)
         return session.stream(

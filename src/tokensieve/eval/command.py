@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
     longbench = load_longbench(args.longbench) if args.longbench else {}
     tasks = _split(args.tasks) or (list(longbench) if longbench else list(TASKS))
     for task in tasks:
-        if task not in longbench and task not in TASK_METRICS:  # a LongBench name without data: build_samples says
+        if task not in longbench and task not in TASK_METRICS:  # LongBench names are checked with their data
             parse_task(task)
     if args.depth is not None and not 0 <= args.depth <= 1:
         raise ValueError(f"--depth must be in [0, 1] (0 = start of the haystack), got {args.depth}")
