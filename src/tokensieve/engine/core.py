@@ -11,6 +11,7 @@ from .. import inputs
 from ..generation import Generation, Sampling
 from ..methods import Method, resolve_method
 from ..model import DecoderModel
+from .loop import DecodeCounts
 from .session import Session
 from .stream import GenerationStream
 
@@ -104,11 +105,11 @@ class Engine:
         continuation = inputs.token_ids(continuation, self.model.spec.vocab_size, "continuation", allow_empty=True)
         session = self.start(prompt, method=method)
         self.check_lengths(len(session.tokens), len(continuation) + 1)
-        keys_attended = [0] * self.model.spec.num_layers
-        rows = [session.next_logits(keys_attended)]
+        counts = DecodeCounts.zeros(self.model.spec.num_layers)
+        rows = [session.next_logits(counts)]
         for token in continuation:
             session.tokens.append(token)
-            rows.append(session.next_logits(keys_attended))
+            rows.append(session.next_logits(counts))
         session.close()
         return torch.stack(rows)
 
