@@ -191,7 +191,7 @@ def resolve_budget(budget: int | float, prompt_len: int, what: str = "budget") -
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"{what} must be a token count (int) or a fraction of the prompt (float), got {budget!r}")
-    if budget <= 0:
+    if not budget > 0:  # NaN fails this too
         raise ValueError(f"{what} must be > 0 (a token count or a fraction in (0, 1]), got {budget}")
     if isinstance(budget, float):
         if budget > 1:
