@@ -105,13 +105,14 @@ def config_for(name_or_shape: str | dict[str, Any], max_positions: int = 131072,
 
 
 def build(name_or_shape: str | dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A random-weight model (eval mode, SDPA attention) and the byte tokenizer, from a preset or shape."""
+    """A random-weight model (eval mode, SDPA attention where the model allows it) and the byte tokenizer."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(name_or_shape, str) and name_or_shape not in PRESETS:
         raise ValueError(f"unknown preset {name_or_shape!r}: choose one of {', '.join(PRESETS)}")
     config = config_for(name_or_shape, **overrides)
-    config._attn_implementation = "sdpa"
+    # SDPA has no logit soft-capping: such a model (Gemma 2) runs as written only with eager attention.
+    config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     return model, byte_tokenizer()
