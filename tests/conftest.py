@@ -58,8 +58,11 @@ FAMILIES = {
         partial_rotary_factor=0.75,  # 12 of 16 head dimensions rotate
         original_max_position_embeddings=128,  # prompts beyond it take the long factors
         max_position_embeddings=4096,
-        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
-                      "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0]},  # fmt: skip
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+            "long_factor": [1, 2, 4, 8, 12, 16],
+        },
         sliding_window=WINDOW,
         pad_token_id=0,
     ),

@@ -40,22 +40,18 @@ def causal_attention(
         raise ValueError("causal_attention with a window needs the rows' positions (pos)")
     windowed = window is not None and int(pos[-1] - pos[0]) >= window
     if softcap is None and not windowed:
-        return F.scaled_dot_product_attention(
-            q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=True
-        )[0]
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=True)
+        return out[0]
     if pos is None:
         pos = torch.arange(n, device=q.device)
     span = min(n, 2 * window) if windowed else n
     rows = max(1, BLOCK_LOGITS // (q.shape[0] * span))
-    blocks = []
+    blocks, options = [], {"window": window, "softcap": softcap}
     for start in range(0, n, rows):
         end = min(n, start + rows)
         first = int(torch.searchsorted(pos, pos[start] - window, right=True)) if windowed else 0
-        keys = slice(first, end)
-        blocks.append(
-            attend(q[:, start:end], pos[start:end], k[:, keys], v[:, keys], pos[keys], scale,
-                   window=window, softcap=softcap)  # fmt: skip
-        )
+        queries, keys = slice(start, end), slice(first, end)
+        blocks.append(attend(q[:, queries], pos[queries], k[:, keys], v[:, keys], pos[keys], scale, **options))
     return torch.cat(blocks, 1)
 
 

@@ -56,9 +56,9 @@ def test_logits_and_greedy_tokens_match_transformers(family, prompt_len):
 def quirks_off(model) -> dict:
     """Ways to switch each family quirk the adapter detected off, by name."""
     family = model.family
-    ways = {}
-    if any(model.spec.layer_windows):
-        ways["sliding window"] = lambda: object.__setattr__(model.spec, "layer_windows", (None,) * model.spec.num_layers)
+    spec, ways = model.spec, {}
+    if any(spec.layer_windows):
+        ways["sliding window"] = lambda: object.__setattr__(spec, "layer_windows", (None,) * spec.num_layers)
     if model.softcap is not None:
         ways["attention soft-cap"] = lambda: setattr(model, "softcap", None)
     if model.final_softcap is not None:
