@@ -3,7 +3,7 @@
 The engine owns the layer loop; this file only knows how to run the pieces of one layer on a set of
 rows (tokens) at given positions. Using the Hugging Face modules themselves (projections, norms, MLP,
 rotary embedding) is what makes the dense path match `transformers` exactly. What differs between
-families is named once, in `FAMILIES`; per-layer facts (sliding window, RoPE base, attention scale,
+families is named once, in `models.families.FAMILIES`; per-layer facts (sliding window, RoPE base, attention scale,
 soft-capping) are read from the Hugging Face modules and config, so each layer runs as its model says.
 
 Shapes: hidden states are `[n, hidden]` (batch size 1, rows = tokens); queries `[heads, n, head_dim]`;
@@ -13,56 +13,15 @@ keys and values `[kv_heads, n, head_dim]`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
 
 from .attention import attend, causal_attention
+from .models.families import FAMILIES, SUPPORTED_ARCHITECTURES, check_supported, layer_window
+from .models.rope import apply_rope, layer_rotaries
 
-
-@dataclass(frozen=True)
-class Family:
-    """The quirks of a decoder family, as far as the adapter must know them."""
-
-    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3)
-    fused_qkv: bool = False  # one `qkv_proj` for queries, keys and values (Phi-3)
-    sandwich_norms: bool = False  # norm after attention and around the MLP (Gemma 2/3)
-    scaled_embedding: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family(),
-    "mistral": Family(),
-    "qwen2": Family(),
-    "qwen3": Family(qk_norm=True),
-    "phi3": Family(fused_qkv=True),
-    "gemma2": Family(sandwich_norms=True, scaled_embedding=True),
-    "gemma3_text": Family(qk_norm=True, sandwich_norms=True, scaled_embedding=True),
-}
-SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
-
-
-def check_supported(config, where: str = "") -> None:
-    """Raise a clear error for a model the adapter cannot run, naming what it can."""
-    model_type = getattr(config, "model_type", None)
-    if model_type in FAMILIES:
-        if getattr(config, "use_bidirectional_attention", False):
-            raise ValueError(
-                f"{model_type}{where} uses bidirectional attention (an encoder): tokensieve runs causal LMs only"
-            )
-        return
-    kind = "this architecture is"
-    if any(hasattr(config, a) for a in ("num_experts", "num_local_experts", "n_routed_experts")):
-        kind = "mixture-of-experts models are"
-    elif any(hasattr(config, a) for a in ("vision_config", "audio_config", "text_config")):
-        kind = "multimodal models are (for Gemma 3, load a text-only Gemma3ForCausalLM checkpoint)"
-    elif hasattr(config, "kv_lora_rank"):
-        kind = "multi-head latent attention (MLA) models are"
-    raise ValueError(
-        f"unsupported architecture {model_type!r}{where}: {kind} not supported; tokensieve supports dense "
-        f"text decoders of these model types: {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
+__all__ = ["SUPPORTED_ARCHITECTURES", "DecoderModel", "ModelSpec", "check_supported"]
 
 
 @dataclass(frozen=True)
@@ -106,23 +65,6 @@ class ModelSpec:
         return min(globals_, key=lambda i: (abs(i - layer), i))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[heads, n, head_dim]` by the angles of each row's position (`cos`, `sin`: `[n, rotary_dim]`).
-
-    With partial rotary (Phi-4-mini) only the first `rotary_dim` dimensions turn; the rest pass through.
-    """
-    rotary = cos.shape[-1]
-    if rotary == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    turned, kept = x[..., :rotary], x[..., rotary:]
-    return torch.cat((turned * cos + rotate_half(turned) * sin, kept), dim=-1)
-
-
 class DecoderModel:
     """A dense causal LM of one of `SUPPORTED_ARCHITECTURES`, seen as embed, layers and head."""
 
@@ -141,7 +83,7 @@ class DecoderModel:
         self.scale = first.scaling  # Gemma: query_pre_attn_scalar ** -0.5
         self.softcap = getattr(first, "attn_logit_softcapping", None)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
-        windows = tuple(_layer_window(config, layer.self_attn) for layer in self.layers)
+        windows = tuple(layer_window(config, layer.self_attn) for layer in self.layers)
         self.spec = ModelSpec(
             num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
@@ -154,7 +96,7 @@ class DecoderModel:
             model_type=config.model_type,
             layer_windows=windows,
         )
-        self._rotary, self._rope_kind = _rotaries(body, config)
+        self._rotary, self._rope_kind = layer_rotaries(body, config)
         self._rope_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._rows_pos: torch.Tensor | None = None  # positions of the rows last given to `qkv`
 
@@ -252,25 +194,3 @@ class DecoderModel:
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
-
-
-def _layer_window(config, attn: nn.Module) -> int | None:
-    """A layer's sliding window: set per layer by its attention module (Qwen2/3, Gemma) or for every
-    layer by the config (Mistral, Phi-3); None for full attention."""
-    if hasattr(attn, "sliding_window"):
-        return attn.sliding_window
-    return getattr(config, "sliding_window", None)
-
-
-def _rotaries(body: nn.Module, config) -> tuple[dict, list[str]]:
-    """The rotary embeddings by kind, and each layer's kind: one for most models; Gemma 3's local layers have
-    their own base (a second module before transformers 5, a per-layer-type table in one module since)."""
-    layers = config.num_hidden_layers
-    rotary = body.rotary_emb
-    if hasattr(body, "rotary_emb_local"):
-        return {"global": rotary, "local": body.rotary_emb_local}, [
-            "local" if t == "sliding_attention" else "global" for t in config.layer_types
-        ]
-    if isinstance(getattr(rotary, "rope_type", None), dict):
-        return {t: partial(rotary, layer_type=t) for t in set(config.layer_types)}, list(config.layer_types)
-    return {"rope": rotary}, ["rope"] * layers
