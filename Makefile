@@ -1,10 +1,14 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv when it is missing.
+# `make test-oldest` runs the parity tests against the oldest supported transformers, in .venv-oldest.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed
+PARITY_TESTS := tests/models/test_parity.py
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-oldest lint install clean
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -12,6 +16,13 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	$(BIN)/pip install --quiet -r requirements-ci.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+$(OLDEST_STAMP): pyproject.toml requirements-oldest.txt
+	test -d $(OLDEST) || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet --upgrade pip
+	$(OLDEST)/bin/pip install --quiet -r requirements-oldest.txt
+	$(OLDEST)/bin/pip install --quiet --no-deps -e .
+	touch $(OLDEST_STAMP)
 
 install: $(STAMP)
 
@@ -22,9 +33,13 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q
 
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(OLDEST)/bin/python -m pytest -q $(PARITY_TESTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .ruff_cache
