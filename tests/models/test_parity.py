@@ -105,11 +105,22 @@ def test_the_test_families_cover_every_supported_architecture():
     assert {"mistral", "qwen2", "phi3", "gemma2", "gemma3_text"} <= {FAMILIES[name]["model_type"] for name in WINDOWED}
 
 
+def load_stories(dtype: str) -> tokensieve.Engine:
+    """stories260k with its tokenizer built from tokenizer.json: its tokenizer_config.json was saved by
+    transformers 5 (class TokenizersBackend), which AutoTokenizer of transformers 4.x cannot read."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(STORIES / "tokenizer.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    return tokensieve.load(STORIES, tokenizer=tokenizer, dtype=dtype, device="cpu")
+
+
 @needs_stories()
 def test_stories260k_matches_transformers():
     from transformers import AutoModelForCausalLM
 
-    engine = tokensieve.load(STORIES, dtype="float32", device="cpu")
+    engine = load_stories("float32")
     reference = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32, attn_implementation="sdpa")
     ids = engine.encode("Once upon a time, there was a little girl named Lily. She loved to play")
     assert (engine_last_logits(engine, ids) - hf_last_logits(reference, ids)).abs().max().item() <= 1e-4
@@ -117,12 +128,10 @@ def test_stories260k_matches_transformers():
     assert "Lily" in engine.generate("Once upon a time, Lily", max_new_tokens=40).text
 
 
+@needs_stories()
 def test_bfloat16_stays_close_to_float32():
     """bf16 keeps the argmax on a trained model and the logits within 0.15 of fp32 (bf16 has 8 mantissa bits)."""
-    if not STORIES.is_dir():
-        pytest.skip(f"{STORIES} not found")
-    fp32 = tokensieve.load(STORIES, dtype="float32", device="cpu")
-    bf16 = tokensieve.load(STORIES, dtype="bfloat16", device="cpu")
+    fp32, bf16 = load_stories("float32"), load_stories("bfloat16")
     ids = fp32.encode("Once upon a time, there was a little dog. The dog")
     a, b = engine_last_logits(fp32, ids), engine_last_logits(bf16, ids)
     assert torch.isfinite(b).all()
