@@ -44,8 +44,9 @@ def causal_attention(
         return out[0]
     if pos is None:
         pos = torch.arange(n, device=q.device)
+    # A block of `window` queries sees at most 2 * window keys: twice the logits the window needs, few blocks.
     span = min(n, 2 * window) if windowed else n
-    rows = max(1, BLOCK_LOGITS // (q.shape[0] * span))
+    rows = max(1, min(window if windowed else n, BLOCK_LOGITS // (q.shape[0] * span)))
     blocks, options = [], {"window": window, "softcap": softcap}
     for start in range(0, n, rows):
         end = min(n, start + rows)
