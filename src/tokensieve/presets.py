@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .models.families import hf_attention_implementation
+
 # Shapes of the presets. `cpu-prefill` mimics the compute mix of an 8B model at 32K tokens when run at
 # 4-8K on a CPU; `cpu-decode` reads more KV than weights per decode step at long context.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -111,8 +113,7 @@ def build(name_or_shape: str | dict[str, Any], *, seed: int = 0, dtype: torch.dt
     if isinstance(name_or_shape, str) and name_or_shape not in PRESETS:
         raise ValueError(f"unknown preset {name_or_shape!r}: choose one of {', '.join(PRESETS)}")
     config = config_for(name_or_shape, **overrides)
-    # SDPA has no logit soft-capping: such a model (Gemma 2) runs as written only with eager attention.
-    config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    config._attn_implementation = hf_attention_implementation(config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     return model, byte_tokenizer()

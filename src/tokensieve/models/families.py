@@ -65,3 +65,9 @@ def layer_window(config, attn: nn.Module) -> int | None:
     if hasattr(attn, "sliding_window"):
         return attn.sliding_window
     return getattr(config, "sliding_window", None)
+
+
+def hf_attention_implementation(config) -> str:
+    """The attention implementation to load a Hugging Face model with: SDPA, except for a model with logit
+    soft-capping (Gemma 2), which `transformers` runs, and loads, only with eager attention."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
