@@ -158,6 +158,8 @@ class DecoderModel:
         window = self.spec.layer_windows[layer]
         if window is not None and pos is None:
             pos = self._rows_pos
+            if pos is None or len(pos) != q.shape[1]:
+                raise ValueError(f"layer {layer} is windowed: pass the rows' positions (pos) to causal_attention")
         return causal_attention(q, k, v, self.scale, pos=pos, window=window, softcap=self.softcap)
 
     def attend(
