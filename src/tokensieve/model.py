@@ -58,7 +58,7 @@ class ModelSpec:
     def nearest_global_layer(self, layer: int) -> int:
         """The global layer nearest to `layer` (the earlier one on a tie): where a method that scores the
         whole prompt must sit, since a windowed layer sees only its window. `layer` itself when it is global,
-        or when every layer is windowed (no layer sees more than another)."""
+        or when every layer is windowed (there is nothing to move to)."""
         globals_ = [i for i, window in enumerate(self.layer_windows) if window is None]
         if not globals_:
             return layer
