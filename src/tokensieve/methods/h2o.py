@@ -23,7 +23,7 @@ import torch
 
 from ..attention import grouped_logits
 from ..cache import LayerKV
-from .base import Context, Method, Policy, Rows, Run, resolve_budget
+from .base import Context, LayerStep, Method, Policy, Rows, Run, resolve_budget
 
 # Query rows scored at once in prefill: at most this many rows, and about this many fp32 logits.
 SCORE_CHUNK_ROWS = 256
@@ -54,12 +54,21 @@ class H2O(Method):
         if not 0 < self.recent_ratio <= 1:
             raise ValueError(f"recent_ratio must be in (0, 1] (the paper uses 0.5), got {self.recent_ratio}")
 
+    kv_layout: ClassVar[str] = "per_head"
+    needs_shared_kv: ClassVar[bool] = True  # its running scores cover every entry prefill left, per head
+
+    def as_prefill_side(self) -> Method:
+        raise ValueError(
+            "H2O's prefill is dense (it evicts KV after prefill and in decode): put it on the decode side, "
+            "e.g. 'sliminfer+h2o'"
+        )
+
     @classmethod
     def keep_all(cls) -> H2O:
         return cls(budget=None)
 
     def start(self, run: Run) -> Policy:
-        return H2OPolicy(run, self)
+        return H2OPolicy(self, run)
 
 
 def accumulated_attention(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
@@ -83,7 +92,7 @@ def accumulated_attention(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, s
 
 
 class H2OPolicy(Policy):
-    def __init__(self, run: Run, method: H2O):
+    def __init__(self, method: H2O, run: Run):
         super().__init__(run)
         self.budget = None if method.budget is None else _budget_tokens(method.budget, run.prompt_len)
         if self.budget is not None:
@@ -91,44 +100,57 @@ class H2OPolicy(Policy):
         layers = run.spec.num_layers
         self.scores: list[torch.Tensor | None] = [None] * layers  # `[kv_heads, t]` accumulated attention
         self.positions: list[torch.Tensor | None] = [None] * layers  # `[kv_heads, t]` true per-head positions
-        self.caches: list[LayerKV | None] = [None] * layers
         self.kept_after_prefill = [0] * layers
         self.evicted_in_prefill = [0] * layers
         self.evicted_in_decode = [0] * layers
 
-    def prefill_keep_after_attention(self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Record the attention each prompt token received at this layer; nothing is pruned from the rows."""
+    def prefill_observe(self, step: LayerStep) -> None:
+        """Record the attention each prompt token received at this layer."""
         if self.budget is not None:
-            self.scores[layer] = accumulated_attention(q, k, rows.pos, self.run.scale)
-        return None
+            self.scores[step.layer] = accumulated_attention(step.q, step.k, step.rows.pos, self.run.scale)
 
-    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
+    def prefill_layer_done(self, step: LayerStep) -> None:
+        layer, kv = step.layer, step.kv
         self.positions[layer] = kv.positions.clone().expand(kv.keys.shape[0], -1)
         self.evicted_in_prefill[layer] = self._evict(layer, kv)
         self.kept_after_prefill[layer] = len(kv)
 
-    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
-        self.caches[layer] = kv  # evicted from in `decode_layer_done`, once this step's attention is known
-        return Context.of(kv)
-
-    def decode_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, context: Context) -> Rows:
+    def decode_layer_done(self, step: LayerStep, context: Context) -> Rows:
         """Add this step's attention to the running sums, then evict down to the budget."""
+        layer, rows, q, kv = step.layer, step.rows, step.q, step.kv
         if self.budget is None:
             return rows
-        kv = self.caches[layer]
-        new = len(kv) - self.scores[layer].shape[1]
-        kv_heads = kv.keys.shape[0]
-        step = grouped_logits(q, context.k, self.run.scale).softmax(-1).sum(1)
-        step = step.reshape(kv_heads, -1, step.shape[-1]).sum(1)
-        self.scores[layer] = torch.cat([self.scores[layer], step.new_zeros(kv_heads, new)], dim=1) + step
-        self.positions[layer] = torch.cat([self.positions[layer], kv.positions[-new:].expand(kv_heads, -1)], dim=1)
+        received = grouped_logits(q, context.k, self.run.scale).softmax(-1).sum(1)
+        self._add_received(layer, kv, received, rows.pos)
         if len(kv) == self.budget + 1:  # the usual step: one entry over, evicted in place
             self._evict_one(layer, kv)
             self.evicted_in_decode[layer] += 1
         else:
             self.evicted_in_decode[layer] += self._evict(layer, kv)
-        self.caches[layer] = None
         return rows
+
+    def extend_layer_done(self, step: LayerStep) -> None:
+        """A later turn: the attention its rows gave joins the running sums, then the cache is cut to the budget."""
+        layer, rows, q, kv = step.layer, step.rows, step.q, step.kv
+        if self.budget is None:
+            return
+        received = torch.zeros(q.shape[0], len(kv), device=q.device)
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // (q.shape[0] * len(kv)))
+        for start in range(0, len(rows), chunk):  # never all m x t logits at once
+            logits = grouped_logits(q[:, start : start + chunk], kv.keys, self.run.scale)
+            logits.masked_fill_(kv.positions[None, None, :] > rows.pos[None, start : start + chunk, None], -torch.inf)
+            received += logits.softmax(-1).sum(1)
+        self._add_received(layer, kv, received, rows.pos)
+        self.evicted_in_decode[layer] += self._evict(layer, kv)
+
+    def _add_received(self, layer: int, kv: LayerKV, received: torch.Tensor, new_pos: torch.Tensor) -> None:
+        """Add the attention every entry received from this step's queries (`received` `[heads, t]`, summed
+        over the queries) to its running sum; the step's new entries, the last of `kv`, join with it."""
+        new = len(kv) - self.scores[layer].shape[1]
+        kv_heads = kv.keys.shape[0]
+        received = received.reshape(kv_heads, -1, received.shape[-1]).sum(1)
+        self.scores[layer] = torch.cat([self.scores[layer], received.new_zeros(kv_heads, new)], dim=1) + received
+        self.positions[layer] = torch.cat([self.positions[layer], new_pos[-new:].expand(kv_heads, -1)], dim=1)
 
     def _evict_one(self, layer: int, kv: LayerKV) -> None:
         """Per KV head, the lowest-scoring entry older than the recent window makes room for the newest."""
@@ -153,7 +175,7 @@ class H2OPolicy(Policy):
         self.scores[layer] = scores.gather(1, slots)
         self.positions[layer] = positions.gather(1, slots)
         positions = self.positions[layer].amax(0)
-        kv.replace(kv.keys.gather(1, index), kv.values.gather(1, index), positions, reserve=1)  # room for the next step
+        kv.replace(kv.keys.gather(1, index), kv.values.gather(1, index), positions)
         return t - self.budget
 
     def stats(self) -> dict[str, Any]:
