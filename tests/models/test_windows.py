@@ -66,11 +66,13 @@ def test_keys_beyond_the_window_can_be_dropped_without_changing_decode():
     kv.append(k, v, torch.arange(60))
     newest, window = torch.tensor([59]), 16
     full = attend(q[:, -1:], newest, kv.keys, kv.values, kv.positions, 0.3, window=window)
-    assert kv.drop_older_than(59 - window + 1, reserve=4) == 60 - window
+    reserved = kv.reserved_bytes
+    assert kv.drop_older_than(59 - window + 1) == 60 - window
     assert kv.positions.tolist() == list(range(44, 60)) and kv.drop_older_than(44) == 0
+    assert kv.reserved_bytes < reserved  # the dropped entries' memory is freed
     trimmed = attend(q[:, -1:], newest, kv.keys, kv.values, kv.positions, 0.3, window=window)
     torch.testing.assert_close(trimmed, full)
-    kv.append(k[:, :1], v[:, :1], torch.tensor([60]))  # the reserved room
+    kv.append(k[:, :1], v[:, :1], torch.tensor([60]))
     assert len(kv) == window + 1
 
 
