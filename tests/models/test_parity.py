@@ -137,3 +137,22 @@ def test_bfloat16_stays_close_to_float32():
     assert torch.isfinite(b).all()
     assert (a - b).abs().max().item() < 0.15 * a.abs().max().item()
     assert a.argmax() == b.argmax()
+
+
+# Phi-3's longrope picks its factors per call from the highest position: a first chunk or turn within
+# original_max_position_embeddings takes the short ones, the rest the long ones (README, Supported models).
+PER_CALL_ROPE = {"phi3-fused-partial-longrope-sliding"}
+
+
+@pytest.mark.parametrize("name", sorted(set(WINDOWED) - PER_CALL_ROPE))
+def test_chunked_prefill_and_a_later_turn_keep_the_window(name):
+    """Chunks of 40 rows (under the 48-token window) and a second turn attend through `attend`, masked by window."""
+    model, tok = presets.build(FAMILIES[name], seed=3)
+    ids = random_prompt(200, seed=6)
+    expected = hf_greedy(model, ids, 16)
+    chunked = tokensieve.load(model, tokenizer=tok)
+    chunked.prefill_chunk = 40
+    assert chunked.generate(ids, max_new_tokens=16).token_ids == expected
+    session = tokensieve.load(model, tokenizer=tok).start(ids[:120])
+    session.extend(ids[120:])
+    assert session.generate(max_new_tokens=16).token_ids == expected
