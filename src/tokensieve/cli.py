@@ -128,8 +128,9 @@ def _commands() -> list[Callable]:
     from . import calibrate, demo
     from .bench import command as bench
     from .eval import command as evaluation
+    from .serve import command as serve
 
-    return [register_generate, demo.register, bench.register, evaluation.register, calibrate.register]
+    return [register_generate, demo.register, bench.register, evaluation.register, calibrate.register, serve.register]
 
 
 def main(argv: list[str] | None = None) -> int:
