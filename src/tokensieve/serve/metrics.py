@@ -45,6 +45,11 @@ class Metrics:
             "tokensieve_requests_cancelled", "Generations stopped early (client gone, timeout, shutdown)", registry=r
         )
 
+        for location in ("device", "host"):  # every labelled series shows from the start, at 0
+            self.kv_bytes.labels(location)
+        for outcome in ("hit", "miss"):
+            self.reuse.labels(outcome)
+
     def finished(self, generation: Generation, computed_prompt_tokens: int, seconds: float) -> None:
         stats = generation.stats
         self.prompt_tokens.inc(stats.prompt_tokens)
