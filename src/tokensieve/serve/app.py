@@ -32,7 +32,6 @@ DISCONNECT_POLL_S = 0.25  # how often a request waiting for its next event check
 def create_app(engine, config: ServeConfig | None = None) -> FastAPI:
     """An ASGI app serving `engine` (run it with uvicorn); the worker thread lives as long as the app."""
     config = config or ServeConfig()
-    resolve_method(config.method)  # a bad default is the operator's error: refuse to start
     metrics = Metrics()
     worker = Worker(engine, config, metrics)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..methods import resolve_method
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -19,6 +21,7 @@ class ServeConfig:
     shutdown_grace_s: float = 30.0  # on shutdown, how long running and queued requests may still finish
 
     def __post_init__(self):
+        resolve_method(self.method)  # a bad default is the operator's error: refuse to start
         for name in ("max_waiting", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
