@@ -61,7 +61,7 @@ def live_server(**settings):
     model, tokenizer = presets.build(MODEL, max_positions=POSITIONS)
     tokenizer.chat_template = CHAT_TEMPLATE
     engine = tokensieve.load(model, tokenizer=tokenizer)
-    app = create_app(engine, ServeConfig(model_name=MODEL, **settings))
+    app = create_app(engine, ServeConfig(**{"model_name": MODEL, **settings}))
     port = free_port()
     server = GracefulServer.of(app, "127.0.0.1", port, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
