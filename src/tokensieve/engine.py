@@ -7,7 +7,6 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .attention import attend, causal_attention
 from .cache import LayerKV
 from .generation import Generation, Sampling, Stats, TextStream
 from .methods import Method, Policy, Rows, Run, resolve_method
@@ -168,13 +167,13 @@ class Engine:
         tokens = torch.tensor(ids, device=model.device)
         h = model.embed(tokens)
         pos = torch.arange(len(ids), device=model.device)
-        rows = Rows(h, pos, *model.rope(pos, h))
+        rows = Rows(h, pos)
         kv = [LayerKV(spec.num_kv_heads, spec.head_dim, model.dtype, model.device) for _ in range(spec.num_layers)]
         for layer in range(spec.num_layers):
             stats.prefill_tokens_per_layer.append(len(rows))
-            q, k, v = model.qkv(layer, rows.h, rows.cos, rows.sin)
+            q, k, v = model.qkv(layer, rows.h, rows.pos)
             kv[layer].append(k, v, rows.pos, reserve=max_new_tokens)
-            rows = rows.with_h(model.attention_output(layer, rows.h, causal_attention(q, k, v, model.scale)))
+            rows = rows.with_h(model.attention_output(layer, rows.h, model.causal_attention(layer, q, k, v)))
             rows = _keep(rows, policy.prefill_keep_after_attention(layer, rows, q, k))
             rows = rows.with_h(model.mlp(layer, rows.h))
             rows = _keep(rows, policy.prefill_keep_after_layer(layer, rows, q, k))
@@ -186,14 +185,14 @@ class Engine:
         model = self.model
         h = model.embed(torch.tensor([token], device=model.device))
         pos = torch.tensor([position], device=model.device)
-        rows = Rows(h, pos, *model.rope(pos, h))
+        rows = Rows(h, pos)
         for layer in range(model.spec.num_layers):
             rows = policy.decode_rows(layer, rows)
-            q, k, v = model.qkv(layer, rows.h, rows.cos, rows.sin)
+            q, k, v = model.qkv(layer, rows.h, rows.pos)
             kv[layer].append(k, v, rows.pos)
             context = policy.decode_context(layer, q, rows, kv[layer])
             keys_attended[layer] += len(context)
-            out = attend(q, rows.pos, context.k, context.v, context.pos, model.scale, context.hidden)
+            out = model.attend(layer, q, rows.pos, context.k, context.v, context.pos, context.hidden)
             rows = rows.with_h(model.mlp(layer, model.attention_output(layer, rows.h, out)))
             rows = policy.decode_layer_done(layer, rows, q, context)
         policy.decode_step_done()

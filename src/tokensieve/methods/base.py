@@ -29,25 +29,23 @@ from ..model import ModelSpec
 
 @dataclass
 class Rows:
-    """The tokens computed at a layer: hidden states `[n, hidden]`, original positions `[n]`, RoPE tables."""
+    """The tokens computed at a layer: hidden states `[n, hidden]` and original positions `[n]`."""
 
     h: torch.Tensor
     pos: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
 
     def __len__(self) -> int:
         return self.pos.shape[0]
 
     def select(self, index: torch.Tensor) -> Rows:
-        return Rows(self.h[index], self.pos[index], self.cos[index], self.sin[index])
+        return Rows(self.h[index], self.pos[index])
 
     def with_h(self, h: torch.Tensor) -> Rows:
         return replace(self, h=h)
 
     @staticmethod
     def cat(parts: list[Rows]) -> Rows:
-        return Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("h", "pos", "cos", "sin")))
+        return Rows(torch.cat([p.h for p in parts]), torch.cat([p.pos for p in parts]))
 
 
 @dataclass
