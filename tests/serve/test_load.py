@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -80,6 +81,23 @@ def test_a_client_that_disconnects_mid_stream_frees_its_place(live):
     assert _wait_for(lambda: live.metric("tokensieve_requests_running") == 0, 10)
     assert live.metric("tokensieve_requests_cancelled_total") == cancelled + 1
     assert httpx.post(f"{live.url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3}).is_success
+
+
+def test_a_queued_client_that_disconnects_leaves_the_queue_and_never_runs():
+    with live_server(max_tokens=1000) as server:
+        long = {"model": MODEL, "prompt": "go on", "max_tokens": 1000, "temperature": 0, "stream": True}
+        queued = {**long, "max_tokens": 5, "stream": False}
+        with httpx.Client(timeout=60) as client, client.stream("POST", f"{server.url}/v1/completions", json=long) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            with contextlib.suppress(httpx.TimeoutException):  # it waits behind the long one: give up
+                httpx.post(f"{server.url}/v1/completions", json=queued, timeout=0.3)
+            assert _wait_for(lambda: server.metric("tokensieve_requests_waiting") == 0, 5)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert _wait_for(lambda: server.metric("tokensieve_requests_running") == 0, 10)
+        assert server.metric("tokensieve_generation_tokens_total") == 1000  # the long one's only
+        assert server.metric('tokensieve_requests_total{endpoint="/v1/completions",status="499"}') == 1
 
 
 def test_a_request_past_its_timeout_is_stopped_with_504():
