@@ -29,12 +29,14 @@ def load(
     method: str | Method = "dense",
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    prefill_chunk: int | None = None,
 ) -> Engine:
     """An engine for `model`: a local Hugging Face checkpoint directory or an already loaded model.
 
     `device` defaults to CUDA when available, else CPU; `dtype` to float32 on CPU and bfloat16 on CUDA.
     `"testbed"` names the small model embedded in the package. Nothing is downloaded: a directory must
     hold `config.json`, the weights and (unless `tokenizer` is given) the tokenizer files.
+    `prefill_chunk=N` runs each layer's rows through attention and the MLP N at a time (flat peak memory).
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -46,7 +48,7 @@ def load(
         hf_model = _load_checkpoint(Path(source), device, dtype)
     if tokenizer is None:
         tokenizer = _load_tokenizer(source)
-    return Engine(DecoderModel(hf_model), tokenizer, method)
+    return Engine(DecoderModel(hf_model), tokenizer, method, prefill_chunk=prefill_chunk)
 
 
 def resolve_model_path(model: str | Path) -> Path:

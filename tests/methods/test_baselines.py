@@ -309,7 +309,7 @@ def test_h2o_evicts_like_a_per_head_reference_through_prefill_and_decode(deep_en
     spec = deep_engine.model.spec
     kv_heads, heads, d, n, budget, recent, steps = spec.num_kv_heads, spec.num_heads, spec.head_dim, 40, 12, 4, 6
     scale = d**-0.5
-    run = Run(spec, n, steps + 1, torch.device("cpu"), torch.float32, scale)
+    run = Run(spec, n, torch.device("cpu"), torch.float32, scale)
     policy = H2O(budget=budget, recent_ratio=recent / budget).start(run)
     gen = torch.Generator().manual_seed(7)
     q, k, v = (

@@ -125,7 +125,7 @@ def test_settings_that_do_not_fit_the_model_or_prompt_are_clear_errors(deep_engi
 
 def _policy(heads: int, kv_heads: int, prompt_len: int, keep: tuple) -> LazyLLMPolicy:
     spec = ModelSpec(4, 16, heads, kv_heads, 8, 32, 50, 1024, "llama")
-    run = Run(spec, prompt_len, 4, torch.device("cpu"), torch.float32, 8**-0.5)
+    run = Run(spec, prompt_len, torch.device("cpu"), torch.float32, 8**-0.5)
     return LazyLLM(prune_layers=(0, 1, 2), keep=keep).start(run)
 
 

@@ -134,7 +134,7 @@ def test_scoring_and_selection_match_a_reference(heads, kv_heads, block_size, un
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
 
     method = SlimInfer(prune_layers=(0,), budgets=(budget,), block_size=block_size, unit_size=unit_size)
-    policy = method.start(Run(spec(1, heads, kv_heads), n, 1, torch.device("cpu"), torch.float32, 0.25))
+    policy = method.start(Run(spec(1, heads, kv_heads), n, torch.device("cpu"), torch.float32, 0.25))
     rows = Rows(torch.zeros(n, 1), torch.arange(n))
     kept = policy.prefill_keep_after_attention(0, rows, q, k)
     best = sorted([0, *(expected[1:].topk(3).indices + 1).tolist()])

@@ -177,8 +177,9 @@ class LazyLLMPolicy(Policy):
         self.present = torch.zeros(len(stage_starts), prompt_len, dtype=torch.bool, device=device)
         self.present[0] = True
         self.aux = [AuxCache(prompt_len, device) for _ in self.bounds] if self.dynamic else []
-        # decode: the positions each stage attends to in this step (generated tokens always)
-        self.attend = torch.ones(prompt_len + run.max_new_tokens, dtype=torch.bool, device=device)
+        # decode: the positions each stage attends to in this step (generated tokens and later turns always);
+        # grown in `decode_step_start` as the session goes on
+        self.attend = torch.ones(prompt_len, dtype=torch.bool, device=device)
         self.revived_rows: Rows | None = None
         self.context_index: torch.Tensor | None = None  # the stage's selected entries, copied out ...
         self.context_hidden: torch.Tensor | None = None  # ... or masked, when only a few are left out
@@ -209,6 +210,11 @@ class LazyLLMPolicy(Policy):
         return index
 
     # -- decode ----------------------------------------------------------------------------------------
+    def decode_step_start(self, position: int) -> None:
+        if position >= len(self.attend):
+            more = max(position + 1 - len(self.attend), len(self.attend) // 8, 16)
+            self.attend = torch.cat([self.attend, self.attend.new_ones(more)])
+
     def decode_rows(self, layer: int, rows: Rows) -> Rows:
         if layer in self.stage_start and self.revived_rows is not None:
             rows = Rows.cat([self.revived_rows, rows])
