@@ -50,11 +50,11 @@ class Metrics:
         for outcome in ("hit", "miss"):
             self.reuse.labels(outcome)
 
-    def finished(self, generation: Generation, computed_prompt_tokens: int, seconds: float) -> None:
+    def finished(self, generation: Generation, seconds: float) -> None:
         stats = generation.stats
-        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.prompt_tokens.inc(stats.context_tokens)
         self.generation_tokens.inc(stats.new_tokens)
-        self.computed_tokens.inc(computed_prompt_tokens)
+        self.computed_tokens.inc(stats.prompt_tokens)  # the tokens this call's prompt pass computed
         self.ttft.observe(stats.ttft_s)
         if stats.new_tokens > 1:
             self.tpot.observe(stats.tpot_s)

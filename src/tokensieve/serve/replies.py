@@ -6,26 +6,28 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from ..generation import Generation
 from .schemas import ChatChoice, ChatDelta, CompletionChoice, Reply, Usage
-from .worker import Outcome
 
 # The engine's reasons, as OpenAI names them: EOS and a stop string are both "stop".
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
-def tokensieve_extra(outcome: Outcome) -> dict[str, Any]:
+def tokensieve_extra(generation: Generation) -> dict[str, Any]:
     """The extra field `tokensieve`: every decision of the generation, and what prefix reuse saved."""
+    stats = generation.stats
     return {
-        "stats": outcome.generation.stats.to_dict(),
-        "prefix_reused": outcome.reused_tokens > 0,
-        "reused_tokens": outcome.reused_tokens,
-        "computed_tokens": outcome.computed_tokens,
+        "stats": stats.to_dict(),
+        "prefix_reused": stats.reused_tokens > 0,
+        "reused_tokens": stats.reused_tokens,  # prompt tokens whose KV a retained session had
+        "computed_tokens": stats.prompt_tokens,  # prompt tokens computed for this request
     }
 
 
-def usage(outcome: Outcome) -> Usage:
-    new = len(outcome.generation.token_ids)
-    return Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=new, total_tokens=outcome.prompt_tokens + new)
+def usage(generation: Generation) -> Usage:
+    """OpenAI's usage: the whole conversation as the prompt, reused or not."""
+    prompt, new = generation.stats.context_tokens, len(generation.token_ids)
+    return Usage(prompt_tokens=prompt, completion_tokens=new, total_tokens=prompt + new)
 
 
 class Replies:
@@ -37,15 +39,14 @@ class Replies:
         self.id = Reply.new_id(chat)
         self.created = Reply.now()
 
-    def whole(self, outcome: Outcome) -> dict[str, Any]:
-        gen = outcome.generation
+    def whole(self, gen: Generation) -> dict[str, Any]:
         finish = FINISH_REASONS[gen.finish_reason]
         if self.chat:
             choice = ChatChoice(message=ChatDelta(role="assistant", content=gen.text), finish_reason=finish)
         else:
             choice = CompletionChoice(text=gen.text, finish_reason=finish)
         kind = "chat.completion" if self.chat else "text_completion"
-        return self._reply(kind, [choice], usage=usage(outcome), tokensieve=tokensieve_extra(outcome))
+        return self._reply(kind, [choice], usage=usage(gen), tokensieve=tokensieve_extra(gen))
 
     def piece(self, text: str | None, role: str | None = None, finish: str | None = None, **extra) -> dict[str, Any]:
         if self.chat:
@@ -72,7 +73,7 @@ class Replies:
         if kind == "error":
             yield _event(value.body())
         else:
-            finish = FINISH_REASONS[value.generation.finish_reason]
+            finish = FINISH_REASONS[value.finish_reason]
             yield _event(self.piece(None if self.chat else "", finish=finish, tokensieve=tokensieve_extra(value)))
             if include_usage:
                 yield _event(self._reply(self.chunk_kind, [], usage=usage(value)))

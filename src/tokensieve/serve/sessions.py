@@ -20,15 +20,6 @@ from .prompts import Prompt, encode_piece
 
 
 @dataclass
-class Opened:
-    """A session ready to generate, and how many of its prompt tokens came from a retained session."""
-
-    session: Any
-    reused_tokens: int
-    computed_tokens: int
-
-
-@dataclass
 class _Retained:
     session: Any
     method: Method
@@ -44,15 +35,13 @@ class SessionPool:
         self.metrics = metrics
         self._kept: OrderedDict[int, _Retained] = OrderedDict()  # by id(session), oldest first
 
-    def open(self, prompt: Prompt, method: Method, reuse: bool) -> Opened:
-        """The retained session this prompt continues (extended by the new tokens), else a fresh one."""
+    def open(self, prompt: Prompt, method: Method, reuse: bool):
+        """The retained session this prompt continues (extended by its new tokens), else a fresh one."""
         found = self._take(prompt, method) if reuse else None
         if found is None:
             self.metrics.reuse.labels("miss").inc()
-            session = self.engine.start(prompt.ids, method=method)
-            return Opened(session, 0, len(prompt.ids))
+            return self.engine.start(prompt.ids, method=method)
         retained, suffix = found
-        before = retained.session.stats.computed_tokens
         try:
             if suffix:
                 retained.session.extend(suffix)
@@ -60,13 +49,11 @@ class SessionPool:
             retained.session.close()
             raise
         self.metrics.reuse.labels("hit").inc()
-        computed = retained.session.stats.computed_tokens - before
-        return Opened(retained.session, len(retained.session.tokens) - computed, computed)
+        return retained.session
 
-    def keep(self, opened: Opened, method: Method, prompt: Prompt, generation: Generation) -> None:
+    def keep(self, session, method: Method, prompt: Prompt, generation: Generation) -> None:
         """Retain a finished request's session (closing what no longer fits), or close it when it cannot be
         continued: a reply cut at a stop string has tokens the returned text does not show."""
-        session = opened.session
         if self.max_bytes == 0 or generation.finish_reason == "stop":
             session.close()
             return

@@ -16,32 +16,19 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..generation import Generation
 from ..methods import Method
 from .config import ServeConfig
 from .errors import ServeError
 from .metrics import Metrics
 from .prompts import Prompt
+from .sessions import SessionPool
 
 log = logging.getLogger("tokensieve.serve")
 
 
 @dataclass
-class Outcome:
-    """A finished generation and how much of its prompt had to be computed."""
-
-    generation: Generation
-    prompt_tokens: int
-    reused_tokens: int = 0
-
-    @property
-    def computed_tokens(self) -> int:
-        return self.prompt_tokens - self.reused_tokens
-
-
-@dataclass
 class Job:
-    """One request on its way through the queue. Events: ("piece", str), ("done", Outcome), ("error", ServeError)."""
+    """One request on its way through the queue. Events: ("piece", str), ("done", Generation), ("error", ServeError)."""
 
     prompt: Prompt
     method: Method
@@ -75,6 +62,7 @@ class Worker:
         self.engine = engine
         self.config = config
         self.metrics = metrics
+        self.sessions = SessionPool(engine, config.session_bytes, metrics)  # touched by the worker thread only
         self._waiting: deque[Job] = deque()
         self._running: Job | None = None
         self._cond = threading.Condition()
@@ -140,6 +128,7 @@ class Worker:
                 while not self._waiting and not self._stopped:
                     self._cond.wait()
                 if self._stopped:
+                    self.sessions.close()
                     return
                 job = self._running = self._waiting.popleft()
                 self._gauges()
@@ -160,28 +149,33 @@ class Worker:
             if stopped is not None:
                 job.emit("error", stopped)
             return
-        pieces = self.engine.stream(job.prompt.ids, method=job.method, max_new_tokens=job.max_tokens, **job.sampling)
-        started = False
+        session = None
+        try:  # the prefill runs here: a method whose settings do not fit this prompt fails now
+            session = self.sessions.open(job.prompt, job.method, job.reuse)
+            stream = session.stream(max_new_tokens=job.max_tokens, **job.sampling)
+        except (ValueError, TypeError) as err:
+            if session is not None:
+                session.close()
+            job.emit("error", ServeError(422, f"bad settings: {err}", "tokensieve.method"))
+            return
         try:
-            for piece in pieces:
-                started = True
+            for piece in stream:
                 stopped = job.interruption()
-                if stopped is not False:
-                    pieces.close()
+                if stopped is not False:  # the client left, the timeout passed or the server stops
+                    stream.close()
+                    session.close()
                     self.metrics.cancelled.inc()
                     if stopped is not None:
                         job.emit("error", stopped)
                     return
                 job.emit("piece", piece)
-        except (ValueError, TypeError) as err:
-            if started:
-                raise
-            # raised before the first token: the settings (e.g. a method's budget <= 0) do not fit this prompt
-            job.emit("error", ServeError(422, f"bad settings: {err}", "tokensieve.method"))
-            return
-        outcome = Outcome(self.engine.last_generation, prompt_tokens=len(job.prompt.ids))
-        self.metrics.finished(outcome.generation, outcome.computed_tokens, time.monotonic() - job.arrived)
-        job.emit("done", outcome)
+        except BaseException:
+            session.close()
+            raise
+        generation = stream.generation
+        self.sessions.keep(session, job.method, job.prompt, generation)
+        self.metrics.finished(generation, time.monotonic() - job.arrived)
+        job.emit("done", generation)
 
     def _gauges(self) -> None:
         self.metrics.waiting.set(len(self._waiting))
