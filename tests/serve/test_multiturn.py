@@ -121,3 +121,11 @@ def test_session_bytes_zero_turns_reuse_off():
         turns = _chat(server.client(), "dense")
         assert [extra["prefix_reused"] for _, extra, _ in turns] == [False, False, False]
         assert server.metric("tokensieve_sessions_retained") == 0
+
+
+def test_a_dropper_reuses_what_it_kept_and_the_stats_say_what_was_lost(live):
+    turns = _chat(live.client(), "streaming_llm(sink=4, window=16)")
+    assert [extra["prefix_reused"] for _, extra, _ in turns] == [False, True, True]
+    first, later = turns[0][1]["stats"], turns[2][1]["stats"]
+    assert not any(first["unseen_tokens_per_layer"])
+    assert min(later["unseen_tokens_per_layer"]) > 0  # the evicted earlier tokens, per layer
