@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
-import time
 from dataclasses import dataclass
 
 import httpx
@@ -15,7 +13,7 @@ import tokensieve
 from tokensieve import presets
 from tokensieve.serve.app import create_app
 from tokensieve.serve.config import ServeConfig
-from tokensieve.serve.server import GracefulServer
+from tokensieve.serve.server import GracefulServer, running
 
 MODEL = "tiny"
 POSITIONS = 1024  # small, so that "a prompt beyond the model's positions" is cheap to build
@@ -62,23 +60,11 @@ def live_server(**settings):
     tokenizer.chat_template = CHAT_TEMPLATE
     engine = tokensieve.load(model, tokenizer=tokenizer)
     app = create_app(engine, ServeConfig(**{"model_name": MODEL, **settings}))
-    port = free_port()
-    server = GracefulServer.of(app, "127.0.0.1", port, log_level="warning")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield Live(f"http://127.0.0.1:{port}", app, server, tokensieve.Engine(engine.model, tokenizer))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with running(app) as (server, url):
+        yield Live(url, app, server, tokensieve.Engine(engine.model, tokenizer))
 
 
 @pytest.fixture(scope="module")
 def live():
-    with live_server(max_waiting=4) as running:
-        yield running
+    with live_server(max_waiting=4) as served:
+        yield served
