@@ -20,8 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from .attention import last_query_probs
-from .cache import LayerKV
-from .methods.base import Context, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .methods.base import Context, LayerStep, Method, Policy, Run, resolve_budget, scaled_layers
 from .methods.omnikv import PAPER_DEPTH, PAPER_FILTER_LAYERS
 
 PAPER_TOP_K_FRACTION = 0.067  # OmniKV's default budget as a fraction of the prompt
@@ -45,10 +44,10 @@ class AttentionRecorder(Policy):
         self.step: list[torch.Tensor] = []
         self.steps: list[torch.Tensor] = []
 
-    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
-        probs = last_query_probs(q[:, -1], kv.keys, self.run.scale)  # over prompt and generated keys
+    def decode_context(self, step: LayerStep) -> Context:
+        probs = last_query_probs(step.q[:, -1], step.kv.keys, self.run.scale)  # over prompt and generated keys
         self.step.append(probs[: self.run.prompt_len].cpu())
-        return Context.of(kv)
+        return Context.of(step.kv)
 
     def decode_step_done(self) -> None:
         self.steps.append(torch.stack(self.step))

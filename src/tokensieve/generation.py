@@ -21,12 +21,15 @@ class Stats:
     ttft_s: float = 0.0
     tpot_s: float = 0.0
     prefill_tokens_per_layer: list[int] = field(default_factory=list)
-    decode_keys_per_layer: list[float] = field(default_factory=list)
+    prefill_mlp_tokens_per_layer: list[int] = field(default_factory=list)  # fewer where a layer pruned mid-way
+    decode_keys_per_layer: list[float] = field(default_factory=list)  # mean over decode steps
+    decode_rows_per_layer: list[float] = field(default_factory=list)  # mean: the new token plus revived ones
     kv_bytes_device: int = 0
     kv_bytes_host: int = 0
     kv_bytes_reserved: int = 0  # device bytes allocated for KV, spare capacity for later tokens included
     unseen_tokens_per_layer: list[int] = field(default_factory=list)  # a later turn: earlier tokens it could not see
-    revived_tokens: int = 0
+    revived_tokens: int = 0  # token-layer computations in decode beyond the new token (LazyLLM's revival)
+    host_bytes_loaded_per_step: float = 0.0  # KV bytes copied from host memory per decode step
     method_stats: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -17,6 +17,7 @@ class Transfers:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.bytes_loaded = 0  # host -> device, counted here where the copies happen
 
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """A host copy of `tensor` (pinned on CUDA, so later loads can be asynchronous)."""
@@ -27,6 +28,7 @@ class Transfers:
     def load(self, host: torch.Tensor, index: torch.Tensor | None = None) -> Pending:
         """Start copying `host` (or its rows `index` along dim 0, gathered on the host) to the device."""
         rows = host if index is None else host.index_select(0, index.to("cpu"))
+        self.bytes_loaded += rows.numel() * rows.element_size()
         if not self.cuda:
             return Pending(rows.to(self.device), None)
         if index is not None:

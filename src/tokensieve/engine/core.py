@@ -10,6 +10,7 @@ import torch
 from ..generation import Generation
 from ..methods import Method, resolve_method
 from ..model import DecoderModel
+from .loop import DecodeCounts
 from .session import Session
 from .stream import GenerationStream
 
@@ -102,11 +103,11 @@ class Engine:
         continuation = self.encode(list(continuation), special_tokens=False) if len(continuation) else []
         session = self.start(prompt, method=method)
         self.check_lengths(len(session.tokens), len(continuation) + 1)
-        keys_attended = [0] * self.model.spec.num_layers
-        rows = [session.next_logits(keys_attended)]
+        counts = DecodeCounts.zeros(self.model.spec.num_layers)
+        rows = [session.next_logits(counts)]
         for token in continuation:
             session.tokens.append(token)
-            rows.append(session.next_logits(keys_attended))
+            rows.append(session.next_logits(counts))
         session.close()
         return torch.stack(rows)
 

@@ -132,7 +132,7 @@ class Session:
         return self.kv is None
 
     # -- for GenerationStream and the engine -----------------------------------------------------------
-    def next_logits(self, keys_attended: list[int]) -> torch.Tensor:
+    def next_logits(self, counts: loop.DecodeCounts) -> torch.Tensor:
         """Logits after the last token, decoding it first if it has no KV yet."""
         if self._logits is not None:
             logits, self._logits = self._logits, None
@@ -141,9 +141,7 @@ class Session:
         if self.computed != len(self.tokens) - 1:
             raise RuntimeError(f"{len(self.tokens) - self.computed} tokens lack KV; a decode step computes one")
         with self.engine.lock, torch.inference_mode():
-            logits = loop.decode_step(
-                self.engine.model, self.policy, self.kv, self.tokens[-1], self.computed, keys_attended
-            )
+            logits = loop.decode_step(self.engine.model, self.policy, self.kv, self.tokens[-1], self.computed, counts)
         self.computed += 1
         return logits
 
@@ -157,7 +155,6 @@ class Session:
         stats.kv_bytes_device = sum(layer.nbytes for layer in kv) + extra
         stats.kv_bytes_reserved = sum(layer.reserved_bytes for layer in kv) + extra
         stats.kv_bytes_host = policy.host_bytes()
-        stats.revived_tokens = policy.revived_tokens()
         stats.method_stats = policy.stats()
 
     def call_done(self, generation: Generation) -> None:

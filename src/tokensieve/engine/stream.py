@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..generation import Generation, Sampling, Stats, TextStream
+from .loop import DecodeCounts
 
 if TYPE_CHECKING:
     from .session import Session
@@ -39,7 +40,8 @@ class GenerationStream(Iterator[str]):
         self.generation: Generation | None = None
         self.new_ids: list[int] = []
         self.step_times: list[float] = []
-        self.keys_attended = [0] * session.engine.model.spec.num_layers
+        self.counts = DecodeCounts.zeros(session.engine.model.spec.num_layers)
+        self.bytes_loaded_before = session.policy.run.transfers.bytes_loaded
         self.context_tokens = len(session.tokens)
         self.prompt_pass = session.take_prompt_pass()
         self.ttft_s = 0.0
@@ -63,7 +65,7 @@ class GenerationStream(Iterator[str]):
         """Pick one token (decoding the previous one first); returns the text it made final."""
         session = self.session
         start = _now(session.engine.model.device)
-        logits = session.next_logits(self.keys_attended)
+        logits = session.next_logits(self.counts)
         token = self.sampling.pick(logits, self.generator)
         elapsed = _now(session.engine.model.device) - start
         if self.new_ids:
@@ -84,17 +86,22 @@ class GenerationStream(Iterator[str]):
     def _finish(self, reason: str) -> str:
         session = self.session
         tail = self.text.flush()
-        steps = max(1, len(self.step_times))
+        counts, steps = self.counts, max(1, self.counts.steps)
         stats = Stats(method=session.method.settings(), context_tokens=self.context_tokens)
         if self.prompt_pass is not None:
             stats.prompt_tokens = self.prompt_pass.tokens
             stats.prefill_tokens_per_layer = self.prompt_pass.tokens_per_layer
+            stats.prefill_mlp_tokens_per_layer = self.prompt_pass.mlp_tokens_per_layer
             stats.unseen_tokens_per_layer = self.prompt_pass.unseen_per_layer
         stats.reused_tokens = self.context_tokens - stats.prompt_tokens
         stats.new_tokens = len(self.new_ids)
         stats.ttft_s = self.ttft_s
-        stats.tpot_s = sum(self.step_times) / steps
-        stats.decode_keys_per_layer = [n / steps for n in self.keys_attended]
+        stats.tpot_s = sum(self.step_times) / max(1, len(self.step_times))
+        stats.decode_keys_per_layer = [n / steps for n in counts.keys_per_layer]
+        stats.decode_rows_per_layer = [n / steps for n in counts.rows_per_layer]
+        stats.revived_tokens = sum(counts.rows_per_layer) - counts.steps * len(counts.rows_per_layer)
+        loaded = session.policy.run.transfers.bytes_loaded - self.bytes_loaded_before
+        stats.host_bytes_loaded_per_step = loaded / steps
         session.fill_memory_stats(stats)
         self.generation = Generation(self.text.text, self.new_ids, stats, reason)
         session.call_done(self.generation)

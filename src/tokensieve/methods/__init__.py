@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 
-from .base import Context, Dense, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .base import Context, Dense, LayerStep, Method, Policy, Rows, Run, resolve_budget, scaled_layers
 from .h2o import H2O
 from .lazyllm import LazyLLM
 from .omnikv import OmniKV
@@ -68,6 +68,7 @@ __all__ = [
     "Context",
     "Dense",
     "H2O",
+    "LayerStep",
     "LazyLLM",
     "Method",
     "OmniKV",

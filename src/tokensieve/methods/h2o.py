@@ -23,7 +23,7 @@ import torch
 
 from ..attention import grouped_logits
 from ..cache import LayerKV
-from .base import Context, Method, Policy, Rows, Run, resolve_budget
+from .base import Context, LayerStep, Method, Policy, Rows, Run, resolve_budget
 
 # Query rows scored at once in prefill: at most this many rows, and about this many fp32 logits.
 SCORE_CHUNK_ROWS = 256
@@ -59,7 +59,7 @@ class H2O(Method):
         return cls(budget=None)
 
     def start(self, run: Run) -> Policy:
-        return H2OPolicy(run, self)
+        return H2OPolicy(self, run)
 
 
 def accumulated_attention(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
@@ -83,7 +83,7 @@ def accumulated_attention(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, s
 
 
 class H2OPolicy(Policy):
-    def __init__(self, run: Run, method: H2O):
+    def __init__(self, method: H2O, run: Run):
         super().__init__(run)
         self.budget = None if method.budget is None else _budget_tokens(method.budget, run.prompt_len)
         if self.budget is not None:
@@ -91,31 +91,26 @@ class H2OPolicy(Policy):
         layers = run.spec.num_layers
         self.scores: list[torch.Tensor | None] = [None] * layers  # `[kv_heads, t]` accumulated attention
         self.positions: list[torch.Tensor | None] = [None] * layers  # `[kv_heads, t]` true per-head positions
-        self.caches: list[LayerKV | None] = [None] * layers
         self.kept_after_prefill = [0] * layers
         self.evicted_in_prefill = [0] * layers
         self.evicted_in_decode = [0] * layers
 
-    def prefill_keep_after_attention(self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Record the attention each prompt token received at this layer; nothing is pruned from the rows."""
+    def prefill_observe(self, step: LayerStep) -> None:
+        """Record the attention each prompt token received at this layer."""
         if self.budget is not None:
-            self.scores[layer] = accumulated_attention(q, k, rows.pos, self.run.scale)
-        return None
+            self.scores[step.layer] = accumulated_attention(step.q, step.k, step.rows.pos, self.run.scale)
 
-    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
+    def prefill_layer_done(self, step: LayerStep) -> None:
+        layer, kv = step.layer, step.kv
         self.positions[layer] = kv.positions.clone().expand(kv.keys.shape[0], -1)
         self.evicted_in_prefill[layer] = self._evict(layer, kv)
         self.kept_after_prefill[layer] = len(kv)
 
-    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
-        self.caches[layer] = kv  # evicted from in `decode_layer_done`, once this step's attention is known
-        return Context.of(kv)
-
-    def decode_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, context: Context) -> Rows:
+    def decode_layer_done(self, step: LayerStep, context: Context) -> Rows:
         """Add this step's attention to the running sums, then evict down to the budget."""
+        layer, rows, q, kv = step.layer, step.rows, step.q, step.kv
         if self.budget is None:
             return rows
-        kv = self.caches[layer]
         received = grouped_logits(q, context.k, self.run.scale).softmax(-1).sum(1)
         self._add_received(layer, kv, received, rows.pos)
         if len(kv) == self.budget + 1:  # the usual step: one entry over, evicted in place
@@ -123,11 +118,11 @@ class H2OPolicy(Policy):
             self.evicted_in_decode[layer] += 1
         else:
             self.evicted_in_decode[layer] += self._evict(layer, kv)
-        self.caches[layer] = None
         return rows
 
-    def extend_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, kv: LayerKV) -> None:
+    def extend_layer_done(self, step: LayerStep) -> None:
         """A later turn: the attention its rows gave joins the running sums, then the cache is cut to the budget."""
+        layer, rows, q, kv = step.layer, step.rows, step.q, step.kv
         if self.budget is None:
             return
         received = torch.zeros(q.shape[0], len(kv), device=q.device)

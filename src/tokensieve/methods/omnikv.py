@@ -23,8 +23,8 @@ import torch
 
 from ..attention import grouped_logits, max_head_logits
 from ..cache import LayerKV
-from ..offload import Pending, Transfers
-from .base import Context, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from ..offload import Pending
+from .base import Context, LayerStep, Method, Policy, Run, resolve_budget, scaled_layers
 from .omnikv_store import PackedSegment
 
 PAPER_FILTER_LAYERS = (2, 8, 18)  # Llama-3-8B, 32 layers
@@ -142,25 +142,21 @@ class OmniKVPolicy(Policy):
         self.method = method
         self.plan = method.layer_plan(run.spec.num_layers)
         self.budget = resolve_budget(method.budget, run.prompt_len)
-        self.transfers = Transfers(run.device)
         segments = self.plan.segments.items() if method.offload else ()
-        self.stores = {f: PackedSegment(layers, self.transfers) for f, layers in segments if layers}
+        self.stores = {f: PackedSegment(layers, run.transfers) for f, layers in segments if layers}
         self.recent: dict[int, torch.Tensor] = {}  # filter layer -> last `window` queries [heads, m, d]
         self.selected: dict[int, torch.Tensor] = {}  # filter layer -> sorted prompt indices of this step
         self.loading: dict[int, Pending] = {}  # filter layer -> packed load of this step
         self.prompt_pos: torch.Tensor | None = None
-        self.bytes_loaded = 0
         self.steps = 0
 
     # -- prefill: dense; remember the filter layers' last queries, move sparse layers' prompt KV away --
-    def prefill_keep_after_attention(
-        self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor
-    ) -> torch.Tensor | None:
-        if self.method.selector in WINDOWED and layer in self.plan.segments:
-            self.recent[layer] = q[:, -self.method.window :].clone()  # not a view that pins all of q
-        return None
+    def prefill_observe(self, step: LayerStep) -> None:
+        if self.method.selector in WINDOWED and step.layer in self.plan.segments:
+            self.recent[step.layer] = step.q[:, -self.method.window :].clone()  # not a view that pins all of q
 
-    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
+    def prefill_layer_done(self, step: LayerStep) -> None:
+        layer, kv = step.layer, step.kv
         if self.prompt_pos is None:
             self.prompt_pos = kv.positions.clone()
         segment = self.plan.segment_of(layer)
@@ -170,9 +166,10 @@ class OmniKVPolicy(Policy):
             kv.replace(kv.keys[:, :0], kv.values[:, :0], kv.positions[:0])
 
     # -- decode ------------------------------------------------------------------------------------------
-    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
+    def decode_context(self, step: LayerStep) -> Context:
+        layer, kv = step.layer, step.kv
         if layer in self.plan.segments:
-            self._select(layer, q[:, -1], kv)
+            self._select(layer, step.q[:, -1], kv)
             return Context.of(kv)
         segment = self.plan.segment_of(layer)
         if segment is None:
@@ -193,7 +190,6 @@ class OmniKVPolicy(Policy):
         store = self.stores.get(filter_layer)
         if store is not None:
             self.loading[filter_layer] = store.load(index)
-            self.bytes_loaded += len(index) * store.row_bytes
 
     def _sparse_context(self, layer: int, segment: int, kv: LayerKV) -> Context:
         """The segment's selected prompt tokens, then every generated token (the device tail)."""
@@ -214,7 +210,8 @@ class OmniKVPolicy(Policy):
         self.loading.clear()  # release this step's loaded rows
 
     # -- a later turn: nothing was dropped, so its rows attend to every earlier token ----------------------
-    def extend_context(self, layer: int, rows: Rows, kv: LayerKV) -> Context:
+    def extend_context(self, step: LayerStep) -> Context:
+        layer, kv = step.layer, step.kv
         store = self.stores.get(self.plan.segment_of(layer))
         if store is None:
             return Context.of(kv)
@@ -235,5 +232,4 @@ class OmniKVPolicy(Policy):
             "filter_layers": list(plan.filter_layers),
             "dense_layers": list(plan.dense_layers),
             "sparse_layers": list(plan.sparse_layers),
-            "host_bytes_loaded_per_step": self.bytes_loaded / max(1, self.steps),
         }

@@ -39,8 +39,8 @@ import torch
 
 from ..attention import grouped_logits
 from ..cache import LayerKV
-from ..offload import Pending, Transfers
-from .base import Context, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from ..offload import Pending
+from .base import Context, LayerStep, Method, Policy, Run, resolve_budget, scaled_layers
 
 PAPER_LAYERS = (10, 20, 30)  # Llama-3.1-8B's pruning layers ...
 PAPER_DEPTH = 32  # ... out of its 32 layers
@@ -171,7 +171,7 @@ class SlimInfer(Method):
         return entering, on_device
 
     def start(self, run: Run) -> SlimInferPolicy:
-        return SlimInferPolicy(run, self)
+        return SlimInferPolicy(self, run)
 
 
 class PrunedLayer:
@@ -224,12 +224,12 @@ class PrunedLayer:
 class SlimInferPolicy(Policy):
     """One generation under SlimInfer: prunes blocks in prefill, re-selects active blocks in decode."""
 
-    def __init__(self, run: Run, method: SlimInfer):
+    def __init__(self, method: SlimInfer, run: Run):
         super().__init__(run)
         self.method = method
         self.schedule = method.schedule(run.spec.num_layers, run.prompt_len)
         self.tail = run.prompt_len - (run.prompt_len - 1) // method.block_size * method.block_size
-        self.transfers = Transfers(run.device) if method.offload else None
+        self.transfers = run.transfers if method.offload else None
         self.pruned_tokens: dict[int, int] = {}  # pruning layer -> tokens whose hidden states stop there
         self.chosen: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # until the layer's KV is done
         self.layers: dict[int, PrunedLayer] = {}
@@ -237,9 +237,8 @@ class SlimInferPolicy(Policy):
         self.steps = 0
 
     # -- prefill ---------------------------------------------------------------------------------------
-    def prefill_keep_after_attention(
-        self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor
-    ) -> torch.Tensor | None:
+    def prefill_keep_after_attention(self, step: LayerStep) -> torch.Tensor | None:
+        layer, rows, q, k = step.layer, step.rows, step.q, step.k
         if layer not in self.schedule:
             return None
         size = self.method.block_size
@@ -256,7 +255,8 @@ class SlimInferPolicy(Policy):
         tail_rows = torch.arange(blocks * size, len(rows), device=chosen.device)
         return torch.cat([block_rows(chosen, size), tail_rows])
 
-    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
+    def prefill_layer_done(self, step: LayerStep) -> None:
+        layer, kv = step.layer, step.kv
         if layer not in self.chosen:
             return
         chosen, units, positions = self.chosen.pop(layer)
@@ -270,22 +270,20 @@ class SlimInferPolicy(Policy):
         self.layers[layer] = store
 
     # -- decode ----------------------------------------------------------------------------------------
-    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
-        store = self.layers.get(layer)
-        if store is None:
-            return Context.of(kv)
-        store.install(kv)
-        context = store.context(kv)
-        self.rescore(layer, store, q[:, -1])
+    def decode_context(self, step: LayerStep) -> Context:
+        context = self.extend_context(step)
+        store = self.layers.get(step.layer)
+        if store is not None:
+            self.rescore(step.layer, store, step.q[:, -1])
         return context
 
-    def extend_context(self, layer: int, rows: Rows, kv: LayerKV) -> Context:
-        """A later turn attends to what decode would: the active blocks at a pruning layer, all else elsewhere."""
-        store = self.layers.get(layer)
+    def extend_context(self, step: LayerStep) -> Context:
+        """At a pruning layer, the active blocks (installing last step's prefetch first); elsewhere, all."""
+        store = self.layers.get(step.layer)
         if store is None:
-            return Context.of(kv)
-        store.install(kv)
-        return store.context(kv)
+            return Context.of(step.kv)
+        store.install(step.kv)
+        return store.context(step.kv)
 
     def rescore(self, layer: int, store: PrunedLayer, query: torch.Tensor) -> None:
         """Score every block with `query`; prefetch a swap when the top set drifted from the active set."""
@@ -312,24 +310,13 @@ class SlimInferPolicy(Policy):
         layers = sorted(self.schedule)
         swaps = [d for d in self.decisions if d.blocks_in]
         blocks_in = sum(d.blocks_in for d in swaps)
-        block_bytes = self.method.block_size * self.run.spec.kv_bytes_per_token(self.run.dtype)
         return {
             "prune_layers": layers,
             "budget_tokens": [self.schedule[layer] for layer in layers],
             "pruned_tokens": [self.pruned_tokens.get(layer, 0) for layer in layers],
-            "prefill_mlp_tokens_per_layer": self.mlp_tokens_per_layer(),
             "decode_rescorings": len(self.decisions),
             "swaps": len(swaps),
             "blocks_swapped_in": blocks_in,
             "swaps_per_step": len(swaps) / max(1, self.steps),
             "mean_overlap": sum(d.overlap for d in self.decisions) / len(self.decisions) if self.decisions else None,
-            "host_bytes_loaded_per_step": blocks_in * block_bytes / max(1, self.steps) if self.method.offload else 0.0,
         }
-
-    def mlp_tokens_per_layer(self) -> list[int]:
-        """Tokens reaching each layer's MLP in prefill: a pruning layer's attention saw more (for the FLOP model)."""
-        present, tokens = self.run.prompt_len, []
-        for layer in range(self.run.spec.num_layers):
-            present -= self.pruned_tokens.get(layer, 0)
-            tokens.append(present)
-        return tokens

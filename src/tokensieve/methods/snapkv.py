@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import grouped_logits
-from ..cache import LayerKV
-from .base import Method, Policy, Rows, Run, resolve_budget
+from .base import LayerStep, Method, Policy, Run, resolve_budget
 
 POOLINGS = ("max", "avg")
 
@@ -68,7 +67,7 @@ class SnapKV(Method):
         return cls(budget=1.0)
 
     def start(self, run: Run) -> Policy:
-        return SnapKVPolicy(run, self)
+        return SnapKVPolicy(self, run)
 
 
 def observation_scores(
@@ -93,7 +92,7 @@ def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor
 
 
 class SnapKVPolicy(Policy):
-    def __init__(self, run: Run, method: SnapKV):
+    def __init__(self, method: SnapKV, run: Run):
         super().__init__(run)
         self.method = method
         self.budget = resolve_budget(method.budget, run.prompt_len)
@@ -108,20 +107,21 @@ class SnapKVPolicy(Policy):
         self.evicted = [0] * layers
         self.selection: torch.Tensor | None = None  # `[kv_heads, budget]` slots of the layer being prefilled
 
-    def prefill_keep_after_attention(self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Choose what layer `layer` keeps while its queries are at hand; nothing is pruned from the rows."""
+    def prefill_observe(self, step: LayerStep) -> None:
+        """Score what the layer keeps while its queries are at hand; `prefill_layer_done` evicts the rest."""
+        rows, q, k = step.rows, step.q, step.k
         self.selection = None
         if len(rows) <= self.budget:
-            return None
+            return
         w = self.method.window
         scores = observation_scores(q[:, -w:], rows.pos[-w:], k, rows.pos, self.run.scale)
         pooled = pool_scores(scores[:, :-w], self.method.kernel, self.method.pooling)
         top = pooled.topk(self.budget - w, dim=-1).indices.sort(-1).values
         window = torch.arange(len(rows) - w, len(rows), device=top.device).expand(top.shape[0], -1)
         self.selection = torch.cat([top, window], dim=-1)
-        return None
 
-    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
+    def prefill_layer_done(self, step: LayerStep) -> None:
+        layer, kv = step.layer, step.kv
         if self.selection is None:
             self.kept[layer] = self.distinct_kept[layer] = len(kv)
             return
