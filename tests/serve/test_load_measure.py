@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokensieve.serve.load import HEADER, Load, main, prompts
+from tokensieve.serve.load import HEADER, TURNS_HEADER, Load, main, prompts
 
 
 def test_load_measurement_prints_a_row_per_run(capsys):
@@ -22,12 +22,25 @@ def test_load_measurement_prints_a_row_per_run(capsys):
         assert rps > 0 and 0 < ttft50 <= ttft90 and tpot50 >= 0  # a TPOT can round to 0.0 ms on tiny
 
 
+def test_multi_turn_measurement_computes_less_with_reuse(capsys):
+    main(["--model", "tiny", "--requests", "1", "--concurrency", "1", "--max-tokens", "3", "--prompt-tokens", "20"]
+         + ["--turns", "3"])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = [line.strip("| ").split(" | ") for line in out.split(TURNS_HEADER)[1].strip().splitlines()]
+    assert [row[0] for row in rows] == ["1", "2", "3"]
+    for turn, context, _, computed_reused, _, computed_recomputed in rows:
+        if turn == "1":
+            assert int(computed_reused) == int(computed_recomputed) == int(context) == 20 + 1  # with BOS
+        else:  # the new turn and the last reply's last token, vs the whole conversation
+            assert int(computed_reused) == 20 + 1 < min(int(context), int(computed_recomputed))
+
+
 def test_load_timings():
     load = Load("x", 1, seconds=2.0)
     load.add(sent=0.0, pieces=[0.1, 0.2, 0.4], tokens=4)
     load.add(sent=1.0, pieces=[1.3], tokens=1)  # one token: a TTFT, no TPOT
     assert load.ttft_s == pytest.approx([0.1, 0.3]) and load.tpot_s == pytest.approx([0.1])
-    assert load.row().startswith("| x | 1 | 1.0 | ")
+    assert load.row().startswith("| x | 1 | 1.00 | ")
 
 
 def test_prompts_are_distinct_and_of_the_asked_length():

@@ -4,7 +4,9 @@
 thread on a free loopback port, sends streaming completions `--concurrency` at a time, and prints per
 method: requests/s, TTFT (send to first text piece) and TPOT ((last piece - first piece) / (tokens - 1))
 percentiles, beside the same figures of in-process `engine.stream` one request at a time. Prompts are
-fixed-length random byte strings, distinct per request, so nothing is reused between requests.
+fixed-length random byte strings, distinct per request, and these requests ask for no reuse. `--turns N`
+adds a conversation of N turns (each prompt: the previous one, its reply and a new turn of `--prompt-tokens`)
+run twice, with prefix reuse and without, printing each turn's TTFT and the tokens the server computed.
 """
 
 from __future__ import annotations
@@ -37,11 +39,16 @@ class Load:
     def row(self) -> str:
         ms = [1000 * np.percentile(values, q) for values in (self.ttft_s, self.tpot_s) for q in (50, 90)]
         rps = len(self.ttft_s) / self.seconds
-        return f"| {self.label} | {self.concurrency} | {rps:.1f} | " + " | ".join(f"{v:.1f}" for v in ms) + " |"
+        return f"| {self.label} | {self.concurrency} | {rps:.2f} | " + " | ".join(f"{v:.1f}" for v in ms) + " |"
 
 
 COLUMNS = ("run", "concurrency", "requests/s", "TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms", "TPOT p90 ms")
 HEADER = "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|"
+
+
+TURNS_HEADER = (
+    "| turn | context tokens | TTFT ms, reuse | computed | TTFT ms, recomputed | computed |\n|---|---|---|---|---|---|"
+)
 
 
 def prompts(count: int, length: int, seed: int = 0) -> list[str]:
@@ -63,6 +70,34 @@ def in_process(engine, texts: list[str], max_tokens: int, method: str) -> Load:
     return load
 
 
+@dataclass
+class Timed:
+    """One streamed completion as the client saw it."""
+
+    sent: float
+    pieces: list[float] = field(default_factory=list)  # arrival time of each non-empty text piece
+    text: str = ""
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)  # the last chunk's `tokensieve` field
+
+
+async def timed_completion(client, url: str, body: dict) -> Timed:
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    timed = Timed(time.perf_counter())
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                timed.pieces.append(time.perf_counter())
+                timed.text += chunk["choices"][0]["text"]
+            timed.extra = chunk.get("tokensieve", timed.extra)
+            timed.tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else timed.tokens
+    return timed
+
+
 async def through_server(url: str, model: str, texts: list[str], max_tokens: int, method: str, concurrency: int):
     import httpx
 
@@ -70,27 +105,33 @@ async def through_server(url: str, model: str, texts: list[str], max_tokens: int
     gate = asyncio.Semaphore(concurrency)
 
     async def one(client, text: str) -> None:
-        body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-        body |= {"stream_options": {"include_usage": True}, "tokensieve": {"method": method, "reuse": False}}
+        body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0}
         async with gate:
-            sent, pieces, tokens = time.perf_counter(), [], 0
-            async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk["choices"] and chunk["choices"][0]["text"]:
-                        pieces.append(time.perf_counter())
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-            load.add(sent, pieces, tokens)
+            timed = await timed_completion(client, url, body | {"tokensieve": {"method": method, "reuse": False}})
+        load.add(timed.sent, timed.pieces, timed.tokens)
 
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
         await asyncio.gather(*(one(client, text) for text in texts))
         load.seconds = time.perf_counter() - start
     return load
+
+
+async def conversation(url: str, model: str, turns: list[str], max_tokens: int, method: str, reuse: bool):
+    """A multi-turn completion conversation (each prompt: the previous prompt, its reply, a new turn);
+    per turn: (client TTFT in seconds, prompt tokens computed, context tokens)."""
+    import httpx
+
+    prompt, rows = "", []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for turn in turns:
+            prompt += turn
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+            timed = await timed_completion(client, url, body | {"tokensieve": {"method": method, "reuse": reuse}})
+            stats = timed.extra["stats"]
+            rows.append((timed.pieces[0] - timed.sent, timed.extra["computed_tokens"], stats["context_tokens"]))
+            prompt += timed.text
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,11 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per run")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--turns", type=int, default=0, help="also a conversation of this many turns, reuse on/off")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     engine = load_engine(args)
     name = args.model
-    app = create_app(engine, ServeConfig(model_name=name, max_waiting=max(levels), session_bytes=0))
+    app = create_app(engine, ServeConfig(model_name=name, max_waiting=max(levels)))
     print(HEADER)
     with running(app) as (_, url):
         for method in split_methods(args.methods):
@@ -121,6 +163,16 @@ def main(argv: list[str] | None = None) -> None:
             for level in levels:
                 run = through_server(url, name, texts[1:], args.max_tokens, method, level)
                 print(asyncio.run(run).row(), flush=True)
+        for method in split_methods(args.methods) if args.turns else []:
+            print(f"\n{args.turns} turns of {args.prompt_tokens} tokens, {method}:\n{TURNS_HEADER}")
+            turns = prompts(args.turns, args.prompt_tokens, seed=1)
+            runs = [asyncio.run(conversation(url, name, turns, args.max_tokens, method, r)) for r in (True, False)]
+            for i, (reused, recomputed) in enumerate(zip(*runs, strict=True)):
+                print(
+                    f"| {i + 1} | {reused[2]} | {1000 * reused[0]:.1f} | {reused[1]} | "
+                    f"{1000 * recomputed[0]:.1f} | {recomputed[1]} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
