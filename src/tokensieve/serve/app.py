@@ -91,8 +91,7 @@ def create_app(engine, config: ServeConfig | None = None) -> FastAPI:
         replies = Replies(chat, config.model_name)
         try:
             first = await _next_event(job, request)
-        except (ClientGone, asyncio.CancelledError):
-            worker.cancel(job)
+        except ClientGone:
             return Response(status_code=CLIENT_GONE)
         if first[0] == "error":
             return _error(first[1])
@@ -105,8 +104,7 @@ def create_app(engine, config: ServeConfig | None = None) -> FastAPI:
         try:
             while event[0] == "piece":
                 event = await _next_event(job, request)
-        except (ClientGone, asyncio.CancelledError):
-            worker.cancel(job)
+        except ClientGone:
             return Response(status_code=CLIENT_GONE)
         if event[0] == "error":
             return _error(event[1])
@@ -124,21 +122,25 @@ def create_app(engine, config: ServeConfig | None = None) -> FastAPI:
             if not finished:  # the client disconnected mid-stream: stop its generation, free its place
                 worker.cancel(job)
 
+    async def _next_event(job: Job, request: Request) -> tuple[str, Any]:
+        """The job's next event. When the client disconnects meanwhile (`ClientGone`), or the request's task
+        is cancelled, the job is cancelled first: it leaves the queue, or its generation stops."""
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise ClientGone from None
+        except (ClientGone, asyncio.CancelledError):
+            worker.cancel(job)
+            raise
+
     return app
 
 
 class ClientGone(Exception):
     """The client closed the connection before its answer was complete."""
-
-
-async def _next_event(job: Job, request: Request) -> tuple[str, Any]:
-    """The job's next event; raises `ClientGone` when the client disconnects meanwhile."""
-    while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                raise ClientGone from None
 
 
 def _check_model(name: str, config: ServeConfig) -> None:

@@ -26,7 +26,7 @@ from .sessions import SessionPool
 log = logging.getLogger("tokensieve.serve")
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the queue finds and removes it by identity
 class Job:
     """One request on its way through the queue. Events: ("piece", str), ("done", Generation), ("error", ServeError)."""
 
