@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                 run = through_server(url, name, texts[1:], args.max_tokens, method, level)
                 print(asyncio.run(run).row(), flush=True)
         for method in split_methods(args.methods) if args.turns else []:
-            print(f"\n{args.turns} turns of {args.prompt_tokens} tokens, {method}:\n{TURNS_HEADER}")
+            print(f"\n{args.turns} turns of {args.prompt_tokens} tokens, {method}:\n\n{TURNS_HEADER}")
             turns = prompts(args.turns, args.prompt_tokens, seed=1)
             runs = [asyncio.run(conversation(url, name, turns, args.max_tokens, method, r)) for r in (True, False)]
             for i, (reused, recomputed) in enumerate(zip(*runs, strict=True)):
