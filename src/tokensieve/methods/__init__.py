@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 
 from .base import Context, Dense, LayerStep, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .compose import Compose
 from .h2o import H2O
 from .lazyllm import LazyLLM
 from .omnikv import OmniKV
@@ -25,6 +26,11 @@ def resolve_method(method: str | Method) -> Method:
         return method
     if not isinstance(method, str):
         raise TypeError(f"a method is a name, a spec string or a Method instance, got {type(method).__name__}")
+    sides = _top_level_parts(method, "+")
+    if len(sides) > 2:
+        raise ValueError(f"bad method spec {method!r}: a composition is one prefill method + one decode method")
+    if len(sides) == 2:
+        return Compose(resolve_method(sides[0]), resolve_method(sides[1]))
     name, _, args = method.strip().partition("(")
     cls = METHODS.get(name.strip().lower())
     if cls is None:
@@ -51,20 +57,26 @@ def split_methods(text: str) -> list[str]:
     'all' is every registered method with its defaults, in name order."""
     if text.strip().lower() == "all":
         return sorted(METHODS)
-    specs, depth, current = [], 0, ""
+    return [spec for spec in _top_level_parts(text, ",") if spec]
+
+
+def _top_level_parts(text: str, separator: str) -> list[str]:
+    """`text` split at `separator`s outside parentheses (those inside belong to a spec's settings)."""
+    parts, depth, current = [], 0, ""
     for char in text:
         depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            specs.append(current.strip())
+        if char == separator and depth == 0:
+            parts.append(current.strip())
             current = ""
         else:
             current += char
-    specs.append(current.strip())
-    return [spec for spec in specs if spec]
+    parts.append(current.strip())
+    return parts
 
 
 __all__ = [
     "METHODS",
+    "Compose",
     "Context",
     "Dense",
     "H2O",

@@ -211,6 +211,8 @@ class Method:
     """Settings of a method. Subclasses are dataclasses named like the paper and override `start`."""
 
     name: ClassVar[str] = "dense"
+    kv_layout: ClassVar[str] = "shared"  # "per_head": each KV head keeps its own entries (SnapKV, H2O)
+    needs_shared_kv: ClassVar[bool] = False  # cannot follow a per-head eviction (OmniKV's shared selection, H2O)
 
     def start(self, run: Run) -> Policy:
         """A fresh policy for one generation."""
@@ -223,6 +225,20 @@ class Method:
         The shared test matrix runs every registered method with these settings.
         """
         return cls()
+
+    def as_prefill_side(self) -> Method:
+        """These settings as the prefill side of a composition (`Compose`): only the method's prefill decisions.
+
+        Methods whose prefill is dense (they act on the KV) raise a ValueError saying where they belong.
+        """
+        return self
+
+    def as_decode_side(self) -> Method:
+        """These settings as the decode side of a composition: what the method does with the KV prefill left.
+
+        Methods whose decode needs their own prefill raise a ValueError saying so.
+        """
+        return self
 
     def settings(self) -> dict[str, Any]:
         """The method's name and settings, as reported in the stats."""

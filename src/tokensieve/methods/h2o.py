@@ -54,6 +54,15 @@ class H2O(Method):
         if not 0 < self.recent_ratio <= 1:
             raise ValueError(f"recent_ratio must be in (0, 1] (the paper uses 0.5), got {self.recent_ratio}")
 
+    kv_layout: ClassVar[str] = "per_head"
+    needs_shared_kv: ClassVar[bool] = True  # its running scores cover every entry prefill left, per head
+
+    def as_prefill_side(self) -> Method:
+        raise ValueError(
+            "H2O's prefill is dense (it evicts KV after prefill and in decode): put it on the decode side, "
+            "e.g. 'sliminfer+h2o'"
+        )
+
     @classmethod
     def keep_all(cls) -> H2O:
         return cls(budget=None)

@@ -14,7 +14,7 @@ depths scale the stage starts 9, 19, 28 (`scaled_layers`) and subtract one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from typing import Any, ClassVar
 
@@ -81,6 +81,16 @@ class LazyLLM(Method):
             if not (self.revive and self.dynamic_decode):
                 raise ValueError("revive_per_step bounds decode revival, which revive=False / dynamic_decode=False "
                                  "turn off: drop one of them")  # fmt: skip
+
+    def as_prefill_side(self) -> LazyLLM:
+        """Static pruning (the paper's ablation): prune in prefill, no aux cache; the decode side takes over."""
+        return replace(self, dynamic_decode=False, revive=False, revive_per_step=None)
+
+    def as_decode_side(self) -> Method:
+        raise ValueError(
+            "LazyLLM's decode revives the tokens its own prefill pruned, so it cannot follow another prefill: "
+            "use method='lazyllm' alone, or put LazyLLM on the prefill side (e.g. 'lazyllm+omnikv')"
+        )
 
     @classmethod
     def keep_all(cls) -> LazyLLM:

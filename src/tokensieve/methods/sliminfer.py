@@ -32,7 +32,7 @@ Our choices where the paper leaves details open:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -105,6 +105,9 @@ class SlimInfer(Method):
     """Decode swaps blocks only when the new top set overlaps the active set by less than this."""
     offload: bool = True
     """Keep a pruning layer's inactive blocks in host memory (False: all on the device, compute savings only)."""
+    kv_manager: bool = True
+    """Swap blocks in decode (the paper). False: prune in prefill only, and decode attends to every key the
+    layers hold; this is SlimInfer on the prefill side of a composition (`Compose`)."""
 
     def __post_init__(self):
         self.budgets = tuple(self.budgets)
@@ -131,6 +134,15 @@ class SlimInfer(Method):
                 raise ValueError(f"prune_layers must be distinct layer indices >= 0 in order, got {self.prune_layers}")
         elif len(self.budgets) != len(PAPER_LAYERS):
             raise ValueError(f"{len(self.budgets)} budgets need prune_layers (the default layers take 3 budgets)")
+
+    def as_prefill_side(self) -> SlimInfer:
+        return replace(self, kv_manager=False, offload=False)
+
+    def as_decode_side(self) -> Method:
+        raise ValueError(
+            "SlimInfer's decode swaps the blocks its own prefill pruned, so it cannot follow another prefill: "
+            "use method='sliminfer' alone, or put SlimInfer on the prefill side (e.g. 'sliminfer+omnikv')"
+        )
 
     @classmethod
     def keep_all(cls) -> SlimInfer:
@@ -251,7 +263,8 @@ class SlimInferPolicy(Policy):
         query = q[:, window].float().mean(1)
         units = unit_keys(k[:, : blocks * size].unflatten(1, (blocks, size)), self.method.unit_size)
         chosen = top_blocks(block_scores(query, units), kept)
-        self.chosen[layer] = (chosen, units, rows.pos[: blocks * size].view(blocks, size))
+        if self.method.kv_manager:  # the decode block manager needs the scored blocks
+            self.chosen[layer] = (chosen, units, rows.pos[: blocks * size].view(blocks, size))
         tail_rows = torch.arange(blocks * size, len(rows), device=chosen.device)
         return torch.cat([block_rows(chosen, size), tail_rows])
 

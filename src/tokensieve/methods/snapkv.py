@@ -62,6 +62,14 @@ class SnapKV(Method):
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
 
+    kv_layout: ClassVar[str] = "per_head"
+
+    def as_decode_side(self) -> Method:
+        raise ValueError(
+            "SnapKV evicts once, right after prefill, and then decodes densely: put it on the prefill side "
+            "(e.g. 'snapkv+streaming_llm')"
+        )
+
     @classmethod
     def keep_all(cls) -> SnapKV:
         return cls(budget=1.0)

@@ -48,6 +48,12 @@ class StreamingLLM(Method):
         if self.window is not None:
             resolve_budget(self.window, 1, "window")  # type and sign are checked here, with clear messages
 
+    def as_prefill_side(self) -> Method:
+        raise ValueError(
+            "StreamingLLM's prefill is dense (it evicts KV after prefill and in decode): put it on the decode side, "
+            "e.g. 'sliminfer+streaming_llm'"
+        )
+
     @classmethod
     def keep_all(cls) -> StreamingLLM:
         return cls(window=None)
