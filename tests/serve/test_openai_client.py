@@ -20,7 +20,9 @@ def test_health(live):
     assert httpx.get(f"{live.url}/health").json() == {"status": "ok", "model": MODEL}
 
 
-@pytest.mark.parametrize("method", [None, "omnikv(budget=0.5)", "sliminfer(budgets=(0.5, 0.25, 0.125))"])
+@pytest.mark.parametrize(
+    "method", [None, "omnikv(budget=0.5)", "sliminfer(budgets=(0.5, 0.25, 0.125))", "sliminfer+omnikv(budget=0.5)"]
+)
 def test_completion_equals_engine_generate(live, method):
     extra = {} if method is None else {"extra_body": {"tokensieve": {"method": method}}}
     reply = live.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, **extra)
