@@ -109,6 +109,16 @@ def test_a_request_past_its_timeout_is_stopped_with_504():
         assert server.metric("tokensieve_requests_running") == 0
 
 
+def test_a_stream_past_its_timeout_ends_with_an_error_event_then_done():
+    with live_server(request_timeout_s=0.3, max_tokens=1000) as server:
+        body = {"model": MODEL, "prompt": "go on", "max_tokens": 1000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+            lines = [line for line in response.iter_lines() if line]
+        assert response.status_code == 200  # the stream had begun
+        assert lines[-1] == "data: [DONE]"
+        assert "--request-timeout" in json.loads(lines[-2][6:])["error"]["message"]
+
+
 @pytest.mark.parametrize("path", ["/health", "/v1/completions"])
 def test_shutting_down_refuses_new_requests_with_503(path):
     with live_server() as server:

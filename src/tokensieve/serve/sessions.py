@@ -96,7 +96,7 @@ class SessionPool:
 
     def _evict(self) -> None:
         """Drop the least recently used sessions until the rest fit in `max_bytes`."""
-        while self._kept and self._bytes()[0] + self._bytes()[1] > self.max_bytes:
+        while self._kept and sum(self._bytes()) > self.max_bytes:
             _, oldest = self._kept.popitem(last=False)
             oldest.session.close()
             self.metrics.evicted.inc()
