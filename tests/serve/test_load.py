@@ -110,7 +110,8 @@ def test_a_request_past_its_timeout_is_stopped_with_504():
 
 
 def test_a_stream_past_its_timeout_ends_with_an_error_event_then_done():
-    with live_server(request_timeout_s=0.3, max_tokens=1000) as server:
+    # 0.5 s: well after the first token (milliseconds), well before 1000 tokens of the tiny model (seconds)
+    with live_server(request_timeout_s=0.5, max_tokens=1000) as server:
         body = {"model": MODEL, "prompt": "go on", "max_tokens": 1000, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
             lines = [line for line in response.iter_lines() if line]
