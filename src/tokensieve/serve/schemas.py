@@ -42,17 +42,25 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="penalties are not implemented")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="penalties are not implemented")
-    logprobs: bool | int | None = Field(None, description="log-probabilities are not implemented")
+    # accepted at their neutral values only (clients send them by default); anything else is refused
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool | int | None = None
     tokensieve: TokensieveOptions = Field(default_factory=TokensieveOptions)
 
-    @field_validator("logprobs")
+    @field_validator("n")
     @classmethod
-    def _no_logprobs(cls, value):
+    def _one_choice(cls, value):
+        if value != 1:
+            raise ValueError("tokensieve serve returns one choice per request: leave n at 1")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty", "logprobs")
+    @classmethod
+    def _not_implemented(cls, value, info):
         if value:
-            raise ValueError("logprobs are not implemented by tokensieve serve; leave logprobs unset")
+            raise ValueError(f"{info.field_name} is not implemented by tokensieve serve: leave it unset (or 0)")
         return value
 
     @field_validator("stop")
@@ -73,7 +81,14 @@ class _Sampling(_Strict):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(min_length=1)
-    echo: bool = Field(False, le=False, description="echo is not implemented")
+    echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value):
+        if value:
+            raise ValueError("echo is not implemented by tokensieve serve: leave it false")
+        return value
 
 
 class ChatMessage(_Strict):
