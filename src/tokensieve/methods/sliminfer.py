@@ -39,7 +39,7 @@ import torch
 
 from ..attention import grouped_logits
 from ..cache import LayerKV
-from ..offload import Pending
+from ..offload import HostRows, Pending
 from .base import Context, LayerStep, Method, Policy, Run, resolve_budget, scaled_layers
 
 PAPER_LAYERS = (10, 20, 30)  # Llama-3.1-8B's pruning layers ...
@@ -193,11 +193,11 @@ class PrunedLayer:
     rows of that block in the full KV (no offload); the last block and generated tokens follow the slots.
     """
 
-    def __init__(self, units: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, host: torch.Tensor | None):
+    def __init__(self, units: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, host: HostRows | None):
         self.units = units  # [kv_heads, blocks, units per block, d], fp32
         self.positions = positions  # [blocks, block_size]
         self.slots = slots  # [active blocks]: block held by each slot
-        self.host = host  # [blocks, 2 (k, v), kv_heads, block_size, d] or None
+        self.host = host  # rows [blocks, 2 (k, v), kv_heads, block_size, d], or None
         self.pending: tuple[torch.Tensor, torch.Tensor, Pending | None] | None = None
 
     @property
@@ -214,7 +214,7 @@ class PrunedLayer:
         if load is None:
             return
         rows = block_rows(slots, self.block_size)
-        kv_blocks = load.wait()  # [entering, 2, kv_heads, block_size, d]
+        kv_blocks = self.host.rows_of(load.wait())  # [entering, 2, kv_heads, block_size, d]
         kv.keys[:, rows] = kv_blocks[:, 0].transpose(0, 1).flatten(1, 2)
         kv.values[:, rows] = kv_blocks[:, 1].transpose(0, 1).flatten(1, 2)
         kv.positions[rows] = self.positions[entering].flatten()
@@ -229,7 +229,7 @@ class PrunedLayer:
     def nbytes(self) -> tuple[int, int]:
         """Bytes on the device (unit keys, positions, slots) and on the host (block copies)."""
         device = sum(t.numel() * t.element_size() for t in (self.units, self.positions, self.slots))
-        host = 0 if self.host is None else self.host.numel() * self.host.element_size()
+        host = 0 if self.host is None else self.host.nbytes
         return device, host
 
 
@@ -277,7 +277,7 @@ class SlimInferPolicy(Policy):
         if self.transfers is not None:
             full = positions.numel()
             blocks = torch.stack([kv.keys[:, :full], kv.values[:, :full]]).unflatten(2, positions.shape)
-            store.host = self.transfers.to_host(blocks.permute(2, 0, 1, 3, 4))  # block-major: loads gather rows
+            store.host = HostRows.copy_of(self.transfers, blocks.permute(2, 0, 1, 3, 4))  # a row per block
             keep = torch.cat([block_rows(chosen, store.block_size), torch.arange(full, len(kv), device=chosen.device)])
             kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
         self.layers[layer] = store
@@ -306,7 +306,7 @@ class SlimInferPolicy(Policy):
         entering = top[~torch.isin(top, store.slots)] if overlap < self.method.gamma else top[:0]
         self.decisions.append(Decision(self.steps, layer, overlap, len(entering)))
         if len(entering):
-            load = None if store.host is None else self.transfers.load(store.host, entering)
+            load = None if store.host is None else store.host.load(entering)
             store.pending = (leaving.nonzero()[:, 0], entering, load)
 
     def decode_step_done(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..attention import grouped_logits
+from ..attention import attention_received
 from .base import LayerStep, Method, Policy, Run, resolve_budget
 
 POOLINGS = ("max", "avg")
@@ -81,16 +81,10 @@ class SnapKV(Method):
 def observation_scores(
     q_window: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Attention `[kv_heads, t]` each key receives from the window's queries `[heads, w, d]`.
-
-    Softmax over the keys each query sees (causal by position), summed over the window's queries, then
-    averaged over the query heads that share a KV head (GQA). Costs `w x t` logits per head, never `t x t`.
-    """
-    logits = grouped_logits(q_window, k, scale)
-    logits.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-    received = logits.softmax(-1).sum(1)
-    kv_heads = k.shape[0]
-    return received.reshape(kv_heads, -1, received.shape[-1]).mean(1)
+    """Attention `[kv_heads, t]` each key receives from the window's queries `[heads, w, d]` (causal by
+    position), summed over the window's queries, then averaged over the query heads that share a KV head."""
+    received = attention_received(q_window, q_pos, k, k_pos, scale)
+    return received.reshape(k.shape[0], -1, received.shape[-1]).mean(1)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
