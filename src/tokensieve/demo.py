@@ -32,22 +32,24 @@ def demo_methods(prompt_tokens: int) -> dict[str, Method]:
 
 
 def register(sub) -> None:
-    from .cli import add_model_arguments
+    from .commands.options import add_model_arguments, positive_int
 
     parser = sub.add_parser("demo", help="a needle task on the embedded model: every method beside dense")
     add_model_arguments(parser, default_model="testbed")
-    parser.add_argument("--tokens", type=int, default=2048, help="prompt length in tokens (default 2048)")
+    parser.add_argument("--tokens", type=positive_int, default=2048, help="prompt length in tokens (default 2048)")
     parser.add_argument(
         "--task", default="niah_single:words", help="a task of `tokensieve eval` (default niah_single:words)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task's haystack, needle and values")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from .cli import load_engine
-    from .eval.tasks import make_sample
+    from .commands.options import check_context, load_engine
+    from .eval.tasks import make_sample, parse_task
 
+    parse_task(args.task)  # these checks before the model loads
+    check_context(args.model, args.tokens, "--tokens")
     try:
         engine = load_engine(args)
     except ValueError as missing:

@@ -271,7 +271,7 @@ def test_snapkv_prefill_is_dense_and_dropping_changes_decode(deep_engine, dense_
         (dict(budget=0), ValueError, "budget must be > 0"),
         (dict(budget=2.0), ValueError, "budget 2.0 is a float above 1"),
         (dict(window=0), ValueError, "window must be an int >= 1"),
-        (dict(kernel=4), ValueError, "kernel must be an odd int >= 1"),
+        (dict(kernel=4), ValueError, "kernel must be an int >= 1 and odd"),
         (dict(pooling="mean"), ValueError, "pooling must be one of max, avg"),
     ],
 )

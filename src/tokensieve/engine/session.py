@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import inputs
 from ..cache import LayerKV
 from ..generation import Generation, Sampling, Stats
 from ..methods import Method, Run
@@ -90,7 +91,7 @@ class Session:
     ) -> GenerationStream:
         """Like `generate`, as an iterator of text pieces; its `generation` is set when it is exhausted."""
         sampling = Sampling(temperature, top_p, seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = inputs.stop_strings(stop)
         self.engine.check_lengths(len(self.tokens), max_new_tokens)
         self._claim()
         self._active = GenerationStream(self, max_new_tokens, sampling, stops, close_session)

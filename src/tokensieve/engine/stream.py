@@ -85,7 +85,7 @@ class GenerationStream(Iterator[str]):
 
     def _finish(self, reason: str) -> str:
         session = self.session
-        tail = self.text.flush()
+        tail = self.text.finish()
         counts, steps = self.counts, max(1, self.counts.steps)
         stats = Stats(method=session.method.settings(), context_tokens=self.context_tokens)
         if self.prompt_pass is not None:

@@ -191,13 +191,23 @@ def resolve_budget(budget: int | float, prompt_len: int, what: str = "budget") -
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"{what} must be a token count (int) or a fraction of the prompt (float), got {budget!r}")
-    if budget <= 0:
+    if not budget > 0:  # NaN fails this too
         raise ValueError(f"{what} must be > 0 (a token count or a fraction in (0, 1]), got {budget}")
     if isinstance(budget, float):
         if budget > 1:
             raise ValueError(f"{what} {budget} is a float above 1: give a fraction in (0, 1] or an int token count")
         return max(1, min(prompt_len, round(budget * prompt_len)))
     return min(prompt_len, budget)
+
+
+def require_int(value: Any, what: str, minimum: int = 1, note: str = "") -> int:
+    """`value`, an int >= `minimum` (a bool is not a count here); otherwise a ValueError naming `what`.
+
+    `note` follows the bound in the message, e.g. " (the paper uses 32)".
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}{note}, got {value!r}")
+    return value
 
 
 def scaled_layers(paper_layers: tuple[int, ...], paper_depth: int, num_layers: int) -> tuple[int, ...]:

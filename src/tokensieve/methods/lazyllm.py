@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..attention import last_query_probs
-from .base import Context, LayerStep, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .base import Context, LayerStep, Method, Policy, Rows, Run, require_int, resolve_budget, scaled_layers
 
 PAPER_STAGE_STARTS = (9, 19, 28)
 PAPER_DEPTH = 32
@@ -75,9 +75,7 @@ class LazyLLM(Method):
             if list(self.prune_layers) != sorted(set(self.prune_layers)):
                 raise ValueError(f"prune_layers must be strictly increasing, got {self.prune_layers}")
         if self.revive_per_step is not None:
-            limit = self.revive_per_step
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-                raise ValueError(f"revive_per_step must be None (no bound) or an int >= 0, got {limit!r}")
+            require_int(self.revive_per_step, "revive_per_step", 0, " (or None: no bound)")
             if not (self.revive and self.dynamic_decode):
                 raise ValueError("revive_per_step bounds decode revival, which revive=False / dynamic_decode=False "
                                  "turn off: drop one of them")  # fmt: skip

@@ -24,7 +24,7 @@ import torch
 from ..attention import grouped_logits, max_head_logits
 from ..cache import LayerKV
 from ..offload import Pending
-from .base import Context, LayerStep, Method, Policy, Run, resolve_budget, scaled_layers
+from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 from .omnikv_store import PackedSegment
 
 PAPER_FILTER_LAYERS = (2, 8, 18)  # Llama-3-8B, 32 layers
@@ -113,10 +113,8 @@ class OmniKV(Method):
         resolve_budget(self.budget, 1)  # type and sign errors now, not at the first generation
         if self.selector not in SELECTORS:
             raise ValueError(f"unknown selector {self.selector!r}: choose one of {', '.join(SELECTORS)}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an int >= 1 (queries summed by windowed selectors), got {self.window!r}")
-        if isinstance(self.wait_layers, bool) or not isinstance(self.wait_layers, int) or self.wait_layers < 0:
-            raise ValueError(f"wait_layers must be an int >= 0, got {self.wait_layers!r}")
+        require_int(self.window, "window", 1, " (queries summed by windowed selectors)")
+        require_int(self.wait_layers, "wait_layers", 0)
         if self.filter_layers is not None:
             self.filter_layers = tuple(self.filter_layers)
             if not self.filter_layers or not all(isinstance(f, int) and f >= 0 for f in self.filter_layers):

@@ -40,7 +40,7 @@ import torch
 from ..attention import grouped_logits
 from ..cache import LayerKV
 from ..offload import HostRows, Pending
-from .base import Context, LayerStep, Method, Policy, Run, resolve_budget, scaled_layers
+from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 
 PAPER_LAYERS = (10, 20, 30)  # Llama-3.1-8B's pruning layers ...
 PAPER_DEPTH = 32  # ... out of its 32 layers
@@ -115,13 +115,11 @@ class SlimInfer(Method):
             raise ValueError("budgets is empty: give one budget (tokens or a fraction) per pruning layer")
         for budget in self.budgets:
             resolve_budget(budget, 1, "SlimInfer budget")
-        for field, value in (("block_size", self.block_size), ("unit_size", self.unit_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an int >= 1, got {value!r}")
+        require_int(self.block_size, "block_size")
+        require_int(self.unit_size, "unit_size")
         if self.block_size % self.unit_size:
             raise ValueError(f"unit_size {self.unit_size} must divide block_size {self.block_size}")
-        if not isinstance(self.query_window, int) or self.query_window < 1:
-            raise ValueError(f"query_window must be an int >= 1, got {self.query_window!r}")
+        require_int(self.query_window, "query_window")
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma is an overlap threshold in [0, 1], got {self.gamma}")
         if self.prune_layers is not None:

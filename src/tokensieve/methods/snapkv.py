@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import attention_received
-from .base import LayerStep, Method, Policy, Run, resolve_budget
+from .base import LayerStep, Method, Policy, Run, require_int, resolve_budget
 
 POOLINGS = ("max", "avg")
 
@@ -50,15 +50,14 @@ class SnapKV(Method):
 
     def __post_init__(self):
         resolve_budget(self.budget, 1, "budget")  # type and sign, with clear messages
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an int >= 1 (the paper uses 32), got {self.window!r}")
+        require_int(self.window, "window", 1, " (the paper uses 32)")
         if isinstance(self.budget, int) and self.budget <= self.window:
             raise ValueError(
                 f"budget {self.budget} must exceed the observation window {self.window}, which it includes: "
                 "raise the budget or shrink the window"
             )
-        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be an odd int >= 1 (the paper uses 7), got {self.kernel!r}")
+        if require_int(self.kernel, "kernel", 1, " and odd (the paper uses 7)") % 2 == 0:
+            raise ValueError(f"kernel must be an int >= 1 and odd (the paper uses 7), got {self.kernel!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
 

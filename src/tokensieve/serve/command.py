@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import add_model_arguments, load_engine  # the model options every command shares
+from ..commands.options import add_model_arguments, load_engine  # the model options every command shares
 from ..methods import METHODS
 from .config import ServeConfig
 
