@@ -28,11 +28,13 @@ def test_multi_turn_measurement_computes_less_with_reuse(capsys):
     out = capsys.readouterr().out
     rows = [line.strip("| ").split(" | ") for line in out.split(TURNS_HEADER)[1].strip().splitlines()]
     assert [row[0] for row in rows] == ["1", "2", "3"]
-    for turn, context, _, computed_reused, _, computed_recomputed in rows:
-        if turn == "1":
-            assert int(computed_reused) == int(computed_recomputed) == int(context) == 20 + 1  # with BOS
-        else:  # the new turn and the last reply's last token, vs the whole conversation
-            assert int(computed_reused) == 20 + 1 < min(int(context), int(computed_recomputed))
+    computed = [(int(row[3]), int(row[5])) for row in rows]
+    assert computed[0] == (21, 21)  # the first turn (and BOS) either way
+    for reused, recomputed in computed[1:]:
+        # the new turn and the last reply's last token; unless the reply's text dropped a trailing incomplete
+        # character (the random model emits any bytes), and its session was not kept: then all of it
+        assert reused == 21 or reused == recomputed
+    assert any(reused == 21 < recomputed for reused, recomputed in computed[1:])
 
 
 def test_load_timings():

@@ -94,25 +94,25 @@ def test_token_id_prompts_continue_a_session(live):
 
 
 def test_the_memory_cap_drops_the_least_recently_used_session(live):
-    prompts = [f"conversation {i} " * 4 for i in range(4)]
+    prompts = [live.reference.encode(f"conversation {i} " * 4) for i in range(4)]  # token ids: kept whatever the text
     probe = live.reference.start(prompts[0])
     probe.generate(max_new_tokens=4)
     one = probe.stats.kv_bytes_device + probe.stats.kv_bytes_host
     probe.close()
     with live_server(session_bytes=int(one * 1.5)) as server:  # room for one of these conversations
         client = server.client()
-        replies = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0) for p in prompts]
+        for ids in prompts:
+            client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0)
         assert server.metric("tokensieve_sessions_evicted_total") == 3
         assert server.metric("tokensieve_sessions_retained") == 1
         assert 0 < server.metric('tokensieve_kv_bytes{location="device"}') <= one * 1.5
 
-        # the most recent conversation is still there; the oldest is not
         def continued(i: int) -> bool:
-            follow = prompts[i] + replies[i].choices[0].text + "!"
+            follow = prompts[i] + live.reference.generate(prompts[i], max_new_tokens=4).token_ids + [33]
             reply = client.completions.create(model=MODEL, prompt=follow, max_tokens=2)
             return reply.model_extra["tokensieve"]["prefix_reused"]
 
-        assert continued(3) is True
+        assert continued(3) is True  # the most recent conversation is still there; the oldest is not
         assert continued(0) is False
 
 

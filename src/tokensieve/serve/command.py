@@ -33,7 +33,7 @@ def register(sub) -> None:
         "'omnikv(budget=0.1)'",
     )
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="the port to listen on")
     parser.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
     parser.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file to use")
     limits = parser.add_argument_group("limits")
@@ -59,7 +59,8 @@ def register(sub) -> None:
         default=DEFAULTS.shutdown_grace_s,
         help="seconds queued and running requests may still finish on shutdown",
     )
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    levels = ["critical", "error", "warning", "info", "debug"]
+    parser.add_argument("--log-level", default="info", choices=levels, help="uvicorn's log level")
     parser.set_defaults(run=run)
 
 

@@ -2,7 +2,7 @@
 
 `python -m tokensieve.serve.load --model tiny --concurrency 1,4 --requests 16` serves the model from a
 thread on a free loopback port, sends streaming completions `--concurrency` at a time, and prints per
-method: requests/s, TTFT (send to first text piece) and TPOT ((last piece - first piece) / (tokens - 1))
+method: requests/s, TTFT (send to the first chunk) and TPOT ((last chunk - first chunk) / (tokens - 1))
 percentiles, beside the same figures of in-process `engine.stream` one request at a time. Prompts are
 fixed-length random byte strings, distinct per request, and these requests ask for no reuse. `--turns N`
 adds a conversation of N turns (each prompt: the previous one, its reply and a new turn of `--prompt-tokens`)
@@ -65,6 +65,7 @@ def in_process(engine, texts: list[str], max_tokens: int, method: str) -> Load:
         stream = engine.stream(text, max_new_tokens=max_tokens, method=method)
         for _ in stream:
             pieces.append(time.perf_counter())
+        pieces.append(time.perf_counter())  # the end, as the server's last chunk (a text may have no piece)
         load.add(sent, pieces, stream.generation.stats.new_tokens)
     load.seconds = time.perf_counter() - start
     return load
@@ -75,7 +76,7 @@ class Timed:
     """One streamed completion as the client saw it."""
 
     sent: float
-    pieces: list[float] = field(default_factory=list)  # arrival time of each non-empty text piece
+    pieces: list[float] = field(default_factory=list)  # arrival time of each chunk with a choice
     text: str = ""
     tokens: int = 0
     extra: dict = field(default_factory=dict)  # the last chunk's `tokensieve` field
@@ -90,7 +91,7 @@ async def timed_completion(client, url: str, body: dict) -> Timed:
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["text"]:
+            if chunk["choices"]:  # a text piece, or the last chunk (finish_reason) right after the last token
                 timed.pieces.append(time.perf_counter())
                 timed.text += chunk["choices"][0]["text"]
             timed.extra = chunk.get("tokensieve", timed.extra)

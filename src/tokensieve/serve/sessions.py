@@ -52,9 +52,12 @@ class SessionPool:
         return retained.session
 
     def keep(self, session, method: Method, prompt: Prompt, generation: Generation) -> None:
-        """Retain a finished request's session (closing what no longer fits), or close it when it cannot be
-        continued: a reply cut at a stop string has tokens the returned text does not show."""
-        if self.max_bytes == 0 or generation.finish_reason == "stop":
+        """Retain a finished request's session (closing what no longer fits), or close it when the returned
+        text does not show every generated token (cut at a stop string, or a trailing incomplete character
+        dropped): a client continuing that text would continue other tokens than the session holds. (A
+        token-id conversation is matched on ids, so it is kept either way.)"""
+        shown = self.engine.tokenizer.decode(generation.token_ids, skip_special_tokens=True) == generation.text
+        if self.max_bytes == 0 or (prompt.text is not None and not shown):
             session.close()
             return
         text = None
