@@ -1,12 +1,16 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv when it is missing.
+# `make test-oldest` runs the parity tests against the oldest supported transformers, in .venv-oldest.
 # `make gpu-check` runs on a GPU machine with the Python that has a CUDA build of torch (GPU_PYTHON), no .venv.
 PYTHON ?= python3
 GPU_PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed
+PARITY_TESTS := tests/models/test_parity.py
 
-.PHONY: demo test lint install clean gpu-check
+.PHONY: demo test test-oldest lint install clean gpu-check
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +18,13 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	$(BIN)/pip install --quiet -r requirements-ci.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+$(OLDEST_STAMP): pyproject.toml requirements-oldest.txt
+	test -d $(OLDEST) || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet --upgrade pip
+	$(OLDEST)/bin/pip install --quiet -r requirements-oldest.txt
+	$(OLDEST)/bin/pip install --quiet --no-deps -e .
+	touch $(OLDEST_STAMP)
 
 install: $(STAMP)
 
@@ -24,6 +35,10 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q
 
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(OLDEST)/bin/python -m pytest -q $(PARITY_TESTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
@@ -32,4 +47,4 @@ gpu-check:
 	$(GPU_PYTHON) scripts/gpu_check.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .ruff_cache

@@ -9,7 +9,8 @@ from torch import nn
 
 from .engine import Engine
 from .methods import Method
-from .model import SUPPORTED_ARCHITECTURES, DecoderModel
+from .model import DecoderModel, check_supported
+from .models.families import hf_attention_implementation
 
 TESTBED = "testbed"
 DTYPES = {
@@ -93,13 +94,9 @@ def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> nn
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face checkpoint directory (no config.json there)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported architecture {config.model_type!r} in {path}: tokensieve supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} decoders"
-        )
+    check_supported(config, where=f" in {path}")
     hf_model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+        path, dtype=dtype, attn_implementation=hf_attention_implementation(config), local_files_only=True
     )
     return hf_model.to(device)
 

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
@@ -20,11 +20,22 @@ from .. import inputs
 from ..cache import LayerKV
 from ..generation import Generation, Sampling, Stats
 from ..methods import Method, Run
+from ..model import DecoderModel
 from . import loop
 from .stream import GenerationStream
 
-if TYPE_CHECKING:
-    from .core import Engine
+
+class SessionHost(Protocol):
+    """What a session needs of its engine (`Engine` is the one there is)."""
+
+    model: DecoderModel
+    tokenizer: Any
+    lock: Any  # a re-entrant lock that serializes forward passes
+    eos_ids: set[int]
+
+    def check_lengths(self, context_len: int, max_new_tokens: int) -> None: ...
+    def encode(self, prompt: str | Sequence[int], chat: bool = False, special_tokens: bool = True) -> list[int]: ...
+    def render_chat(self, messages: list[dict]) -> list[int]: ...
 
 
 @dataclass
@@ -42,7 +53,7 @@ class Session:
     """One conversation with one method; see the module docstring. Made by `Engine.start`."""
 
     def __init__(
-        self, engine: Engine, ids: list[int], method: Method, chat_messages: list[dict] | None, chunk: int | None
+        self, engine: SessionHost, ids: list[int], method: Method, chat_messages: list[dict] | None, chunk: int | None
     ):
         self.engine = engine
         self.method = method
