@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..commands.options import add_model_arguments, load_engine  # the model options every command shares
+from ..commands.options import add_model_arguments, load_engine, positive_int  # what every command shares
 from ..methods import METHODS
 from .config import ServeConfig
 
@@ -29,7 +29,7 @@ def register(sub) -> None:
     parser.add_argument(
         "--method",
         default=DEFAULTS.method,
-        help=f"the default method of requests that name none: {', '.join(sorted(METHODS))} or a spec such as "
+        help=f"the method of requests that name none: {', '.join(sorted(METHODS))} or a spec such as "
         "'omnikv(budget=0.1)'",
     )
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: loopback only)")
@@ -37,12 +37,20 @@ def register(sub) -> None:
     parser.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
     parser.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file to use")
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--max-waiting", type=int, default=DEFAULTS.max_waiting, help="queued requests before 429")
     limits.add_argument(
-        "--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: the model's positions)"
+        "--max-waiting", type=positive_int, default=DEFAULTS.max_waiting, help="queued requests before 429"
     )
     limits.add_argument(
-        "--max-tokens", type=int, default=DEFAULTS.max_tokens, help="most tokens a request may generate (and default)"
+        "--max-prompt-tokens",
+        type=positive_int,
+        default=None,
+        help="longest prompt accepted (default: the model's positions)",
+    )
+    limits.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=DEFAULTS.max_tokens,
+        help="most tokens a request may generate, and its max_tokens when it names none",
     )
     limits.add_argument(
         "--request-timeout", type=float, default=DEFAULTS.request_timeout_s, help="seconds, queueing included (504)"
