@@ -80,6 +80,18 @@ def test_reuse_continues_only_the_same_method(live):
     assert other.model_extra["tokensieve"]["prefix_reused"] is False
 
 
+def test_a_completion_never_continues_a_chat_session(live):
+    """The chat's ids carry no BOS (the template decides) where a completion's do: their texts never mix."""
+    client = live.client()
+    messages = [{"role": "user", "content": "A chat turn."}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    rendered = live.reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    follow = rendered + reply.choices[0].message.content + " more"
+    completion = client.completions.create(model=MODEL, prompt=follow, max_tokens=2, temperature=0)
+    assert completion.model_extra["tokensieve"]["prefix_reused"] is False
+    assert completion.choices[0].text == live.reference.generate(follow, max_new_tokens=2).text
+
+
 def test_token_id_prompts_continue_a_session(live):
     client = live.client()
     ids = live.reference.encode("Once upon a time")

@@ -10,10 +10,12 @@ from .schemas import ChatRequest, CompletionRequest
 
 @dataclass(frozen=True)
 class Prompt:
-    """`text` is what prefix reuse matches on (None for a token-id prompt); `ids` what a fresh session prefills."""
+    """`text` is what prefix reuse matches on (None for a token-id prompt); `ids` what a fresh session prefills;
+    `chat`: rendered by the chat template (whose text carries its own special tokens) or a plain completion."""
 
     text: str | None
     ids: list[int]
+    chat: bool = False
 
 
 def completion_prompt(engine, request: CompletionRequest) -> Prompt:
@@ -37,7 +39,7 @@ def chat_prompt(engine, request: ChatRequest) -> Prompt:
         )
     messages = [message.model_dump(exclude_none=True) for message in request.messages]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return Prompt(text, encode_piece(tokenizer, text))
+    return Prompt(text, encode_piece(tokenizer, text), chat=True)
 
 
 def encode_piece(tokenizer, text: str) -> list[int]:

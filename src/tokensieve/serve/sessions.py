@@ -24,6 +24,7 @@ class _Retained:
     session: Any
     method: Method
     text: str | None  # the conversation's text so far; None when it began as token ids
+    chat: bool  # a chat's text is tokenized without the tokenizer's special tokens, a completion's with them
 
 
 class SessionPool:
@@ -65,7 +66,7 @@ class SessionPool:
             text = prompt.text + generation.text
             if generation.finish_reason == "eos":  # the EOS token is in the session: templates render it too
                 text += self.engine.tokenizer.decode(session.tokens[-1:], skip_special_tokens=False)
-        self._kept[id(session)] = _Retained(session, method, text)
+        self._kept[id(session)] = _Retained(session, method, text, prompt.chat)
         self._evict()
 
     def close(self) -> None:
@@ -80,7 +81,7 @@ class SessionPool:
         the pool, with the token ids still to compute."""
         best, best_len = None, -1
         for key, retained in self._kept.items():
-            if retained.method != method:
+            if retained.method != method or retained.chat != prompt.chat:
                 continue
             if prompt.text is not None and retained.text is not None:
                 if prompt.text.startswith(retained.text) and len(retained.text) > best_len:
