@@ -37,6 +37,12 @@ def test_multi_turn_measurement_computes_less_with_reuse(capsys):
     assert any(reused == 21 < recomputed for reused, recomputed in computed[1:])
 
 
+def test_load_measurement_of_a_running_server(live, capsys):
+    main(["--model", "tiny", "--url", live.url, "--requests", "2", "--concurrency", "2", "--max-tokens", "3"])
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert [row.split(" | ")[:2] for row in rows] == [["| in-process stream, dense", "1"], ["| server, dense", "2"]]
+
+
 def test_load_timings():
     load = Load("x", 1, seconds=2.0)
     load.add(sent=0.0, pieces=[0.1, 0.2, 0.4], tokens=4)

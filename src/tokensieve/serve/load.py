@@ -7,12 +7,14 @@ percentiles, beside the same figures of in-process `engine.stream` one request a
 fixed-length random byte strings, distinct per request, and these requests ask for no reuse. `--turns N`
 adds a conversation of N turns (each prompt: the previous one, its reply and a new turn of `--prompt-tokens`)
 run twice, with prefix reuse and without, printing each turn's TTFT and the tokens the server computed.
+`--url` measures a server already running in another process (`tokensieve serve`) instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -150,16 +152,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--turns", type=int, default=0, help="also a conversation of this many turns, reuse on/off")
+    parser.add_argument(
+        "--url", default=None, help="measure this running server (serving --model by that name) instead of one here"
+    )
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     engine = load_engine(args)
     name = args.model
-    app = create_app(engine, ServeConfig(model_name=name, max_waiting=max(levels)))
+    if args.url is None:
+        served = running(create_app(engine, ServeConfig(model_name=name, max_waiting=max(levels))))
+    else:  # another process: the client no longer shares the server's GIL and cores' scheduling
+        served = contextlib.nullcontext((None, args.url.rstrip("/")))
     print(HEADER)
-    with running(app) as (_, url):
+    with served as (_, url):
         for method in split_methods(args.methods):
             texts = prompts(args.requests + 1, args.prompt_tokens)
-            in_process(engine, texts[:1], args.max_tokens, method)  # warm-up
+            in_process(engine, texts[:1], args.max_tokens, method)  # warm-ups
+            asyncio.run(through_server(url, name, texts[:1], args.max_tokens, method, 1))
             print(in_process(engine, texts[1:], args.max_tokens, method).row(), flush=True)
             for level in levels:
                 run = through_server(url, name, texts[1:], args.max_tokens, method, level)
