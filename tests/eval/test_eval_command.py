@@ -137,7 +137,8 @@ def test_testbed_resolves_to_embedded_dir_or_says_it_is_missing(tmp_path, monkey
     for name in ("config.json", "model.safetensors"):
         (tmp_path / "model" / name).write_text("{}")
     assert resolve_model_path("testbed") == tmp_path / "model"
-    assert resolve_model_path("some/dir") == Path("some/dir")
+    with pytest.raises(ValueError, match="model 'some/dir' not found.*testbed, smollm2.*tiny"):
+        resolve_model_path("some/dir")
 
 
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
