@@ -111,7 +111,12 @@ def _inspect(path: Path) -> tuple[str, bool]:
 def _dequantized_model(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True
+        )
+    except (ValueError, KeyError, IndexError) as err:  # tensors that do not fit the file's own metadata
+        raise ValueError(f"could not dequantize {path} ({type(err).__name__}: {err}); is the file complete?") from err
 
 
 def _save_model(model, out: Path) -> None:
@@ -129,5 +134,11 @@ def _save_model(model, out: Path) -> None:
 def _save_tokenizer(path: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except Exception as err:  # transformers' converters fail with KeyError/IndexError on fields they miss
+        raise ValueError(
+            f"could not convert the tokenizer inside {path} ({type(err).__name__}: {err}); "
+            "load the model with tokenizer=... instead"
+        ) from err
     tokenizer.save_pretrained(out)  # the chat template travels with it
