@@ -1,9 +1,20 @@
 """tokensieve: long-context LLM inference that computes only the tokens that matter."""
 
-from .engine import Engine
+from .engine import Engine, GenerationStream, Session, SessionStats
 from .generation import Generation, Stats
 from .loading import load
 from .methods import METHODS, Method
 
 __version__ = "0.1.0"
-__all__ = ["METHODS", "Engine", "Generation", "Method", "Stats", "load", "__version__"]
+__all__ = [
+    "METHODS",
+    "Engine",
+    "Generation",
+    "GenerationStream",
+    "Method",
+    "Session",
+    "SessionStats",
+    "Stats",
+    "load",
+    "__version__",
+]

@@ -3,6 +3,9 @@
 Entries are appended in the order they are computed: prompt tokens sorted by position, then generated
 tokens, then (LazyLLM) revived tokens, which can be older than the generated ones. Readers therefore
 mask by the stored positions, never by slot index.
+
+Buffers grow as a session goes on (a later turn, more new tokens): by an eighth of their size at a time,
+so appends stay amortised O(1) while the spare capacity stays small; `reserved_bytes` reports it.
 """
 
 from __future__ import annotations
@@ -34,30 +37,25 @@ class LayerKV:
     def positions(self) -> torch.Tensor:
         return self._pos[: self.length]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, reserve: int = 0) -> None:
-        """Add entries `k`, `v` `[kv_heads, n, head_dim]` at original `positions` `[n]`.
-
-        `reserve` asks for room for that many more entries when the buffers must grow (decode steps
-        then append without copying).
-        """
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add entries `k`, `v` `[kv_heads, n, head_dim]` at original `positions` `[n]`."""
         n = k.shape[1]
         if self.length + n > self._k.shape[1]:
-            self._grow(self.length + n + reserve)
+            self._grow(self.length + n)
         self._k[:, self.length : self.length + n] = k
         self._v[:, self.length : self.length + n] = v
         self._pos[self.length : self.length + n] = positions
         self.length += n
 
-    def replace(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, reserve: int = 0) -> None:
+    def replace(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Keep only the given entries (an offloading or evicting method keeps the rest elsewhere, or drops it).
 
-        They go into fresh buffers, so the old ones are freed now rather than at the next growth;
-        `reserve` leaves room for that many appends (e.g. the decode steps to come).
+        They go into fresh buffers (with the usual headroom), so the old ones are freed now.
         """
         n = k.shape[1]
-        self._k = k.new_empty(k.shape[0], n + reserve, k.shape[2])
+        self._k = k.new_empty(k.shape[0], _capacity(n), k.shape[2])
         self._v = torch.empty_like(self._k)
-        self._pos = positions.new_empty(n + reserve)
+        self._pos = positions.new_empty(self._k.shape[1])
         self._k[:, :n], self._v[:, :n], self._pos[:n] = k, v, positions
         self.length = n
 
@@ -77,7 +75,7 @@ class LayerKV:
         self.length = last
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self._k.shape[1], 16)
+        capacity = _capacity(needed)
         k = self._k.new_empty(self._k.shape[0], capacity, self._k.shape[2])
         v = torch.empty_like(k)
         pos = self._pos.new_empty(capacity)
@@ -90,3 +88,13 @@ class LayerKV:
     def nbytes(self) -> int:
         """Bytes of the keys and values held (not the spare capacity)."""
         return 2 * self.keys.numel() * self.keys.element_size()
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes allocated for keys and values, spare capacity included."""
+        return 2 * self._k.numel() * self._k.element_size()
+
+
+def _capacity(needed: int) -> int:
+    """Room for `needed` entries plus an eighth (at least 16) for the appends to come."""
+    return needed + max(16, needed // 8)

@@ -121,7 +121,7 @@ def run_generate(args: argparse.Namespace) -> None:
         print(piece, end="", flush=True)
     print()
     if args.stats:
-        print(format_stats(engine.last_generation.stats))
+        print(format_stats(pieces.generation.stats))
 
 
 def _commands() -> list[Callable]:

@@ -14,7 +14,9 @@ class Stats:
     """Every decision a method made, visible. Method issues extend this; they never rename a field."""
 
     method: dict[str, Any]
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # tokens this call's prefill (or a session's extension) computed
+    context_tokens: int = 0  # tokens of the session before this call's new tokens (the whole prompt, one-shot)
+    reused_tokens: int = 0  # of those, tokens whose KV an earlier call computed
     new_tokens: int = 0
     ttft_s: float = 0.0
     tpot_s: float = 0.0
@@ -22,6 +24,8 @@ class Stats:
     decode_keys_per_layer: list[float] = field(default_factory=list)
     kv_bytes_device: int = 0
     kv_bytes_host: int = 0
+    kv_bytes_reserved: int = 0  # device bytes allocated for KV, spare capacity for later tokens included
+    unseen_tokens_per_layer: list[int] = field(default_factory=list)  # a later turn: earlier tokens it could not see
     revived_tokens: int = 0
     method_stats: dict[str, Any] = field(default_factory=dict)
 
@@ -42,7 +46,7 @@ class Generation:
     text: str
     token_ids: list[int]
     stats: Stats
-    finish_reason: str  # "eos", "stop" or "length"
+    finish_reason: str  # "eos", "stop", "length", or "cancelled" (a stream closed early)
 
 
 @dataclass(frozen=True)

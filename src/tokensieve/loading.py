@@ -31,6 +31,7 @@ def load(
     method: str | Method = "dense",
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    prefill_chunk: int | None = None,
 ) -> Engine:
     """An engine for `model`: a checkpoint directory, a `.gguf` file, a model name or an already loaded model.
 
@@ -39,6 +40,7 @@ def load(
     `dtype` once and cached as a normal checkpoint (`tokensieve.gguf`). `device` defaults to CUDA when available,
     else CPU; `dtype` to float32 on CPU and bfloat16 on CUDA. Nothing is downloaded. A checkpoint directory
     without tokenizer files loads with `engine.tokenizer = None` (pass `tokenizer=...` for text).
+    `prefill_chunk=N` runs each layer's rows through attention and the MLP N at a time (flat peak memory).
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -55,7 +57,7 @@ def load(
         hf_model = _load_checkpoint(path, device, dtype)
         if tokenizer is None:
             tokenizer = _load_tokenizer(path)
-    return Engine(DecoderModel(hf_model), tokenizer, method)
+    return Engine(DecoderModel(hf_model), tokenizer, method, prefill_chunk=prefill_chunk)
 
 
 def resolve_model_path(model: str | Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import attend, causal_attention
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
@@ -84,6 +86,7 @@ class DecoderModel:
         )
         self.scale = head_dim**-0.5
         self.sliding_window = self._sliding_window(config)
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def _sliding_window(config) -> int | None:
@@ -105,21 +108,45 @@ class DecoderModel:
         return self.embed_tokens(ids)
 
     def rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin `[n, head_dim]` for the given original positions (RoPE scaling included)."""
+        """cos and sin `[n, head_dim]` for the given original positions (RoPE scaling included).
+
+        The tables of the last `positions` tensor are kept: every layer of a step rotates the same rows,
+        so they are computed once per step (and again only when a policy changes the rows).
+        """
+        cached = self._rope_cache
+        if cached is not None and cached[0] is positions:
+            return cached[1], cached[2]
         cos, sin = self.rotary(like, positions[None])
+        self._rope_cache = (positions, cos[0], sin[0])
         return cos[0], sin[0]
 
-    def qkv(
-        self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values of rows `h` at layer `layer`, RoPE applied."""
+    def qkv(self, layer: int, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of rows `h` at original positions `pos`, at layer `layer`, RoPE applied."""
         attn = self.layers[layer].self_attn
         x = self.layers[layer].input_layernorm(h)
         n, d = x.shape[0], self.spec.head_dim
         q = attn.q_proj(x).view(n, -1, d).transpose(0, 1)
         k = attn.k_proj(x).view(n, -1, d).transpose(0, 1)
         v = attn.v_proj(x).view(n, -1, d).transpose(0, 1)
+        cos, sin = self.rope(pos, x)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def causal_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s causal self-attention of rows sorted by position (the keys are the rows' own)."""
+        return causal_attention(q, k, v, self.scale)
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        q_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_pos: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Layer `layer`'s attention of queries at `q_pos` over keys at `k_pos` (see `attention.attend`)."""
+        return attend(q, q_pos, k, v, k_pos, self.scale, hidden)
 
     def attention_output(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual add of the output projection of `attn` `[heads, n, head_dim]`."""

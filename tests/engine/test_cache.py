@@ -1,4 +1,4 @@
-"""LayerKV: appends keep positions; replace frees the old buffers and reserves room for decode."""
+"""LayerKV: appends keep positions; buffers grow by an eighth; replace frees the old buffers."""
 
 from __future__ import annotations
 
@@ -14,32 +14,34 @@ def entries(n: int, start: int = 0):
 
 def test_append_keeps_order_and_positions_and_grows():
     kv = LayerKV(2, 3, torch.float32, torch.device("cpu"))
-    kv.append(*entries(20), reserve=2)
-    kv.append(*entries(2, start=20))
-    assert kv._k.shape[1] == 22  # the reserve absorbed the decode appends
-    kv.append(*entries(1, start=22))
-    assert kv._k.shape[1] == 44  # then capacity doubles
-    assert len(kv) == 23 and kv.positions.tolist() == list(range(23))
-    assert torch.equal(kv.keys[0, :, 0], torch.arange(23.0)) and torch.equal(kv.values, -kv.keys)
-    assert kv.nbytes == 2 * 2 * 23 * 3 * 4
+    kv.append(*entries(200))
+    assert kv._k.shape[1] == 225  # room for an eighth more: decode appends without copying ...
+    kv.append(*entries(25, start=200))
+    assert kv._k.shape[1] == 225
+    kv.append(*entries(1, start=225))
+    assert kv._k.shape[1] == 226 + 226 // 8  # ... until it is full, then it grows by an eighth again
+    assert len(kv) == 226 and kv.positions.tolist() == list(range(226))
+    assert torch.equal(kv.keys[0, :, 0], torch.arange(226.0)) and torch.equal(kv.values, -kv.keys)
+    assert kv.nbytes == 2 * 2 * 226 * 3 * 4
+    assert kv.reserved_bytes == 2 * 2 * 254 * 3 * 4  # spare capacity is reported, not hidden
 
 
-def test_replace_frees_the_old_buffers_and_reserves_room():
+def test_replace_frees_the_old_buffers_and_leaves_headroom():
     kv = LayerKV(2, 3, torch.float32, torch.device("cpu"))
     kv.append(*entries(100))
     old = kv._k
     keep = torch.tensor([0, 50, 99])
-    kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep], reserve=4)
+    kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
     assert kv._k.untyped_storage().data_ptr() != old.untyped_storage().data_ptr()
-    assert kv._k.shape[1] == 7 and len(kv) == 3 and kv.positions.tolist() == [0, 50, 99]
+    assert kv._k.shape[1] == 3 + 16 and len(kv) == 3 and kv.positions.tolist() == [0, 50, 99]
     kv.append(*entries(4, start=100))
-    assert kv._k.shape[1] == 7 and kv.positions.tolist() == [0, 50, 99, 100, 101, 102, 103]
+    assert kv._k.shape[1] == 19 and kv.positions.tolist() == [0, 50, 99, 100, 101, 102, 103]
 
 
 def test_move_last_to_evicts_one_slot_in_place():
     kv = LayerKV(2, 4, torch.float32, torch.device("cpu"))
     k, v = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
-    kv.append(k, v, torch.arange(10, 15), reserve=1)
+    kv.append(k, v, torch.arange(10, 15))
     buffer = kv._k.data_ptr()
     kv.move_last_to(1)
     assert len(kv) == 4 and kv.positions.tolist() == [10, 14, 12, 13]

@@ -8,16 +8,10 @@ import torch
 import tokensieve
 from conftest import FAMILIES, STORIES, needs_stories, random_prompt
 from tokensieve import presets
-from tokensieve.generation import Stats
-from tokensieve.methods import Dense, Run
 
 
 def prefill_logits(engine: tokensieve.Engine, ids: list[int]) -> torch.Tensor:
-    model = engine.model
-    run = Run(model.spec, len(ids), 1, model.device, model.dtype, model.scale)
-    with torch.inference_mode():
-        _, logits = engine._prefill(ids, 1, Dense().start(run), Stats(method={}))
-    return logits
+    return engine.next_token_logits(ids, [], method="dense")[0]
 
 
 def hf_greedy(model, ids: list[int], new_tokens: int) -> list[int]:

@@ -52,10 +52,12 @@ def test_stream_yields_the_same_text_as_generate(engine):
     start = next(i for i in range(8, len(text)) if text[i].isascii() and text[i + 1].isascii())
     for stop in (None, text[start : start + 2]):
         expected = engine.generate(prompt, max_new_tokens=30, stop=stop)
-        pieces = list(engine.stream(prompt, max_new_tokens=30, stop=stop))
+        stream = engine.stream(prompt, max_new_tokens=30, stop=stop)
+        assert stream.generation is None
+        pieces = list(stream)
         assert "".join(pieces) == expected.text
         assert len(pieces) > 1
-        assert engine.last_generation.token_ids == expected.token_ids
+        assert stream.generation.token_ids == expected.token_ids
 
 
 def test_text_stream_holds_back_partial_stop_strings():

@@ -309,7 +309,7 @@ def test_h2o_evicts_like_a_per_head_reference_through_prefill_and_decode(deep_en
     spec = deep_engine.model.spec
     kv_heads, heads, d, n, budget, recent, steps = spec.num_kv_heads, spec.num_heads, spec.head_dim, 40, 12, 4, 6
     scale = d**-0.5
-    run = Run(spec, n, steps + 1, torch.device("cpu"), torch.float32, scale)
+    run = Run(spec, n, torch.device("cpu"), torch.float32, scale)
     policy = H2O(budget=budget, recent_ratio=recent / budget).start(run)
     gen = torch.Generator().manual_seed(7)
     q, k, v = (
@@ -320,7 +320,7 @@ def test_h2o_evicts_like_a_per_head_reference_through_prefill_and_decode(deep_en
     pos = torch.arange(n)
     kv = LayerKV(kv_heads, d, torch.float32, torch.device("cpu"))
     kv.append(k, v, pos)
-    assert policy.prefill_keep_after_attention(0, Rows(torch.zeros(n, 1), pos, pos, pos), q, k) is None
+    assert policy.prefill_keep_after_attention(0, Rows(torch.zeros(n, 1), pos), q, k) is None
     policy.prefill_layer_done(0, kv)
 
     # reference: per KV head, a dict position -> (key, accumulated score)
@@ -344,7 +344,7 @@ def test_h2o_evicts_like_a_per_head_reference_through_prefill_and_decode(deep_en
         p = n + step
         q_new, k_new = torch.randn(heads, 1, d, generator=gen), torch.randn(kv_heads, 1, d, generator=gen)
         kv.append(k_new, torch.randn(kv_heads, 1, d), torch.tensor([p]))
-        rows = Rows(torch.zeros(1, 1), torch.tensor([p]), torch.zeros(1), torch.zeros(1))
+        rows = Rows(torch.zeros(1, 1), torch.tensor([p]))
         context = policy.decode_context(0, q_new, rows, kv)
         policy.decode_layer_done(0, rows, q_new, context)
         for head in range(kv_heads):

@@ -125,7 +125,7 @@ def test_settings_that_do_not_fit_the_model_or_prompt_are_clear_errors(deep_engi
 
 def _policy(heads: int, kv_heads: int, prompt_len: int, keep: tuple) -> LazyLLMPolicy:
     spec = ModelSpec(4, 16, heads, kv_heads, 8, 32, 50, 1024, "llama")
-    run = Run(spec, prompt_len, 4, torch.device("cpu"), torch.float32, 8**-0.5)
+    run = Run(spec, prompt_len, torch.device("cpu"), torch.float32, 8**-0.5)
     return LazyLLM(prune_layers=(0, 1, 2), keep=keep).start(run)
 
 
@@ -137,7 +137,7 @@ def test_prefill_scores_equal_full_softmax_reference(heads, kv_heads):
     q = torch.randn(heads, n, d, generator=gen) * 2
     k = torch.randn(kv_heads, n, d, generator=gen) * 2
     h = torch.randn(n, 16, generator=gen)
-    rows = Rows(h, torch.arange(n), torch.ones(n, d), torch.zeros(n, d))
+    rows = Rows(h, torch.arange(n))
 
     k_full = k.repeat_interleave(heads // kv_heads, dim=0)
     logits = q @ k_full.transpose(1, 2) * 8**-0.5
@@ -159,7 +159,7 @@ def test_last_token_is_kept_even_when_it_scores_lowest():
     q[:, -1, 0] = 10.0
     k = torch.zeros(2, n, d)
     k[:, :-1, 0] = 1.0  # every key but the last one's own scores high
-    rows = Rows(torch.zeros(n, 16), torch.arange(n), torch.ones(n, d), torch.zeros(n, d))
+    rows = Rows(torch.zeros(n, 16), torch.arange(n))
     index = _policy(2, 2, n, (3, 3, 3)).prefill_keep_after_layer(0, rows, q, k)
     assert len(index) == 3 and int(index[-1]) == n - 1
 
@@ -233,8 +233,7 @@ def test_revived_kv_equals_reference_from_aux_hidden_state_and_sees_only_earlier
                     if p not in rows_pos.tolist():
                         break
                     row = rows_pos.tolist().index(p)
-                    cos, sin = model.rope(torch.tensor([p]), h)
-                    q, k, v = model.qkv(at, h, cos, sin)
+                    q, k, v = model.qkv(at, h, torch.tensor([p]))
                     torch.testing.assert_close(k[:, 0], k_rows[:, row], atol=1e-5, rtol=1e-5)
                     torch.testing.assert_close(v[:, 0], v_rows[:, row], atol=1e-5, rtol=1e-5)
                     prompt_keys = context.pos[context.pos < len(prompt)]

@@ -67,3 +67,78 @@ def test_method_specs_carry_settings_and_split_on_top_level_commas():
 def test_bad_method_specs_are_clear_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         resolve_method(spec)
+
+
+TURN_2 = random_prompt(60, seed=12)[1:]
+# Settings under which each method really prunes or drops at PROMPT's length (the defaults are for long prompts).
+PRUNING = {
+    "dense": "dense",
+    "sliminfer": "sliminfer(budgets=(0.5, 0.25, 0.125))",
+    "lazyllm": "lazyllm",
+    "omnikv": "omnikv(budget=32)",
+    "snapkv": "snapkv(budget=64)",
+    "h2o": "h2o(budget=64)",
+    "streaming_llm": "streaming_llm(window=60)",
+}
+
+
+def test_pruning_settings_cover_every_method_and_really_prune(deep_engine):
+    assert set(PRUNING) == set(METHODS)
+    dense = deep_engine.generate(PROMPT, max_new_tokens=2, method="dense").stats
+    for name, spec in PRUNING.items():
+        stats = deep_engine.generate(PROMPT, max_new_tokens=2, method=spec).stats
+        pruned = stats.prefill_fraction < 1 or min(stats.decode_keys_per_layer) < min(dense.decode_keys_per_layer)
+        assert pruned == (name != "dense"), name
+
+
+def two_turns(engine, method, **start):
+    session = engine.start(PROMPT, method=method, **start)
+    first = session.generate(max_new_tokens=4)
+    session.extend(TURN_2)
+    return session, first, session.generate(max_new_tokens=NEW_TOKENS)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_extend_under_keep_all_equals_one_shot(deep_engine, name):
+    """Invariant 8: a session extended by a turn equals one prefill of the whole conversation (keep-all)."""
+    session, first, second = two_turns(deep_engine, METHODS[name].keep_all())
+    history = PROMPT + first.token_ids + TURN_2
+    assert second.token_ids == deep_engine.generate(history, max_new_tokens=NEW_TOKENS, method="dense").token_ids
+    assert second.stats.prompt_tokens == len(TURN_2) + 1 and second.stats.reused_tokens == len(PROMPT) + 3
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_extend_runs_while_pruning_and_reports_what_the_turn_could_not_see(deep_engine, name):
+    _, _, second = two_turns(deep_engine, PRUNING[name])
+    unseen = second.stats.unseen_tokens_per_layer
+    assert len(unseen) == deep_engine.model.spec.num_layers and all(0 <= n <= len(PROMPT) + 4 for n in unseen)
+    assert len(second.token_ids) == NEW_TOKENS
+
+
+@pytest.mark.parametrize("spec", ["snapkv(budget=64)", "h2o(budget=64)", "streaming_llm(window=60)"])
+def test_droppers_report_the_earlier_tokens_a_later_turn_lost(deep_engine, spec):
+    _, _, second = two_turns(deep_engine, spec)
+    assert min(second.stats.unseen_tokens_per_layer) > 0
+
+
+@pytest.mark.parametrize("spec", ["omnikv(budget=32)", "omnikv(budget=32, offload=False)"])
+def test_omnikv_later_turn_sees_every_earlier_token(deep_engine, spec):
+    _, _, second = two_turns(deep_engine, spec)
+    assert second.stats.unseen_tokens_per_layer == [0] * deep_engine.model.spec.num_layers
+
+
+def test_omnikv_extend_with_offload_equals_without(deep_engine):
+    offloaded = two_turns(deep_engine, "omnikv(budget=32)")[2]
+    on_device = two_turns(deep_engine, "omnikv(budget=32, offload=False)")[2]
+    assert offloaded.token_ids == on_device.token_ids
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("settings", ["pruning", "keep_all"])
+def test_chunked_prefill_takes_the_same_decisions(deep_engine, name, settings):
+    """Decisions are taken after a layer has seen every row, so chunking changes no token and no count."""
+    method = resolve_method(PRUNING[name]) if settings == "pruning" else METHODS[name].keep_all()
+    whole = deep_engine.start(PROMPT, method=method).generate(max_new_tokens=NEW_TOKENS)
+    chunked = deep_engine.start(PROMPT, method=method, prefill_chunk=48).generate(max_new_tokens=NEW_TOKENS)
+    assert chunked.token_ids == whole.token_ids
+    assert chunked.stats.prefill_tokens_per_layer == whole.stats.prefill_tokens_per_layer

@@ -99,13 +99,13 @@ def test_policy_selects_reference_top_k_and_serves_those_rows(deep_engine, offlo
     """Drive a policy by hand: selection at a filter layer, and the keys a sparse layer then sees."""
     spec, n, budget = deep_engine.model.spec, 200, 17
     method = OmniKV(budget=budget, offload=offload)
-    policy = method.start(Run(spec, n, 4, torch.device("cpu"), torch.float32, spec.head_dim**-0.5))
+    policy = method.start(Run(spec, n, torch.device("cpu"), torch.float32, spec.head_dim**-0.5))
     plan, gen = policy.plan, torch.Generator().manual_seed(1)
     caches, prompt = [], {}
     for layer in range(spec.num_layers):
         kv = LayerKV(spec.num_kv_heads, spec.head_dim, torch.float32, torch.device("cpu"))
         k, v = (torch.randn(spec.num_kv_heads, n, spec.head_dim, generator=gen) for _ in "kv")
-        kv.append(k, v, torch.arange(n), reserve=4)
+        kv.append(k, v, torch.arange(n))
         policy.prefill_layer_done(layer, kv)
         caches.append(kv)
         prompt[layer] = (k, v)

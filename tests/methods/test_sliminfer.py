@@ -9,7 +9,6 @@ import torch
 
 from conftest import DEEP, random_prompt
 from tokensieve import cli, load, presets
-from tokensieve.attention import causal_attention
 from tokensieve.methods import METHODS, Rows, Run, SlimInfer, resolve_method
 from tokensieve.methods.sliminfer import SlimInferPolicy, block_scores, top_blocks, unit_keys
 from tokensieve.model import ModelSpec
@@ -135,8 +134,8 @@ def test_scoring_and_selection_match_a_reference(heads, kv_heads, block_size, un
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
 
     method = SlimInfer(prune_layers=(0,), budgets=(budget,), block_size=block_size, unit_size=unit_size)
-    policy = method.start(Run(spec(1, heads, kv_heads), n, 1, torch.device("cpu"), torch.float32, 0.25))
-    rows = Rows(torch.zeros(n, 1), torch.arange(n), torch.zeros(n, 1), torch.zeros(n, 1))
+    policy = method.start(Run(spec(1, heads, kv_heads), n, torch.device("cpu"), torch.float32, 0.25))
+    rows = Rows(torch.zeros(n, 1), torch.arange(n))
     kept = policy.prefill_keep_after_attention(0, rows, q, k)
     best = sorted([0, *(expected[1:].topk(3).indices + 1).tolist()])
     expected_rows = [b * block_size + i for b in best for i in range(block_size)] + list(range(n - tail, n))
@@ -193,14 +192,14 @@ def test_kept_tokens_keep_their_original_rope_positions(deep_engine):
         h = model.embed(torch.tensor(PROMPT))
         pos = torch.arange(len(PROMPT))
         for layer in range(12):
-            q, k, v = model.qkv(layer, h, *model.rope(pos, h))
+            q, k, v = model.qkv(layer, h, pos)
             keys, positions = policy.stored[layer]
             assert torch.equal(positions, pos)
             torch.testing.assert_close(keys, k, rtol=1e-5, atol=1e-5)
             if layer == 5:  # renumbering the compacted rows would give other keys
-                renumbered = model.qkv(layer, h, *model.rope(torch.arange(len(pos)), h))[1]
+                renumbered = model.qkv(layer, h, torch.arange(len(pos)))[1]
                 assert not torch.allclose(keys, renumbered, atol=1e-3)
-            h = model.attention_output(layer, h, causal_attention(q, k, v, model.scale))
+            h = model.attention_output(layer, h, model.causal_attention(layer, q, k, v))
             if layer in policy.kept:
                 h, pos = h[policy.kept[layer]], pos[policy.kept[layer]]
             h = model.mlp(layer, h)

@@ -8,10 +8,13 @@ prefill, at layer l (rows = tokens still present, sorted by position)
   - `prefill_keep_after_attention`: which rows continue into layer l's MLP and later layers (SlimInfer)
   - `prefill_keep_after_layer`: which rows enter layer l+1 (LazyLLM)
   - `prefill_layer_done`: layer l's KV is complete; move what belongs elsewhere (offload)
-decode, at layer l
+decode, at layer l (after `decode_step_start(position)` once per step)
   - `decode_rows`: which rows are computed here: the new token, plus revived tokens (LazyLLM)
   - `decode_context`: which cached keys/values the rows attend to (OmniKV, SlimInfer, LazyLLM)
   - `decode_layer_done`: which rows continue to layer l+1
+extend (a later turn of a session, all its rows computed at every layer), at layer l
+  - `extend_context`: which cached keys/values the turn's rows attend to (the layer already holds theirs)
+  - `extend_layer_done`: the turn's KV is in the layer; an evicting policy cuts back to its budget here
 
 The dense policy answers "all of them" everywhere. Returning `None` from a keep hook means keep all.
 """
@@ -29,25 +32,23 @@ from ..model import ModelSpec
 
 @dataclass
 class Rows:
-    """The tokens computed at a layer: hidden states `[n, hidden]`, original positions `[n]`, RoPE tables."""
+    """The tokens computed at a layer: hidden states `[n, hidden]` and original positions `[n]`."""
 
     h: torch.Tensor
     pos: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
 
     def __len__(self) -> int:
         return self.pos.shape[0]
 
     def select(self, index: torch.Tensor) -> Rows:
-        return Rows(self.h[index], self.pos[index], self.cos[index], self.sin[index])
+        return Rows(self.h[index], self.pos[index])
 
     def with_h(self, h: torch.Tensor) -> Rows:
         return replace(self, h=h)
 
     @staticmethod
     def cat(parts: list[Rows]) -> Rows:
-        return Rows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("h", "pos", "cos", "sin")))
+        return Rows(torch.cat([p.h for p in parts]), torch.cat([p.pos for p in parts]))
 
 
 @dataclass
@@ -78,11 +79,10 @@ class Context:
 
 @dataclass
 class Run:
-    """What a policy knows about the generation it serves."""
+    """What a policy knows about the session it serves: the first prompt's length, not how long it will run."""
 
     spec: ModelSpec
     prompt_len: int
-    max_new_tokens: int
     device: torch.device
     dtype: torch.dtype
     scale: float
@@ -112,6 +112,9 @@ class Policy:
         """Layer `layer`'s prompt KV is complete in `kv`; an offloading policy moves part of it away here."""
 
     # -- decode ----------------------------------------------------------------------------------------
+    def decode_step_start(self, position: int) -> None:
+        """A decode step for the token at `position` begins (every earlier position has KV or was dropped)."""
+
     def decode_rows(self, layer: int, rows: Rows) -> Rows:
         """Rows computed at `layer` in this step; the new token is always the last row."""
         return rows
@@ -126,6 +129,14 @@ class Policy:
 
     def decode_step_done(self) -> None:
         """One decode step is complete (a place to settle asynchronous copies or count swaps)."""
+
+    # -- extend ----------------------------------------------------------------------------------------
+    def extend_context(self, layer: int, rows: Rows, kv: LayerKV) -> Context:
+        """What a later turn's rows attend to at `layer`: by default every entry the layer holds on the device."""
+        return Context.of(kv)
+
+    def extend_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, kv: LayerKV) -> None:
+        """The turn's rows (queries `q` `[heads, m, d]`) have their KV in `kv` and continue to layer `layer + 1`."""
 
     # -- accounting ------------------------------------------------------------------------------------
     def device_bytes(self) -> int:

@@ -116,12 +116,8 @@ class H2OPolicy(Policy):
         if self.budget is None:
             return rows
         kv = self.caches[layer]
-        new = len(kv) - self.scores[layer].shape[1]
-        kv_heads = kv.keys.shape[0]
-        step = grouped_logits(q, context.k, self.run.scale).softmax(-1).sum(1)
-        step = step.reshape(kv_heads, -1, step.shape[-1]).sum(1)
-        self.scores[layer] = torch.cat([self.scores[layer], step.new_zeros(kv_heads, new)], dim=1) + step
-        self.positions[layer] = torch.cat([self.positions[layer], kv.positions[-new:].expand(kv_heads, -1)], dim=1)
+        received = grouped_logits(q, context.k, self.run.scale).softmax(-1).sum(1)
+        self._add_received(layer, kv, received, rows.pos)
         if len(kv) == self.budget + 1:  # the usual step: one entry over, evicted in place
             self._evict_one(layer, kv)
             self.evicted_in_decode[layer] += 1
@@ -129,6 +125,28 @@ class H2OPolicy(Policy):
             self.evicted_in_decode[layer] += self._evict(layer, kv)
         self.caches[layer] = None
         return rows
+
+    def extend_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, kv: LayerKV) -> None:
+        """A later turn: the attention its rows gave joins the running sums, then the cache is cut to the budget."""
+        if self.budget is None:
+            return
+        received = torch.zeros(q.shape[0], len(kv), device=q.device)
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // (q.shape[0] * len(kv)))
+        for start in range(0, len(rows), chunk):  # never all m x t logits at once
+            logits = grouped_logits(q[:, start : start + chunk], kv.keys, self.run.scale)
+            logits.masked_fill_(kv.positions[None, None, :] > rows.pos[None, start : start + chunk, None], -torch.inf)
+            received += logits.softmax(-1).sum(1)
+        self._add_received(layer, kv, received, rows.pos)
+        self.evicted_in_decode[layer] += self._evict(layer, kv)
+
+    def _add_received(self, layer: int, kv: LayerKV, received: torch.Tensor, new_pos: torch.Tensor) -> None:
+        """Add the attention every entry received from this step's queries (`received` `[heads, t]`, summed
+        over the queries) to its running sum; the step's new entries, the last of `kv`, join with it."""
+        new = len(kv) - self.scores[layer].shape[1]
+        kv_heads = kv.keys.shape[0]
+        received = received.reshape(kv_heads, -1, received.shape[-1]).sum(1)
+        self.scores[layer] = torch.cat([self.scores[layer], received.new_zeros(kv_heads, new)], dim=1) + received
+        self.positions[layer] = torch.cat([self.positions[layer], new_pos[-new:].expand(kv_heads, -1)], dim=1)
 
     def _evict_one(self, layer: int, kv: LayerKV) -> None:
         """Per KV head, the lowest-scoring entry older than the recent window makes room for the newest."""
@@ -153,7 +171,7 @@ class H2OPolicy(Policy):
         self.scores[layer] = scores.gather(1, slots)
         self.positions[layer] = positions.gather(1, slots)
         positions = self.positions[layer].amax(0)
-        kv.replace(kv.keys.gather(1, index), kv.values.gather(1, index), positions, reserve=1)  # room for the next step
+        kv.replace(kv.keys.gather(1, index), kv.values.gather(1, index), positions)
         return t - self.budget
 
     def stats(self) -> dict[str, Any]:

@@ -177,9 +177,9 @@ class LazyLLMPolicy(Policy):
         self.present = torch.zeros(len(stage_starts), prompt_len, dtype=torch.bool, device=device)
         self.present[0] = True
         self.aux = [AuxCache(prompt_len, device) for _ in self.bounds] if self.dynamic else []
-        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of every prompt position
-        # decode: the positions each stage attends to in this step (generated tokens always)
-        self.attend = torch.ones(prompt_len + run.max_new_tokens, dtype=torch.bool, device=device)
+        # decode: the positions each stage attends to in this step (generated tokens and later turns always);
+        # grown in `decode_step_start` as the session goes on
+        self.attend = torch.ones(prompt_len, dtype=torch.bool, device=device)
         self.revived_rows: Rows | None = None
         self.context_index: torch.Tensor | None = None  # the stage's selected entries, copied out ...
         self.context_hidden: torch.Tensor | None = None  # ... or masked, when only a few are left out
@@ -195,8 +195,6 @@ class LazyLLMPolicy(Policy):
         if layer not in self.bounds:
             return None
         boundary = self.bounds.index(layer)
-        if boundary == 0 and self.dynamic:
-            self.rope = (rows.cos, rows.sin)  # nothing is pruned yet: row i is position i
         keep = self.keep[boundary]
         if keep >= len(rows):
             self.present[boundary + 1, rows.pos] = True
@@ -212,6 +210,11 @@ class LazyLLMPolicy(Policy):
         return index
 
     # -- decode ----------------------------------------------------------------------------------------
+    def decode_step_start(self, position: int) -> None:
+        if position >= len(self.attend):
+            more = max(position + 1 - len(self.attend), len(self.attend) // 8, 16)
+            self.attend = torch.cat([self.attend, self.attend.new_ones(more)])
+
     def decode_rows(self, layer: int, rows: Rows) -> Rows:
         if layer in self.stage_start and self.revived_rows is not None:
             rows = Rows.cat([self.revived_rows, rows])
@@ -257,8 +260,7 @@ class LazyLLMPolicy(Policy):
         self.aux[boundary].put(rows.h[:-1][~continues], in_flight[~continues])
         revive = selected[~has_kv[chosen]]
         if len(revive):  # selected, with no KV in the next stage and not already a row: from the aux cache
-            cos, sin = self.rope
-            self.revived_rows = Rows(self.aux[boundary].take(revive), revive, cos[revive], sin[revive])
+            self.revived_rows = Rows(self.aux[boundary].take(revive), revive)
         if bool(continues.all()):
             return rows
         last = torch.tensor([len(rows) - 1], device=continues.device)
@@ -284,8 +286,7 @@ class LazyLLMPolicy(Policy):
 
     # -- accounting ------------------------------------------------------------------------------------
     def device_bytes(self) -> int:
-        rope = 0 if self.rope is None else sum(t.numel() * t.element_size() for t in self.rope)
-        return sum(aux.nbytes for aux in self.aux) + rope
+        return sum(aux.nbytes for aux in self.aux)
 
     def revived_tokens(self) -> int:
         return self.revived

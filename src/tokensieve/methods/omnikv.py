@@ -167,7 +167,7 @@ class OmniKVPolicy(Policy):
         if segment in self.stores:
             self.stores[segment].put(layer, kv.keys, kv.values)
             # The device keeps only what decode appends: this layer's tail of generated tokens.
-            kv.replace(kv.keys[:, :0], kv.values[:, :0], kv.positions[:0], reserve=self.run.max_new_tokens)
+            kv.replace(kv.keys[:, :0], kv.values[:, :0], kv.positions[:0])
 
     # -- decode ------------------------------------------------------------------------------------------
     def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
@@ -212,6 +212,16 @@ class OmniKVPolicy(Policy):
     def decode_step_done(self) -> None:
         self.steps += 1
         self.loading.clear()  # release this step's loaded rows
+
+    # -- a later turn: nothing was dropped, so its rows attend to every earlier token ----------------------
+    def extend_context(self, layer: int, rows: Rows, kv: LayerKV) -> Context:
+        store = self.stores.get(self.plan.segment_of(layer))
+        if store is None:
+            return Context.of(kv)
+        keys, values = store.layer_keys_values(layer, kv.keys.device)
+        return Context(
+            torch.cat([keys, kv.keys], 1), torch.cat([values, kv.values], 1), torch.cat([self.prompt_pos, kv.positions])
+        )
 
     # -- accounting --------------------------------------------------------------------------------------
     def host_bytes(self) -> int:

@@ -49,6 +49,13 @@ class PackedSegment:
         slot = self.slot[layer]
         return rows[:, slot, 0].transpose(0, 1), rows[:, slot, 1].transpose(0, 1)
 
+    def layer_keys_values(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored row of layer `layer`, keys and values `[kv_heads, tokens, head_dim]`, on `device`
+        (a later turn of a session attends to all of them; on CPU these are views, no copy)."""
+        slot = self.slot[layer]
+        keys, values = self.host[:, slot, 0].transpose(0, 1), self.host[:, slot, 1].transpose(0, 1)
+        return keys.to(device, non_blocking=True), values.to(device, non_blocking=True)
+
     @property
     def row_bytes(self) -> int:
         """Bytes one token's row occupies (all layers of the segment, keys and values)."""

@@ -266,7 +266,7 @@ class SlimInferPolicy(Policy):
             blocks = torch.stack([kv.keys[:, :full], kv.values[:, :full]]).unflatten(2, positions.shape)
             store.host = self.transfers.to_host(blocks.permute(2, 0, 1, 3, 4))  # block-major: loads gather rows
             keep = torch.cat([block_rows(chosen, store.block_size), torch.arange(full, len(kv), device=chosen.device)])
-            kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep], reserve=self.run.max_new_tokens)
+            kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
         self.layers[layer] = store
 
     # -- decode ----------------------------------------------------------------------------------------
@@ -278,6 +278,14 @@ class SlimInferPolicy(Policy):
         context = store.context(kv)
         self.rescore(layer, store, q[:, -1])
         return context
+
+    def extend_context(self, layer: int, rows: Rows, kv: LayerKV) -> Context:
+        """A later turn attends to what decode would: the active blocks at a pruning layer, all else elsewhere."""
+        store = self.layers.get(layer)
+        if store is None:
+            return Context.of(kv)
+        store.install(kv)
+        return store.context(kv)
 
     def rescore(self, layer: int, store: PrunedLayer, query: torch.Tensor) -> None:
         """Score every block with `query`; prefetch a swap when the top set drifted from the active set."""

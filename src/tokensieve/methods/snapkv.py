@@ -131,7 +131,7 @@ class SnapKVPolicy(Policy):
         self.evicted[layer] = len(kv) - slots.shape[1]
         self.kept[layer] = slots.shape[1]
         self.distinct_kept[layer] = int(slots.unique().numel())
-        kv.replace(kv.keys.gather(1, index), kv.values.gather(1, index), positions, reserve=self.run.max_new_tokens)
+        kv.replace(kv.keys.gather(1, index), kv.values.gather(1, index), positions)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -83,19 +83,24 @@ class StreamingPolicy(Policy):
         self.cache_tokens[layer] = len(kv)
         return Context.of(kv)
 
-    def _evict(self, kv: LayerKV) -> int:
-        """Cut the prompt's `kv` to its first `sink` and last `window` entries; returns how many were evicted.
+    def extend_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, kv: LayerKV) -> None:
+        """A later turn saw the window and itself; the cache is then cut back to the sinks and the window."""
+        self.evicted_in_decode[layer] += self._evict(kv)
+        self.oldest[layer] = self.sink  # `_evict` left the entries in position order
+        self.cache_tokens[layer] = len(kv)
 
-        Entries are in position order here, so slot order is age order (and the ring starts at `sink`).
+    def _evict(self, kv: LayerKV) -> int:
+        """Cut `kv` to its first `sink` entries and its `window` newest; returns how many were evicted.
+
+        The sinks hold the first slots (decode's ring never overwrites them); the rest is sorted by position,
+        so that slot order is age order again (and the ring starts at `sink`).
         """
         if self.window is None or len(kv) <= self.sink + self.window:
             return 0
         evicted = len(kv) - self.sink - self.window
-        device = kv.positions.device
-        keep = torch.cat(
-            [torch.arange(self.sink, device=device), torch.arange(self.sink + evicted, len(kv), device=device)]
-        )
-        kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep], reserve=1)  # room for the next step
+        rest = kv.positions[self.sink :].argsort()[evicted:] + self.sink
+        keep = torch.cat([torch.arange(self.sink, device=rest.device), rest])
+        kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
         return evicted
 
     def stats(self) -> dict[str, Any]:

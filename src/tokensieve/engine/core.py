@@ -1,0 +1,167 @@
+"""The engine: one model, one tokenizer, a default method; it starts sessions and runs one-shot calls on them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from ..generation import Generation
+from ..methods import Method, resolve_method
+from ..model import DecoderModel
+from .session import Session
+from .stream import GenerationStream
+
+
+class Engine:
+    """Generation with one model, one tokenizer and a default method (overridable per call).
+
+    Sessions of one engine may live at once and be used from several threads: their forward passes are
+    serialized by the engine's lock (correct, not parallel), and each session keeps its own state.
+    """
+
+    def __init__(
+        self, model: DecoderModel, tokenizer, method: str | Method = "dense", prefill_chunk: int | None = None
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.method = resolve_method(method)
+        self.prefill_chunk = _check_chunk(prefill_chunk)
+        self.lock = threading.RLock()
+        self.eos_ids = self._eos_ids()
+
+    # -- public API ------------------------------------------------------------------------------------
+    def start(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        method: str | Method | None = None,
+        chat: bool = False,
+        prefill_chunk: int | None = None,
+    ) -> Session:
+        """A session over `prompt` (text or token ids), prefilled now; continue it with `generate`/`extend`."""
+        method = self.method if method is None else resolve_method(method)
+        chunk = self.prefill_chunk if prefill_chunk is None else _check_chunk(prefill_chunk)
+        if chat and not isinstance(prompt, str):
+            raise ValueError("chat=True applies the chat template to text; pass the prompt as text, or chat=False")
+        messages = [{"role": "user", "content": prompt}] if chat else None
+        ids = self.render_chat(messages) if chat else self.encode(prompt)
+        self.check_lengths(len(ids), 1)
+        return Session(self, ids, method, messages, chunk)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = False,
+        method: str | Method | None = None,
+    ) -> Generation:
+        """Generate up to `max_new_tokens` after `prompt` (text or token ids); greedy by default."""
+        stream = self.stream(
+            prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+            chat=chat, method=method,
+        )  # fmt: skip
+        for _ in stream:
+            pass
+        return stream.generation
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = False,
+        method: str | Method | None = None,
+    ) -> GenerationStream:
+        """Like `generate`, as an iterator of text pieces; its `generation` holds the result once exhausted."""
+        self.check_lengths(1, max_new_tokens)  # cheap checks before the prefill
+        session = self.start(prompt, method=method, chat=chat)
+        return session.stream(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+            close_session=True,
+        )  # fmt: skip
+
+    def next_token_logits(
+        self, prompt: str | Sequence[int], continuation: Sequence[int], *, method: str | Method | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced next-token logits (fp32, `[len(continuation) + 1, vocab]`) under a method.
+
+        Row 0 is the distribution after the prompt, row i after `continuation[:i]`: what fidelity
+        measures (e.g. KL of a method vs dense along the dense tokens) need.
+        """
+        continuation = self.encode(list(continuation), special_tokens=False) if len(continuation) else []
+        session = self.start(prompt, method=method)
+        self.check_lengths(len(session.tokens), len(continuation) + 1)
+        keys_attended = [0] * self.model.spec.num_layers
+        rows = [session.next_logits(keys_attended)]
+        for token in continuation:
+            session.tokens.append(token)
+            rows.append(session.next_logits(keys_attended))
+        session.close()
+        return torch.stack(rows)
+
+    def encode(self, prompt: str | Sequence[int], chat: bool = False, special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt (with the tokenizer's special tokens, or its chat template)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty: pass some text or token ids")
+            if chat:
+                return self.render_chat([{"role": "user", "content": prompt}])
+            return list(self.tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"])
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.flatten().tolist()
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: pass some text or token ids")
+        vocab = self.model.spec.vocab_size
+        if not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+            raise TypeError(f"a token-id prompt must be a list of ints in [0, {vocab}); got {ids[:8]}...")
+        return ids
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation through the tokenizer's chat template, ready for the assistant's reply."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("chat=True but this tokenizer has no chat template; pass chat=False")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
+
+    def check_lengths(self, context_len: int, max_new_tokens: int) -> None:
+        """`max_new_tokens` is an int >= 1 and `context_len + max_new_tokens` fits the model's positions."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        total, limit = context_len + max_new_tokens, self.model.spec.max_positions
+        if total > limit:
+            raise ValueError(
+                f"the context ({context_len} tokens) plus max_new_tokens ({max_new_tokens}) is {total} tokens, "
+                f"beyond the model's {limit} positions: shorten the prompt or ask for fewer new tokens"
+            )
+        window = self.model.sliding_window
+        if window is not None and total > window:
+            raise ValueError(
+                f"{total} tokens exceed this model's sliding attention window ({window}); tokensieve runs "
+                f"full attention only, so keep prompt plus new tokens within {window}"
+            )
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _eos_ids(self) -> set[int]:
+        found = (getattr(self.tokenizer, "eos_token_id", None), self.model.config.eos_token_id)
+        ids: set[int] = set()
+        for item in found:
+            ids.update(item if isinstance(item, list) else [item])
+        return {i for i in ids if i is not None}
+
+
+def _check_chunk(chunk: int | None) -> int | None:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"prefill_chunk must be None (no chunking) or an int >= 1 (rows per chunk), got {chunk!r}")
+    return chunk

@@ -1,0 +1,215 @@
+"""A session: one conversation's KV and policy state, kept between calls.
+
+`engine.start(prompt)` prefills; `generate`/`stream` continue from the current state; `extend` appends a
+turn, computing only tokens that have no KV yet. Every token of the conversation is in `tokens`; the last
+sampled token of a call has no KV until the next call computes it (with the turn after it, or as the
+first decode step).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..cache import LayerKV
+from ..generation import Generation, Sampling, Stats
+from ..methods import Method, Run
+from . import loop
+from .stream import GenerationStream
+
+if TYPE_CHECKING:
+    from .core import Engine
+
+
+@dataclass
+class SessionStats:
+    """A session so far: the stats of each call, the tokens computed, and the memory it holds now."""
+
+    calls: list[Stats] = field(default_factory=list)
+    computed_tokens: int = 0
+    kv_bytes_device: int = 0
+    kv_bytes_host: int = 0
+    kv_bytes_reserved: int = 0
+
+
+class Session:
+    """One conversation with one method; see the module docstring. Made by `Engine.start`."""
+
+    def __init__(
+        self, engine: Engine, ids: list[int], method: Method, chat_messages: list[dict] | None, chunk: int | None
+    ):
+        self.engine = engine
+        self.method = method
+        self.chunk = chunk
+        self.tokens: list[int] = list(ids)
+        self.messages = chat_messages  # the conversation as chat messages, for chat=True sessions
+        model = engine.model
+        spec = model.spec
+        self.policy = method.start(Run(spec, len(ids), model.device, model.dtype, model.scale))
+        self.kv: list[LayerKV] | None = [
+            LayerKV(spec.num_kv_heads, spec.head_dim, model.dtype, model.device) for _ in range(spec.num_layers)
+        ]
+        self.computed = 0  # tokens[:computed] have KV (or were seen and dropped by the method)
+        self.calls: list[Stats] = []
+        self._logits: torch.Tensor | None = None  # after tokens[computed - 1], when every token is computed
+        self._prompt_pass: loop.PromptPass | None = None  # computed, not yet reported by a generation
+        self._active: GenerationStream | None = None  # the unfinished stream of this session, if any
+        self._active_thread: int | None = None
+        self._run_prompt(lambda: loop.prefill(model, self.policy, self.kv, ids, chunk), len(ids))
+
+    # -- public API ------------------------------------------------------------------------------------
+    def generate(
+        self,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> Generation:
+        """Generate up to `max_new_tokens` from the current state; greedy by default."""
+        stream = self.stream(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+        for _ in stream:
+            pass
+        return stream.generation
+
+    def stream(
+        self,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        close_session: bool = False,
+    ) -> GenerationStream:
+        """Like `generate`, as an iterator of text pieces; its `generation` is set when it is exhausted."""
+        sampling = Sampling(temperature, top_p, seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        self.engine.check_lengths(len(self.tokens), max_new_tokens)
+        self._claim()
+        self._active = GenerationStream(self, max_new_tokens, sampling, stops, close_session)
+        self._active_thread = threading.get_ident()
+        return self._active
+
+    def extend(self, more: str | Sequence[int], *, chat: bool = False) -> None:
+        """Append a turn (text or token ids); only tokens without KV are computed, the earlier ones are reused.
+
+        With `chat=True` the text is a user message: the conversation is rendered with the chat template and
+        the part after the session's tokens is appended (the session must have been started with `chat=True`).
+        """
+        self._claim()
+        new = self._turn_ids(more, chat)
+        self.engine.check_lengths(len(self.tokens) + len(new), 1)
+        ids = self.tokens[self.computed :] + new
+        start = self.computed
+        self.tokens.extend(new)
+        model = self.engine.model
+        self._run_prompt(lambda: loop.extend(model, self.policy, self.kv, ids, start, self.chunk), len(ids))
+
+    @property
+    def stats(self) -> SessionStats:
+        stats = Stats(method={})
+        if self.kv is not None:
+            self.fill_memory_stats(stats)
+        return SessionStats(
+            list(self.calls), self.computed, stats.kv_bytes_device, stats.kv_bytes_host, stats.kv_bytes_reserved
+        )
+
+    def close(self) -> None:
+        """Free the session's KV and policy state now; later calls are an error."""
+        self.kv = None
+        self.policy = None
+        self._logits = None
+
+    @property
+    def closed(self) -> bool:
+        return self.kv is None
+
+    # -- for GenerationStream and the engine -----------------------------------------------------------
+    def next_logits(self, keys_attended: list[int]) -> torch.Tensor:
+        """Logits after the last token, decoding it first if it has no KV yet."""
+        if self._logits is not None:
+            logits, self._logits = self._logits, None
+            return logits
+        self._check_open()
+        if self.computed != len(self.tokens) - 1:
+            raise RuntimeError(f"{len(self.tokens) - self.computed} tokens lack KV; a decode step computes one")
+        with self.engine.lock, torch.inference_mode():
+            logits = loop.decode_step(
+                self.engine.model, self.policy, self.kv, self.tokens[-1], self.computed, keys_attended
+            )
+        self.computed += 1
+        return logits
+
+    def take_prompt_pass(self) -> loop.PromptPass | None:
+        record, self._prompt_pass = self._prompt_pass, None
+        return record
+
+    def fill_memory_stats(self, stats: Stats) -> None:
+        kv, policy = self.kv, self.policy
+        extra = policy.device_bytes()
+        stats.kv_bytes_device = sum(layer.nbytes for layer in kv) + extra
+        stats.kv_bytes_reserved = sum(layer.reserved_bytes for layer in kv) + extra
+        stats.kv_bytes_host = policy.host_bytes()
+        stats.revived_tokens = policy.revived_tokens()
+        stats.method_stats = policy.stats()
+
+    def call_done(self, generation: Generation) -> None:
+        self.calls.append(generation.stats)
+        if self.messages is not None:
+            self.messages.append({"role": "assistant", "content": generation.text})
+        self._active = None
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _run_prompt(self, compute, tokens: int) -> None:
+        self._check_open()
+        start = time.perf_counter()
+        with self.engine.lock, torch.inference_mode():
+            logits, record = compute()
+            if self.engine.model.device.type == "cuda":
+                torch.cuda.synchronize(self.engine.model.device)
+        record.seconds = time.perf_counter() - start
+        if self._prompt_pass is not None:  # two turns with no generation between them: report both
+            record = self._prompt_pass.then(record)
+        self._logits, self._prompt_pass = logits, record
+        self.computed += tokens
+
+    def _turn_ids(self, more: str | Sequence[int], chat: bool) -> list[int]:
+        if not chat:
+            return self.engine.encode(more, special_tokens=False)
+        if self.messages is None:
+            raise ValueError("chat=True extends a chat session, and this one was started with chat=False")
+        if not isinstance(more, str):
+            raise ValueError("chat=True takes the user's message as text, not token ids")
+        messages = [*self.messages, {"role": "user", "content": more}]
+        rendered = self.engine.render_chat(messages)
+        if rendered[: len(self.tokens)] != self.tokens:
+            raise ValueError(
+                "the chat template renders this conversation with other tokens than the session holds (a reply "
+                "cut by a stop string or by max_new_tokens renders differently); extend with token ids instead"
+            )
+        self.messages = messages
+        return rendered[len(self.tokens) :]
+
+    def _claim(self) -> None:
+        """A new call cancels this thread's unfinished stream of the session; another thread's is an error."""
+        self._check_open()
+        active = self._active
+        if active is None:
+            return
+        if self._active_thread != threading.get_ident():
+            raise RuntimeError(
+                "this session is generating in another thread: one session serves one caller at a time "
+                "(start a session per conversation; sessions of one engine may run in any threads)"
+            )
+        active.close()
+
+    def _check_open(self) -> None:
+        if self.kv is None:
+            raise RuntimeError("this session is closed: start a new one with engine.start(...)")

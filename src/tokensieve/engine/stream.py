@@ -1,0 +1,109 @@
+"""One generation call of a session, token by token: sampling, stop strings, timing and its `Generation`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..generation import Generation, Sampling, Stats, TextStream
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+class GenerationStream(Iterator[str]):
+    """The text pieces of one generation call, final as they come; `generation` holds the result once done.
+
+    Each `next()` computes at most one token (one decode step), so a caller (a server, a scheduler) can
+    interleave many streams. `close()` stops early: the generation ends with `finish_reason="cancelled"`,
+    and the session stays usable (its tokens include what was generated so far).
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        max_new_tokens: int,
+        sampling: Sampling,
+        stop: list[str],
+        close_session: bool = False,
+    ):
+        self.session = session
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
+        self.text = TextStream(session.engine.tokenizer, stop)
+        self.generator = sampling.generator(session.engine.model.device)
+        self.close_session = close_session
+        self.generation: Generation | None = None
+        self.new_ids: list[int] = []
+        self.step_times: list[float] = []
+        self.keys_attended = [0] * session.engine.model.spec.num_layers
+        self.context_tokens = len(session.tokens)
+        self.prompt_pass = session.take_prompt_pass()
+        self.ttft_s = 0.0
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> str:
+        while self.generation is None:
+            piece = self._advance()
+            if piece:
+                return piece
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop generating now (e.g. the client went away)."""
+        if self.generation is None:
+            self._finish("cancelled")
+
+    def _advance(self) -> str:
+        """Pick one token (decoding the previous one first); returns the text it made final."""
+        session = self.session
+        start = _now(session.engine.model.device)
+        logits = session.next_logits(self.keys_attended)
+        token = self.sampling.pick(logits, self.generator)
+        elapsed = _now(session.engine.model.device) - start
+        if self.new_ids:
+            self.step_times.append(elapsed)
+        else:
+            self.ttft_s = elapsed + (self.prompt_pass.seconds if self.prompt_pass else 0.0)
+        session.tokens.append(token)
+        self.new_ids.append(token)
+        if token in session.engine.eos_ids:
+            return self._finish("eos")
+        piece = self.text.push(token)
+        if self.text.stopped:
+            return piece + self._finish("stop")
+        if len(self.new_ids) == self.max_new_tokens:
+            return piece + self._finish("length")
+        return piece
+
+    def _finish(self, reason: str) -> str:
+        session = self.session
+        tail = self.text.flush()
+        steps = max(1, len(self.step_times))
+        stats = Stats(method=session.method.settings(), context_tokens=self.context_tokens)
+        if self.prompt_pass is not None:
+            stats.prompt_tokens = self.prompt_pass.tokens
+            stats.prefill_tokens_per_layer = self.prompt_pass.tokens_per_layer
+            stats.unseen_tokens_per_layer = self.prompt_pass.unseen_per_layer
+        stats.reused_tokens = self.context_tokens - stats.prompt_tokens
+        stats.new_tokens = len(self.new_ids)
+        stats.ttft_s = self.ttft_s
+        stats.tpot_s = sum(self.step_times) / steps
+        stats.decode_keys_per_layer = [n / steps for n in self.keys_attended]
+        session.fill_memory_stats(stats)
+        self.generation = Generation(self.text.text, self.new_ids, stats, reason)
+        session.call_done(self.generation)
+        if self.close_session:
+            session.close()
+        return tail
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
