@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml requirements-ci.txt Makefile
 
 install: $(STAMP)
 
+# The demo's haystack: RULER's Paul Graham essays where ../shared has them, else the built-in procedural prose.
+ESSAYS := $(wildcard ../shared/data/haystack/paul_graham_essays.json)
+
 demo: $(STAMP)
-	$(BIN)/tokensieve demo
+	$(BIN)/tokensieve demo --threads 1 $(if $(ESSAYS),--haystack $(ESSAYS))
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests
