@@ -201,3 +201,16 @@ def test_eval_cli_chat(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--model", "tiny", *base, "--chat", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--chat" in err and "chat template" in err and "has none" in err
+
+
+def test_table_stays_aligned_with_long_method_specs():
+    from tokensieve.eval.runner import Record, Report
+
+    spec = "omnikv(budget=256, offload=False, selector='last')"
+    report = Report(config={})
+    for method, ttft in (("dense", 2.0), (spec, 1.0)):
+        report.records.append(Record("niah_single:numbers", method, 2048, 0, 1.0, ttft, 2048, 1.0, 1.0, ["x"], [["x"]]))
+    lines = report.table().splitlines()
+    assert len({line.index("2048") for line in lines[1:]}) == 1  # the length column starts at one place
+    assert lines[0].index("length") + len("length") == lines[1].index("2048") + len("2048")
+    assert spec in lines[2] and "2.00x" in lines[2]

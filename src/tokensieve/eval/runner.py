@@ -93,14 +93,18 @@ class Report:
         return rows + _mean_rows(rows)
 
     def table(self) -> str:
-        header = f"{'task':<22}{'method':<16}{'length':>7}{'acc':>7}{'TTFT ms':>10}{'speedup':>9}"
+        rows = self.rows
+        # The name columns are as wide as their longest entry, so specs with settings keep the table aligned.
+        tw = max([22, *(len(r.task) + 2 for r in rows)])
+        mw = max([16, *(len(r.method) + 2 for r in rows)])
+        header = f"{'task':<{tw}}{'method':<{mw}}{'length':>7}{'acc':>7}{'TTFT ms':>10}{'speedup':>9}"
         header += f"{'computed':>10}{'agree':>7}{'KL':>9}"
         lines = [header]
-        for r in self.rows:
+        for r in rows:
             kl = "-" if r.kl is None else f"{r.kl:.4f}"
             lines.append(
-                f"{r.task:<22}{r.method:<16}{r.length:>7}{r.accuracy:>7.1%}{r.ttft_s * 1e3:>10.1f}{r.speedup:>8.2f}x"
-                f"{r.prefill_fraction:>10.1%}{r.agreement:>7.0%}{kl:>9}"
+                f"{r.task:<{tw}}{r.method:<{mw}}{r.length:>7}{r.accuracy:>7.1%}{r.ttft_s * 1e3:>10.1f}"
+                f"{r.speedup:>8.2f}x{r.prefill_fraction:>10.1%}{r.agreement:>7.0%}{kl:>9}"
             )
         return "\n".join(lines)
 
