@@ -170,8 +170,17 @@ def test_run_eval_with_chat_gives_the_model_templated_ids_on_every_turn(monkeypa
     suite = build_samples(engine.tokenizer, ["multi_turn"], [500], samples=1, chat=True)
     report = run_eval(engine, suite, ["dense"], progress=False, max_new_tokens=2, kl=True, chat=True)
     sample, (record,) = suite["multi_turn", 500][0], report.records
-    turns = [engine.encode(sample.prompt(record.outputs[:i]), chat=True) for i in range(3)]
+    template = engine.tokenizer.apply_chat_template
+    turns = [
+        template(sample.messages(record.outputs[:i]), add_generation_prompt=True, return_dict=False) for i in range(3)
+    ]
     assert seen == [turns[0], *turns]  # the warm-up, then each of the 3 turns, all as templated ids
+    assert turns[0] == engine.encode(sample.prompt(), chat=True)  # turn 1: one user message
+    # later turns: a conversation, the model's own answers as assistant messages, not pasted into the question
+    third = engine.tokenizer.decode(turns[2])
+    for answer, question in zip(record.outputs[:2], [t.question for t in sample.turns[1:]], strict=True):
+        assert f"<|assistant|>{answer.strip()}<|user|>{question.strip()}" in third
+    assert third.count("<|user|>") == 3 and third.endswith("<|assistant|>")
     assert logits_seen == [turns[0]] * 2  # the KL (reference, then dense as a method) sees the same prompt
     text = engine.tokenizer.decode(turns[0])
     assert text.startswith("<|user|>Some special magic") and text.endswith(" is<|assistant|>")

@@ -4,8 +4,10 @@ For every sample, every method runs back to back (in an order rotated from sampl
 of a method and of dense are taken under the same conditions, and speedups are paired per sample (median of
 dense TTFT / method TTFT).
 
-With `chat=True` every prompt (every turn of a multi-turn sample) is given to the model wrapped in its chat
-template, as one user message followed by the assistant's turn. Samples are then built for `length` minus
+With `chat=True` every prompt is given to the model through its chat template: a single-turn sample as one
+user message followed by the assistant's turn; a multi-turn sample as a conversation, the model's earlier
+answers as assistant messages and each new question as a user message (`Sample.messages`). Samples are then
+built for `length` minus
 the tokens the template adds (`chat_overhead`), so the templated prompts still come out about `length`
 tokens long.
 """
@@ -247,7 +249,7 @@ def run_eval(
     total = sum(len(samples) for samples in suite.values()) * len(methods)
     first = min(suite.items(), key=lambda item: item[0][1])[1][0]
     for method in methods:  # warm-up: first calls pay for allocations and kernel choices
-        engine.generate(_model_input(engine, first.prompt(), chat), max_new_tokens=2, method=method)
+        engine.generate(_model_input(engine, first, (), chat), max_new_tokens=2, method=method)
     with tqdm(total=total, desc="eval", unit="run", disable=not progress) as bar:
         for (task, length), samples in suite.items():
             bar.set_postfix_str(f"{task} @ {length}")
@@ -258,7 +260,7 @@ def run_eval(
                     runs[method] = _run_sample(engine, sample, method, length, index, max_new_tokens, chat)
                     bar.update()
                 dense_turns = runs["dense"][1]
-                prompt = _model_input(engine, sample.prompt(), chat) if kl else None
+                prompt = _model_input(engine, sample, (), chat) if kl else None
                 reference = forced_logits(engine, prompt, dense_turns[0], "dense") if kl else None
                 for method in methods:
                     record, turns = runs[method]
@@ -270,10 +272,16 @@ def run_eval(
     return report
 
 
-def _model_input(engine, text: str, chat: bool):
-    """What the engine is given for a prompt: the text, or with `chat` the ids of its chat-templated form
-    (so that `engine.next_token_logits`, which takes no `chat`, sees the same prompt as `generate`)."""
-    return engine.encode(text, chat=True) if chat else text
+def _model_input(engine, sample: Sample, outputs: Sequence[str], chat: bool):
+    """What the engine is given for the turn after `outputs`: the prompt text, or with `chat` the ids of the
+    conversation so far through the chat template (ids, so that `engine.next_token_logits`, which takes no
+    `chat`, sees the same prompt as `generate`)."""
+    if not chat:
+        return sample.prompt(outputs)
+    ids = engine.tokenizer.apply_chat_template(
+        sample.messages(outputs), add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return list(ids)
 
 
 def _run_sample(engine, sample: Sample, method: str, length: int, index: int, cap: int | None, chat: bool = False):
@@ -282,7 +290,7 @@ def _run_sample(engine, sample: Sample, method: str, length: int, index: int, ca
     outputs, gens = [], []
     new_tokens = min(sample.max_new_tokens, cap or sample.max_new_tokens)
     for _ in sample.turns:
-        prompt = _model_input(engine, sample.prompt(outputs), chat)
+        prompt = _model_input(engine, sample, outputs, chat)
         gen = engine.generate(prompt, max_new_tokens=new_tokens, method=method)
         outputs.append(gen.text)
         gens.append(gen)

@@ -45,6 +45,20 @@ class Sample:
         history = "".join(f"{turn.question} {out.strip()}\n" for turn, out in zip(self.turns, outputs, strict=False))
         return self.context + history + self.turns[len(outputs)].question
 
+    def messages(self, outputs: Sequence[str] = ()) -> list[dict[str, str]]:
+        """The prompt of turn `len(outputs)` as a conversation for a chat template: the context and the first
+        question as the user's message, then each earlier answer as the assistant's and the next question as
+        the user's (so the model sees its own earlier turns as its own, not pasted into one message)."""
+        if len(outputs) >= len(self.turns):
+            raise ValueError(f"{self.task} has {len(self.turns)} turns; got {len(outputs)} earlier outputs")
+        messages = [{"role": "user", "content": self.context + self.turns[0].question}]
+        for turn, out in zip(self.turns[1:], outputs, strict=False):
+            messages += [
+                {"role": "assistant", "content": out.strip()},
+                {"role": "user", "content": turn.question.strip()},
+            ]
+        return messages
+
     def score(self, turn: int, output: str) -> float:
         return string_match(output, self.turns[turn].answers)
 
