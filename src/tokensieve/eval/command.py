@@ -35,9 +35,20 @@ def register(sub) -> None:
     parser.add_argument("--samples", type=int, default=5, help="samples per task and length (default: 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--depth", type=float, default=None, help="needle depth in [0, 1] (default: random)")
-    parser.add_argument("--haystack", default=None, help="haystack text: a .txt or a JSON {'text': ...} file")
+    parser.add_argument(
+        "--haystack",
+        default=None,
+        help="haystack text: a .txt/.md file, a JSON {'text': ...} file or a directory of text files "
+        "(default: built-in procedural prose)",
+    )
     parser.add_argument(
         "--longbench", default=None, help="a directory (or file) of LongBench jsonl / MiniLongBench json"
+    )
+    parser.add_argument(
+        "--ruler",
+        default=None,
+        help="a RULER jsonl file (fields input, outputs, length) as the task source instead of --tasks: scored by "
+        "the fraction of expected outputs found; samples keep their own length (--lengths is not used)",
     )
     parser.add_argument(
         "--max-new-tokens", type=int, default=None, help="cap on tokens generated per answer (default: per task)"
@@ -60,6 +71,7 @@ def run(args: argparse.Namespace) -> None:
     from ..cli import load_engine
     from ..methods import METHODS, resolve_method, split_methods
     from .longbench import load_longbench
+    from .ruler import load_ruler
     from .runner import build_samples, parse_length, require_chat_template, run_eval
     from .tasks import TASKS, Haystack
 
@@ -69,16 +81,24 @@ def run(args: argparse.Namespace) -> None:
     lengths = sorted({parse_length(x) for x in _split(args.lengths)})
     if not lengths:
         raise ValueError("--lengths is empty: give lengths such as 2k,4k")
+    if args.ruler and (args.tasks or args.longbench):
+        raise ValueError("--ruler is a task source of its own: drop --tasks and --longbench, or --ruler")
+    ruler = load_ruler(args.ruler) if args.ruler else {}
     longbench = load_longbench(args.longbench) if args.longbench else {}
     tasks = _split(args.tasks) or (list(longbench) if longbench else list(TASKS))
+    if ruler:
+        tasks, lengths = sorted({task for task, _ in ruler}), sorted({length for _, length in ruler})
     haystack = Haystack.from_file(args.haystack) if args.haystack else None
 
     engine = load_engine(args)
     if args.chat:
         require_chat_template(engine.tokenizer)  # now, not after the samples are built
-    suite = build_samples(
-        engine.tokenizer, tasks, lengths, args.samples, args.seed, haystack, args.depth, longbench, chat=args.chat
-    )
+    if ruler:
+        suite = {key: samples[: args.samples] for key, samples in ruler.items()}
+    else:
+        suite = build_samples(
+            engine.tokenizer, tasks, lengths, args.samples, args.seed, haystack, args.depth, longbench, chat=args.chat
+        )
     config = {
         "model": args.model,
         "tasks": tasks,
@@ -88,6 +108,7 @@ def run(args: argparse.Namespace) -> None:
         "depth": args.depth,
         "haystack": args.haystack or "procedural",
         "longbench": args.longbench,
+        "ruler": args.ruler,
         "dtype": args.dtype,
         "device": args.device,
         "max_new_tokens": args.max_new_tokens,
