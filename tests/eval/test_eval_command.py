@@ -223,3 +223,25 @@ def test_table_stays_aligned_with_long_method_specs():
     assert len({line.index("2048") for line in lines[1:]}) == 1  # the length column starts at one place
     assert lines[0].index("length") + len("length") == lines[1].index("2048") + len("2048")
     assert spec in lines[2] and "2.00x" in lines[2]
+
+
+def test_results_are_journaled_as_they_finish_and_an_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
+    options = ["--methods", "dense,streaming_llm", "--tasks", "niah_single", "--lengths", "300"]
+    full = eval_cli(tmp_path, *options)
+    journal = tmp_path / "out" / runner.JOURNAL
+    header, *lines = journal.read_text().splitlines()
+    assert json.loads(header)["config"]["samples"] == 2 and len(lines) == 4  # 2 samples x 2 methods
+    # interrupted while writing the second sample: its records are lost, one line is cut in the middle
+    journal.write_text("\n".join([header, *lines[:2], lines[2][:25]]) + "\n")
+    ran = []
+    run_sample = runner._run_sample
+    monkeypatch.setattr(runner, "_run_sample", lambda e, s, m, *a: ran.append(m) or run_sample(e, s, m, *a))
+    resumed = eval_cli(tmp_path, *options, "--resume")
+    assert sorted(ran) == ["dense", "streaming_llm"]  # only the second sample ran again
+    assert resumed["records"][:2] == full["records"][:2] and len(resumed["records"]) == 4
+    assert len(journal.read_text().splitlines()) == 5
+    argv = ["eval", "--model", "tiny", "--samples", "3", *options, "--out", str(tmp_path / "out"), "--resume"]
+    assert main(argv) == 2  # another --samples: another run
+    assert "was written by a run with other settings" in capsys.readouterr().err
+    assert main([*argv[:-3], "--out", str(tmp_path / "elsewhere"), "--resume"]) == 2
+    assert re.search(r"--resume: no .*eval.records.jsonl to resume from", capsys.readouterr().err)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -62,7 +63,17 @@ def register(sub) -> None:
         help="wrap every prompt in the model's chat template (instruction-tuned models); prompts are sized so "
         "that the templated prompt has the asked length",
     )
-    parser.add_argument("--out", default="eval-results", help="output directory (default: eval-results)")
+    parser.add_argument(
+        "--out",
+        default="eval-results",
+        help="output directory (default: eval-results); eval.records.jsonl there gets each result as it finishes",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from --out's eval.records.jsonl (same options): finished samples are "
+        "not run again",
+    )
     parser.add_argument("--plot", action="store_true", help="also write eval.png: accuracy vs speedup per method")
     parser.set_defaults(run=run)
 
@@ -72,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
     from ..methods import METHODS, resolve_method, split_methods
     from .longbench import load_longbench
     from .ruler import load_ruler
-    from .runner import build_samples, parse_length, require_chat_template, run_eval
+    from .runner import JOURNAL, build_samples, parse_length, require_chat_template, run_eval
     from .tasks import TASKS, Haystack
 
     methods = split_methods(args.methods or "") or list(METHODS)
@@ -81,6 +92,9 @@ def run(args: argparse.Namespace) -> None:
     lengths = sorted({parse_length(x) for x in _split(args.lengths)})
     if not lengths:
         raise ValueError("--lengths is empty: give lengths such as 2k,4k")
+    journal = Path(args.out) / JOURNAL
+    if args.resume and not journal.is_file():
+        raise ValueError(f"--resume: no {journal} to resume from (is --out the interrupted run's directory?)")
     if args.ruler and (args.tasks or args.longbench):
         raise ValueError("--ruler is a task source of its own: drop --tasks and --longbench, or --ruler")
     ruler = load_ruler(args.ruler) if args.ruler else {}
@@ -115,7 +129,17 @@ def run(args: argparse.Namespace) -> None:
         "kl": args.kl,
         "chat": args.chat,
     }
-    report = run_eval(engine, suite, methods, config, max_new_tokens=args.max_new_tokens, kl=args.kl, chat=args.chat)
+    report = run_eval(
+        engine,
+        suite,
+        methods,
+        config,
+        max_new_tokens=args.max_new_tokens,
+        kl=args.kl,
+        chat=args.chat,
+        journal=journal,
+        resume=args.resume,
+    )
     print(report.table())
     for path in report.save(args.out, plot=args.plot):
         print(f"wrote {path}")

@@ -30,6 +30,7 @@ from .longbench import TASK_METRICS, LongBenchSample, truncate_middle
 from .tasks import Haystack, Sample, make_samples
 
 MEAN = "mean"  # the task name of the rows that average every task
+JOURNAL = "eval.records.jsonl"  # in the output directory: every record as its sample finishes (for --resume)
 
 
 def parse_length(text: str) -> int:
@@ -231,8 +232,14 @@ def run_eval(
     max_new_tokens: int | None = None,
     kl: bool = False,
     chat: bool = False,
+    journal: str | Path | None = None,
+    resume: bool = False,
 ) -> Report:
     """Run every method on every sample of `suite` (dense is added first if missing); a `Report`.
+
+    `journal`, a jsonl file, receives each sample's records as soon as all its methods have run, so an
+    interrupted run loses at most one sample; with `resume=True` the samples already in it (written with the
+    same config) are taken from it, not run again.
 
     `max_new_tokens` caps each sample's own answer length (for quick runs; answers may be cut short).
     `kl` adds the mean KL(dense || method) of next-token distributions along dense's first answer
@@ -246,6 +253,7 @@ def run_eval(
         require_chat_template(engine.tokenizer)
     methods = ["dense", *[m for m in methods if m != "dense"]]
     report = Report(config={**(config or {}), "methods": methods, "chat": chat})
+    done = _open_journal(Path(journal), report.config, resume) if journal else {}
     total = sum(len(samples) for samples in suite.values()) * len(methods)
     first = min(suite.items(), key=lambda item: item[0][1])[1][0]
     for method in methods:  # warm-up: first calls pay for allocations and kernel choices
@@ -254,6 +262,11 @@ def run_eval(
         for (task, length), samples in suite.items():
             bar.set_postfix_str(f"{task} @ {length}")
             for index, sample in enumerate(samples):
+                finished = [done.get((task, length, index, method)) for method in methods]
+                if all(finished):
+                    report.records.extend(finished)
+                    bar.update(len(methods))
+                    continue
                 shift = index % len(methods)  # rotate the order so no method always runs first
                 runs = {}
                 for method in methods[shift:] + methods[:shift]:
@@ -269,7 +282,39 @@ def run_eval(
                         forced = forced_logits(engine, prompt, dense_turns[0], method)
                         record.kl = float(kl_divergence(reference, forced).mean())
                     report.records.append(record)
+                if journal:
+                    _append(Path(journal), report.records[-len(methods) :])
     return report
+
+
+def _open_journal(path: Path, config: dict[str, Any], resume: bool) -> dict[tuple, Record]:
+    """The records a resumed run can take, by (task, length, sample, method); a fresh journal otherwise.
+
+    A line cut short by the interruption and everything after it are dropped (and rewritten without them)."""
+    header = json.dumps({"config": config}, ensure_ascii=False)
+    if not resume or not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + "\n")
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0] != header:
+        raise ValueError(
+            f"--resume: {path} was written by a run with other settings (model, tasks, lengths, samples, methods, "
+            "...): rerun with the same options, or without --resume to start again"
+        )
+    records = []
+    for line in lines[1:]:
+        try:
+            records.append(Record(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            break
+    path.write_text("\n".join([header, *(json.dumps(asdict(r), ensure_ascii=False) for r in records)]) + "\n")
+    return {(r.task, r.length, r.sample, r.method): r for r in records}
+
+
+def _append(path: Path, records: list[Record]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.writelines(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records)
 
 
 def _model_input(engine, sample: Sample, outputs: Sequence[str], chat: bool):
