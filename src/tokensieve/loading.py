@@ -49,8 +49,7 @@ def load(
         if tokenizer is None:
             raise ValueError("no tokenizer: pass tokenizer=... (the model was not loaded from a local directory)")
     elif _is_preset(model):
-        hf_model, preset_tokenizer = presets.build(str(model), dtype=dtype)
-        hf_model = hf_model.to(device)
+        hf_model, preset_tokenizer = presets.build(str(model), dtype=dtype, device=device)
         tokenizer = tokenizer or preset_tokenizer
     else:
         path = resolve_model_path(model, dtype)

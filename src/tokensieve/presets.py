@@ -57,6 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 BOS_ID, EOS_ID = 256, 257
 BYTE_VOCAB = 258
+MAX_POSITIONS = 131072  # every preset's position limit unless `max_positions=` says otherwise
 
 
 def byte_tokenizer():
@@ -87,7 +88,7 @@ def _byte_of(symbol: str) -> int:
     return {chr(v): k for k, v in mapping.items()}[symbol]
 
 
-def config_for(name_or_shape: str | dict[str, Any], max_positions: int = 131072, **overrides):
+def config_for(name_or_shape: str | dict[str, Any], max_positions: int = MAX_POSITIONS, **overrides):
     """A `transformers` config for a preset name or a dict of shape fields."""
     from transformers import AutoConfig
 
@@ -104,8 +105,18 @@ def config_for(name_or_shape: str | dict[str, Any], max_positions: int = 131072,
     return AutoConfig.for_model(model_type, **shape)
 
 
-def build(name_or_shape: str | dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A random-weight model (eval mode, SDPA attention) and the byte tokenizer, from a preset or shape."""
+def build(
+    name_or_shape: str | dict[str, Any],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **overrides,
+):
+    """A random-weight model (eval mode, SDPA attention) and the byte tokenizer, from a preset or shape.
+
+    The weights are drawn on `device` (the same seed gives other weights on CUDA than on the CPU).
+    """
     from transformers import AutoModelForCausalLM
 
     if isinstance(name_or_shape, str) and name_or_shape not in PRESETS:
@@ -113,5 +124,6 @@ def build(name_or_shape: str | dict[str, Any], *, seed: int = 0, dtype: torch.dt
     config = config_for(name_or_shape, **overrides)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     return model, byte_tokenizer()

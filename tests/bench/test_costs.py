@@ -15,14 +15,14 @@ SMALL = ModelSpec(2, 8, 2, 1, 4, 16, 10, 128, "llama")
 LLAMA3_8B = ModelSpec(32, 4096, 32, 8, 128, 14336, 128256, 131072, "llama")
 
 
-def stats(prompt: int, new: int, prefill: list[int], keys: list[float], **method_stats) -> Stats:
+def stats(prompt: int, new: int, prefill: list[int], keys: list[float], **counted) -> Stats:
     return Stats(
         method={"name": "x"},
         prompt_tokens=prompt,
         new_tokens=new,
         prefill_tokens_per_layer=prefill,
         decode_keys_per_layer=keys,
-        method_stats=method_stats,
+        **counted,
     )
 
 

@@ -117,7 +117,7 @@ def test_token_id_prompt_equals_text_prompt(engine):
     [
         (dict(prompt=""), ValueError, "prompt is empty"),
         (dict(prompt=[]), ValueError, "prompt is empty"),
-        (dict(prompt=[1, 2, 9999]), TypeError, "token-id prompt"),
+        (dict(prompt=[1, 2, 9999]), ValueError, "token id 9999 at index 2 is out of range"),
         (dict(prompt="hi", max_new_tokens=0), ValueError, "max_new_tokens must be"),
         (dict(prompt=[1] * 1000, max_new_tokens=100), ValueError, "beyond the model's 1024 positions"),
         (dict(prompt="hi", method="bogus"), ValueError, "unknown method 'bogus'"),

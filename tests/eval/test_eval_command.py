@@ -192,8 +192,8 @@ def test_run_eval_with_chat_gives_the_model_templated_ids_on_every_turn(monkeypa
 def test_eval_cli_chat(tmp_path, monkeypatch, capsys):
     build = presets.build
 
-    def build_with_template(name):
-        model, tokenizer = build(name)
+    def build_with_template(name, **options):
+        model, tokenizer = build(name, **options)
         tokenizer.chat_template = TEMPLATE
         return model, tokenizer
 

@@ -36,8 +36,8 @@ def test_kl_hand_computed():
 
 
 class _LastTokensPolicy(Policy):
-    def prefill_keep_after_layer(self, layer, rows, q, k):
-        return torch.arange(len(rows) - 4, len(rows)) if layer == 0 else None
+    def prefill_keep_after_layer(self, step):
+        return torch.arange(len(step.rows) - 4, len(step.rows)) if step.layer == 0 else None
 
 
 @dataclass

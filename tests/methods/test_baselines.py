@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import random_prompt
+from tokensieve import attention
 from tokensieve.cache import LayerKV
 from tokensieve.cli import main
-from tokensieve.methods import H2O, METHODS, Context, Method, Policy, Rows, Run, SnapKV, StreamingLLM
+from tokensieve.methods import H2O, METHODS, Context, LayerStep, Method, Policy, Rows, Run, SnapKV, StreamingLLM
 from tokensieve.methods import h2o as h2o_module
 from tokensieve.methods.snapkv import observation_scores, pool_scores
 
@@ -28,23 +29,24 @@ def record(method: Method) -> dict:
 
     def recording_start(run):
         policy = start(run)
-        keep, done, context = policy.prefill_keep_after_attention, policy.prefill_layer_done, policy.decode_context
+        observe, done, context = policy.prefill_observe, policy.prefill_layer_done, policy.decode_context
 
-        def prefill_keep_after_attention(layer, rows, q, k):
-            seen["inputs"][layer] = (q.clone(), k.clone(), rows.pos.clone())
-            return keep(layer, rows, q, k)
+        def prefill_observe(step):
+            seen["inputs"][step.layer] = (step.q.clone(), step.k.clone(), step.rows.pos.clone())
+            observe(step)
 
-        def prefill_layer_done(layer, kv):
-            seen["before"][layer] = (kv.keys.clone(), kv.positions.clone())
-            done(layer, kv)
-            seen["prefill"][layer] = (kv.keys.clone(), kv.positions.clone())
+        def prefill_layer_done(step):
+            seen["before"][step.layer] = (step.kv.keys.clone(), step.kv.positions.clone())
+            done(step)
+            seen["prefill"][step.layer] = (step.kv.keys.clone(), step.kv.positions.clone())
 
-        def decode_context(layer, q, rows, kv):
-            result = context(layer, q, rows, kv)
-            seen["decode"].append((layer, len(kv), kv.positions.clone(), int(rows.pos[-1])))
+        def decode_context(step):
+            result = context(step)
+            kv = step.kv
+            seen["decode"].append((step.layer, len(kv), kv.positions.clone(), int(step.rows.pos[-1])))
             return result
 
-        policy.prefill_keep_after_attention = prefill_keep_after_attention
+        policy.prefill_observe = prefill_observe
         policy.prefill_layer_done = prefill_layer_done
         policy.decode_context = decode_context
         return policy
@@ -121,7 +123,8 @@ class AttendSinkAndRecent(Method):
         method = self
 
         class Reference(Policy):
-            def decode_context(self, layer, q, rows, kv):
+            def decode_context(self, step):
+                kv = step.kv
                 slots = list(range(method.sink)) + list(range(len(kv) - method.window, len(kv)))
                 return Context.of(kv, torch.tensor(slots))
 
@@ -268,7 +271,7 @@ def test_snapkv_prefill_is_dense_and_dropping_changes_decode(deep_engine, dense_
         (dict(budget=0), ValueError, "budget must be > 0"),
         (dict(budget=2.0), ValueError, "budget 2.0 is a float above 1"),
         (dict(window=0), ValueError, "window must be an int >= 1"),
-        (dict(kernel=4), ValueError, "kernel must be an odd int >= 1"),
+        (dict(kernel=4), ValueError, "kernel must be an int >= 1 and odd"),
         (dict(pooling="mean"), ValueError, "pooling must be one of max, avg"),
     ],
 )
@@ -295,12 +298,12 @@ def brute_force_accumulated(q, k, pos, scale):
 
 @pytest.mark.parametrize("chunk_rows, chunk_elements", [(256, 1 << 24), (16, 1 << 24), (256, 300)])
 def test_h2o_prefill_scores_equal_brute_force_in_any_chunking(monkeypatch, chunk_rows, chunk_elements):
-    monkeypatch.setattr(h2o_module, "SCORE_CHUNK_ROWS", chunk_rows)
-    monkeypatch.setattr(h2o_module, "SCORE_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(attention, "SCORE_CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(attention, "SCORE_CHUNK_ELEMENTS", chunk_elements)
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randn(8, 70, 16, generator=gen), torch.randn(2, 70, 16, generator=gen)
     pos = torch.randperm(200, generator=gen)[:70].sort().values
-    ours = h2o_module.accumulated_attention(q, k, pos, 0.25)
+    ours = h2o_module.per_kv_head(attention.attention_received(q, pos, k, pos, 0.25, keys_are_rows=True), 2)
     torch.testing.assert_close(ours.double(), brute_force_accumulated(q, k, pos, 0.25), rtol=1e-5, atol=1e-6)
 
 
@@ -320,8 +323,10 @@ def test_h2o_evicts_like_a_per_head_reference_through_prefill_and_decode(deep_en
     pos = torch.arange(n)
     kv = LayerKV(kv_heads, d, torch.float32, torch.device("cpu"))
     kv.append(k, v, pos)
-    assert policy.prefill_keep_after_attention(0, Rows(torch.zeros(n, 1), pos), q, k) is None
-    policy.prefill_layer_done(0, kv)
+    step = LayerStep(0, Rows(torch.zeros(n, 1), pos), q, k, kv)
+    policy.prefill_observe(step)
+    assert policy.prefill_keep_after_attention(step) is None  # H2O evicts KV, never hidden states
+    policy.prefill_layer_done(step)
 
     # reference: per KV head, a dict position -> (key, accumulated score)
     scores = brute_force_accumulated(q, k, pos, scale)
@@ -345,8 +350,8 @@ def test_h2o_evicts_like_a_per_head_reference_through_prefill_and_decode(deep_en
         q_new, k_new = torch.randn(heads, 1, d, generator=gen), torch.randn(kv_heads, 1, d, generator=gen)
         kv.append(k_new, torch.randn(kv_heads, 1, d), torch.tensor([p]))
         rows = Rows(torch.zeros(1, 1), torch.tensor([p]))
-        context = policy.decode_context(0, q_new, rows, kv)
-        policy.decode_layer_done(0, rows, q_new, context)
+        decode = LayerStep(0, rows, q_new, k_new, kv)
+        policy.decode_layer_done(decode, policy.decode_context(decode))
         for head in range(kv_heads):
             cache[head][p] = (k_new[head, 0], 0.0)
             order = sorted(cache[head])

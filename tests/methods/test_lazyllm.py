@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import random_prompt
-from tokensieve.methods.base import Context, Rows, Run
+from tokensieve.methods.base import Context, LayerStep, Rows, Run
 from tokensieve.methods.lazyllm import LazyLLM, LazyLLMPolicy
 from tokensieve.model import ModelSpec
 
@@ -26,16 +26,17 @@ class RecordingPolicy(LazyLLMPolicy):
         self.kv = {}
         self.log = []
 
-    def prefill_layer_done(self, layer, kv):
-        self.kv[layer] = kv
+    def prefill_layer_done(self, step):
+        self.kv[step.layer] = step.kv
 
     def decode_rows(self, layer, rows):
         if layer == 0:
             self.log.append({"aux": [_entries(aux) for aux in self.aux], "layers": {}, "masked": 0})
         return super().decode_rows(layer, rows)
 
-    def decode_context(self, layer, q, rows, kv):
-        context = super().decode_context(layer, q, rows, kv)
+    def decode_context(self, step):
+        context = super().decode_context(step)
+        layer, rows, kv = step.layer, step.rows, step.kv
         n = len(rows)
         own = (kv.keys[:, -n:].clone(), kv.values[:, -n:].clone())
         shown = torch.ones_like(context.pos, dtype=torch.bool) if context.hidden is None else ~context.hidden
@@ -68,7 +69,7 @@ def test_keep_all_reproduces_dense_and_reports_nothing_pruned(deep_engine, dense
     assert gen.token_ids == dense_tokens
     assert stats.revived_tokens == 0
     assert stats.method_stats["prompt_computed_pct"] == 100.0
-    assert stats.method_stats["decode_tokens_per_layer"] == [1.0] * deep_engine.model.spec.num_layers
+    assert stats.decode_rows_per_layer == [1.0] * deep_engine.model.spec.num_layers
 
 
 def test_default_schedule_prunes_nested_sets_by_stage(deep_engine):
@@ -146,7 +147,7 @@ def test_prefill_scores_equal_full_softmax_reference(heads, kv_heads):
     expected = probs.topk(keep).indices.sort().values
 
     policy = _policy(heads, kv_heads, n, (keep, keep, keep))
-    index = policy.prefill_keep_after_layer(0, rows, q, k)
+    index = policy.prefill_keep_after_layer(LayerStep(0, rows, q, k, None))
     assert torch.equal(index, expected) and int(index[-1]) == n - 1
     dropped = torch.tensor(sorted(set(range(n)) - set(expected.tolist())))
     assert torch.equal(policy.aux[0].take(dropped), h[dropped])  # the dropped rows' layer outputs
@@ -159,7 +160,7 @@ def test_last_token_is_kept_even_when_it_scores_lowest():
     k = torch.zeros(2, n, d)
     k[:, :-1, 0] = 1.0  # every key but the last one's own scores high
     rows = Rows(torch.zeros(n, 16), torch.arange(n))
-    index = _policy(2, 2, n, (3, 3, 3)).prefill_keep_after_layer(0, rows, q, k)
+    index = _policy(2, 2, n, (3, 3, 3)).prefill_keep_after_layer(LayerStep(0, rows, q, k, None))
     assert len(index) == 3 and int(index[-1]) == n - 1
 
 
@@ -253,7 +254,7 @@ def test_static_pruning_decodes_over_what_prefill_kept(deep_engine):
     expected_keys = [n + (new + 1) / 2 for n in stats.prefill_tokens_per_layer]  # prompt kept + mean generated
     assert stats.decode_keys_per_layer == pytest.approx(expected_keys)
     assert stats.revived_tokens == 0 and stats.method_stats["aux_cache_bytes"] == 0
-    assert stats.method_stats["decode_tokens_per_layer"] == [1.0] * deep_engine.model.spec.num_layers
+    assert stats.decode_rows_per_layer == [1.0] * deep_engine.model.spec.num_layers
 
 
 def test_revival_budget_bounds_revivals_and_keeps_each_stage_full(deep_engine):

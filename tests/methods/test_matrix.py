@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import random_prompt
-from tokensieve.methods import METHODS, resolve_method
+from tokensieve.methods import METHODS, Compose, OmniKV, SlimInfer, resolve_method, split_methods
 
 PROMPT = random_prompt(320, seed=11)
 NEW_TOKENS = 12
@@ -142,3 +143,152 @@ def test_chunked_prefill_takes_the_same_decisions(deep_engine, name, settings):
     chunked = deep_engine.start(PROMPT, method=method, prefill_chunk=48).generate(max_new_tokens=NEW_TOKENS)
     assert chunked.token_ids == whole.token_ids
     assert chunked.stats.prefill_tokens_per_layer == whole.stats.prefill_tokens_per_layer
+
+
+# -- composition: a prefill method with a decode method ----------------------------------------------------
+PREFILL_SIDE = ["dense", "sliminfer", "lazyllm", "snapkv"]
+DECODE_SIDE = ["dense", "omnikv", "streaming_llm", "h2o"]
+PAIRS = [(p, d) for p in PREFILL_SIDE for d in DECODE_SIDE if not (p == "snapkv" and d in ("omnikv", "h2o"))]
+
+
+@pytest.mark.parametrize(("first", "then"), PAIRS)
+def test_composition_under_keep_all_equals_dense(deep_engine, dense_tokens, first, then):
+    method = Compose(METHODS[first].keep_all(), METHODS[then].keep_all())
+    gen = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=method)
+    assert gen.token_ids == dense_tokens
+    assert gen.stats.method["name"] == f"{first}+{then}"
+    assert set(gen.stats.method_stats) == {"prefill", "decode"}
+
+
+@pytest.mark.parametrize("then", DECODE_SIDE)
+def test_dense_prefill_then_a_decode_method_decodes_exactly_as_that_method(deep_engine, then):
+    alone = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=PRUNING[then])
+    composed = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=f"dense+{PRUNING[then]}")
+    assert composed.token_ids == alone.token_ids
+    assert composed.stats.decode_keys_per_layer == alone.stats.decode_keys_per_layer
+    assert composed.stats.method_stats["decode"] == alone.stats.method_stats
+
+
+@pytest.mark.parametrize("first", PREFILL_SIDE)
+def test_a_prefill_method_then_dense_prefills_exactly_as_that_method(deep_engine, first):
+    alone = deep_engine.generate(PROMPT, max_new_tokens=1, method=PRUNING[first])
+    composed = deep_engine.generate(PROMPT, max_new_tokens=1, method=f"{PRUNING[first]}+dense")
+    assert composed.token_ids == alone.token_ids
+    assert composed.stats.prefill_tokens_per_layer == alone.stats.prefill_tokens_per_layer
+
+
+@pytest.mark.parametrize(("first", "then"), PAIRS)
+def test_composition_prunes_on_both_sides_and_runs_sessions(deep_engine, first, then):
+    """Each side's decisions show beside the other's, and a composed session takes a later turn."""
+    spec = f"{PRUNING[first]}+{PRUNING[then]}"
+    composed = deep_engine.generate(PROMPT, max_new_tokens=4, method=spec).stats
+    prefill_only = deep_engine.generate(PROMPT, max_new_tokens=4, method=f"{PRUNING[first]}+dense").stats
+    assert composed.prefill_tokens_per_layer == prefill_only.prefill_tokens_per_layer
+    if first in ("sliminfer", "lazyllm"):
+        assert composed.prefill_fraction < 1
+    if then != "dense":  # the decode side attends to fewer keys than dense decode over the same prefill
+        assert sum(composed.decode_keys_per_layer) < sum(prefill_only.decode_keys_per_layer)
+    _, _, second = two_turns(deep_engine, spec)
+    assert len(second.token_ids) == NEW_TOKENS
+    assert len(second.stats.unseen_tokens_per_layer) == deep_engine.model.spec.num_layers
+
+
+def test_omnikv_after_sliminfer_selects_by_position_among_what_each_layer_holds(deep_engine):
+    """Past a pruning layer a layer holds only the kept blocks: OmniKV selects and gathers there by position."""
+    for offload in (True, False):
+        spec = f"sliminfer(budgets=(0.5, 0.25, 0.125))+omnikv(budget=1.0, offload={offload})"
+        composed = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=spec)
+        pruned = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=spec.split("+")[0] + "+dense")
+        assert composed.token_ids == pruned.token_ids  # budget 1.0 selects everything each layer holds
+        assert composed.stats.decode_keys_per_layer == pruned.stats.decode_keys_per_layer
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("omnikv+dense", "put it on the decode side"),
+        ("dense+sliminfer", "cannot follow another prefill"),
+        ("dense+lazyllm", "cannot follow another prefill"),
+        ("dense+snapkv", "put it on the prefill side"),
+        ("snapkv+omnikv", "each KV head its own tokens"),
+        ("snapkv+h2o", "each KV head its own tokens"),
+        ("dense+omnikv+h2o", "one prefill method \\+ one decode method"),
+        ("sliminfer+omnikv(budget=0)", "budget must be > 0"),
+    ],
+)
+def test_compositions_that_cannot_mean_anything_are_clear_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_method(spec)
+
+
+def test_composition_specs_carry_both_sides_settings():
+    method = resolve_method("sliminfer(budgets=(0.25, 0.125, 0.0625))+omnikv(budget=0.067)")
+    assert method == Compose(SlimInfer(budgets=(0.25, 0.125, 0.0625)), OmniKV(budget=0.067))
+    assert method.settings()["name"] == "sliminfer+omnikv"
+    assert method.settings()["decode"]["budget"] == 0.067
+    assert split_methods("dense,sliminfer+omnikv(budget=8)") == ["dense", "sliminfer+omnikv(budget=8)"]
+
+
+# -- the same checks for every method and every composition pair -------------------------------------------
+EVERY = [PRUNING[name] for name in sorted(METHODS)] + [f"{PRUNING[p]}+{PRUNING[d]}" for p, d in PAIRS]
+
+
+@pytest.mark.parametrize("spec", [s for s in EVERY if "sliminfer" in s or "omnikv" in s])
+def test_offload_equals_no_offload_bitwise(deep_engine, spec):
+    """Invariant 6: where KV lives changes nothing (logits bitwise equal on CPU)."""
+    off = spec.replace("sliminfer(", "sliminfer(offload=False, ").replace("omnikv(", "omnikv(offload=False, ")
+    dense_tokens = deep_engine.generate(PROMPT, max_new_tokens=6, method="dense").token_ids
+    ours = deep_engine.next_token_logits(PROMPT, dense_tokens, method=spec)
+    theirs = deep_engine.next_token_logits(PROMPT, dense_tokens, method=off)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(deep_engine):
+    import copy
+
+    import tokensieve
+
+    engine = tokensieve.load(copy.deepcopy(deep_engine.model.hf), tokenizer=deep_engine.tokenizer, dtype="bfloat16")
+    assert engine.model.dtype == torch.bfloat16 and deep_engine.model.dtype == torch.float32
+    return engine
+
+
+@pytest.mark.parametrize("spec", EVERY)
+def test_bf16_runs_and_stays_close_to_fp32(bf16_engine, deep_engine, spec):
+    fp32 = deep_engine.next_token_logits(PROMPT, [], method=spec)[0]
+    bf16 = bf16_engine.next_token_logits(PROMPT, [], method=spec)[0]
+    assert torch.isfinite(bf16).all()
+    assert (bf16 - fp32).abs().max() <= 0.15 * fp32.abs().max()
+    assert bf16_engine.model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("spec", EVERY)
+def test_positions_are_original_and_never_renumbered(deep_engine, spec):
+    """Invariant 3: every entry of every layer's KV carries the original position of a token of the session."""
+    session, _, _ = two_turns(deep_engine, spec)
+    for kv in session.kv:
+        positions = kv.positions.tolist()
+        assert all(0 <= p < len(session.tokens) for p in positions)
+        if resolve_method(spec).kv_layout == "shared" and "+snapkv" not in spec and not spec.startswith("snapkv"):
+            assert len(set(positions)) == len(positions)
+
+
+BUDGETS = {
+    "sliminfer": "budgets=(0, 0.5, 0.25)",
+    "lazyllm": "keep=(0.5, 0.25, -1)",
+    "omnikv": "budget=0",
+    "snapkv": "budget=0",
+    "h2o": "budget=-5",
+    "streaming_llm": "window=0",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUDGETS))
+@pytest.mark.parametrize("where", ["alone", "composed"])
+def test_a_budget_of_zero_or_less_is_an_error(name, where):
+    spec = f"{name}({BUDGETS[name]})"
+    if where == "composed":
+        spec = f"{spec}+dense" if name in PREFILL_SIDE else f"dense+{spec}"
+    with pytest.raises(ValueError, match="must be > 0"):
+        resolve_method(spec)

@@ -9,7 +9,7 @@ import tokensieve
 from conftest import random_prompt
 from tokensieve import presets
 from tokensieve.cache import LayerKV
-from tokensieve.methods import OmniKV, Run
+from tokensieve.methods import LayerStep, OmniKV, Rows, Run
 from tokensieve.methods.omnikv import SELECTORS, plan_layers, score_prompt
 
 PROMPT = random_prompt(256, seed=11)
@@ -25,9 +25,9 @@ class Spy(OmniKV):
         self.prompt_kv = {}
         prefill_layer_done = self.policy.prefill_layer_done
 
-        def record(layer, kv):
-            self.prompt_kv[layer] = (kv.keys.clone(), kv.values.clone())
-            prefill_layer_done(layer, kv)
+        def record(step):
+            self.prompt_kv[step.layer] = (step.kv.keys.clone(), step.kv.values.clone())
+            prefill_layer_done(step)
 
         self.policy.prefill_layer_done = record
         return self.policy
@@ -106,7 +106,7 @@ def test_policy_selects_reference_top_k_and_serves_those_rows(deep_engine, offlo
         kv = LayerKV(spec.num_kv_heads, spec.head_dim, torch.float32, torch.device("cpu"))
         k, v = (torch.randn(spec.num_kv_heads, n, spec.head_dim, generator=gen) for _ in "kv")
         kv.append(k, v, torch.arange(n))
-        policy.prefill_layer_done(layer, kv)
+        policy.prefill_layer_done(LayerStep(layer, Rows(torch.zeros(n, 1), torch.arange(n)), k, k, kv))
         caches.append(kv)
         prompt[layer] = (k, v)
     f = plan.filter_layers[-1]
@@ -115,10 +115,11 @@ def test_policy_selects_reference_top_k_and_serves_those_rows(deep_engine, offlo
         new_k, new_v = (torch.randn(spec.num_kv_heads, 1, spec.head_dim, generator=gen) for _ in "kv")
         caches[layer].append(new_k, new_v, torch.tensor([n]))
     q = torch.randn(spec.num_heads, 1, spec.head_dim, generator=gen)
-    policy.decode_context(f, q, None, caches[f])
+    new_rows = Rows(torch.zeros(1, 1), torch.tensor([n]))
+    policy.decode_context(LayerStep(f, new_rows, q, q, caches[f]))
     reference = brute_force_scores("last", q, prompt[f][0], policy.run.scale).topk(budget).indices.sort().values
     assert torch.equal(policy.selected[f], reference)
-    context = policy.decode_context(sparse, q, None, caches[sparse])
+    context = policy.decode_context(LayerStep(sparse, new_rows, q, q, caches[sparse]))
     assert torch.equal(context.pos, torch.cat([reference, torch.tensor([n])]))
     assert torch.equal(context.k[:, :budget], prompt[sparse][0][:, reference])
     assert torch.equal(context.v[:, :budget], prompt[sparse][1][:, reference])
@@ -132,14 +133,14 @@ def test_host_store_is_packed_complete_and_never_shrinks(deep_engine):
     policy, n = spy.policy, len(PROMPT)
     assert policy.steps == gen.stats.new_tokens - 1 > 0
     for store in policy.stores.values():
-        assert store.host.shape[:2] == (n, len(store.layers))
+        assert store.host.tensor.shape[:2] == (n, len(store.layers))
         for layer in store.layers:
             keys, values = spy.prompt_kv[layer]
-            assert torch.equal(store.host[:, store.slot[layer], 0], keys.transpose(0, 1))
-            assert torch.equal(store.host[:, store.slot[layer], 1], values.transpose(0, 1))
+            assert torch.equal(store.host.tensor[:, store.slot[layer], 0], keys.transpose(0, 1))
+            assert torch.equal(store.host.tensor[:, store.slot[layer], 1], values.transpose(0, 1))
     assert gen.stats.kv_bytes_host == sum(s.nbytes for s in policy.stores.values())
     row_bytes = sum(s.row_bytes for s in policy.stores.values())
-    assert gen.stats.method_stats["host_bytes_loaded_per_step"] == BUDGET * row_bytes
+    assert gen.stats.host_bytes_loaded_per_step == BUDGET * row_bytes
 
 
 @pytest.mark.parametrize("offload", [True, False])

@@ -9,7 +9,7 @@ from ..methods import METHODS, split_methods
 
 
 def register(sub) -> None:
-    from ..cli import add_model_arguments
+    from ..commands.options import add_model_arguments, positive_int
 
     parser = sub.add_parser(
         "bench",
@@ -25,7 +25,7 @@ def register(sub) -> None:
     )
     parser.add_argument("--lengths", default="4k", help="comma-separated context lengths in tokens, e.g. 4k,8k,16384")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (>= 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method and length (medians)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per method and length (medians)")
     parser.add_argument("--out", default="results/bench", help="folder for bench.json and the plots")
     parser.add_argument("--accuracy", default=None, help="eval results JSON, to plot accuracy vs speedup")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -49,11 +49,14 @@ def parse_lengths(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> None:
 
-    from ..cli import load_engine
+    from ..commands.options import check_context, load_engine
     from . import report, runner
 
     methods, lengths = split_methods(args.methods), parse_lengths(args.lengths)
     runner.contestants(methods)  # unknown names fail before the model loads
+    if args.new_tokens < 2:
+        raise ValueError(f"--new-tokens must be >= 2 so that time per output token is defined, got {args.new_tokens}")
+    check_context(args.model, max(lengths), "--lengths", args.new_tokens)
     accuracy = report.load_accuracy(Path(args.accuracy)) if args.accuracy else None
     engine = load_engine(args)
     series = runner.measure(

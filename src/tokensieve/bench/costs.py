@@ -9,8 +9,7 @@ from what the method reported it did (`Stats`), so the same formula serves every
 
 Left out on purpose (small beside the rest): norms, biases, RoPE, softmax, the embedding lookup in
 prefill. Layers whose MLP runs on fewer tokens than their attention (SlimInfer's pruning layers) are
-counted exactly when the method reports `method_stats["prefill_mlp_tokens_per_layer"]`; otherwise the MLP
-is counted on every token entering the layer, which slightly understates that method's ideal.
+counted exactly: the engine reports the tokens reaching each MLP (`Stats.prefill_mlp_tokens_per_layer`).
 """
 
 from __future__ import annotations
@@ -21,9 +20,6 @@ import torch
 
 from ..generation import Stats
 from ..model import ModelSpec
-
-MLP_TOKENS_KEY = "prefill_mlp_tokens_per_layer"
-HOST_BYTES_KEY = "host_bytes_loaded_per_step"
 
 
 def attention_params(spec: ModelSpec) -> int:
@@ -87,7 +83,7 @@ def dense_decode_keys(stats: Stats) -> float:
 def ideal_prefill_speedup(spec: ModelSpec, stats: Stats) -> float:
     """Dense prefill FLOPs over the FLOPs of the prefill `stats` reports."""
     dense = prefill_flops(spec, [stats.prompt_tokens] * spec.num_layers)
-    method = prefill_flops(spec, stats.prefill_tokens_per_layer, stats.method_stats.get(MLP_TOKENS_KEY))
+    method = prefill_flops(spec, stats.prefill_tokens_per_layer, stats.prefill_mlp_tokens_per_layer or None)
     return dense / method
 
 
@@ -96,8 +92,7 @@ def ideal_decode_speedup(spec: ModelSpec, dtype: torch.dtype, stats: Stats) -> f
     if stats.new_tokens < 2:
         return None
     dense = decode_bytes(spec, dtype, [dense_decode_keys(stats)] * spec.num_layers)
-    host = float(stats.method_stats.get(HOST_BYTES_KEY, 0.0))
-    return dense / decode_bytes(spec, dtype, stats.decode_keys_per_layer, host)
+    return dense / decode_bytes(spec, dtype, stats.decode_keys_per_layer, stats.host_bytes_loaded_per_step)
 
 
 def _element_size(dtype: torch.dtype) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import LayerKV
-from ..methods import Context, Policy, Rows
+from ..methods import Context, LayerStep, Policy, Rows
 from ..model import DecoderModel
 
 
@@ -29,6 +29,7 @@ class PromptPass:
     seconds: float = 0.0
     tokens_per_layer: list[int] = field(default_factory=list)
     unseen_per_layer: list[int] = field(default_factory=list)
+    mlp_tokens_per_layer: list[int] = field(default_factory=list)
 
     def then(self, later: PromptPass) -> PromptPass:
         """This pass followed by a later one, reported together (two turns with no generation between)."""
@@ -37,7 +38,22 @@ class PromptPass:
             self.seconds + later.seconds,
             [a + b for a, b in zip(self.tokens_per_layer, later.tokens_per_layer, strict=True)],
             later.unseen_per_layer,
+            [a + b for a, b in zip(self.mlp_tokens_per_layer, later.mlp_tokens_per_layer, strict=True)],
         )
+
+
+@dataclass
+class DecodeCounts:
+    """What the decode steps of one call computed, counted where it happens: rows per layer (the new token
+    plus revived ones), keys attended per layer, steps."""
+
+    rows_per_layer: list[int]
+    keys_per_layer: list[int]
+    steps: int = 0
+
+    @staticmethod
+    def zeros(layers: int) -> DecodeCounts:
+        return DecodeCounts([0] * layers, [0] * layers)
 
 
 def prefill(
@@ -56,10 +72,14 @@ def prefill(
             rows = rows.with_h(model.attention_output(layer, rows.h, attn))
         else:
             rows = _attend_in_chunks(model, layer, rows, q, Context.of(cache), chunk)
-        rows = _keep(rows, policy.prefill_keep_after_attention(layer, rows, q, k))
-        rows = rows.with_h(_mlp(model, layer, rows.h, chunk))
-        rows = _keep(rows, policy.prefill_keep_after_layer(layer, rows, q, k))
-        policy.prefill_layer_done(layer, cache)
+        step = LayerStep(layer, rows, q, k, cache)
+        policy.prefill_observe(step)
+        step = step.select(policy.prefill_keep_after_attention(step))
+        record.mlp_tokens_per_layer.append(len(step.rows))
+        step = step.with_rows(step.rows.with_h(_mlp(model, layer, step.rows.h, chunk)))
+        step = step.select(policy.prefill_keep_after_layer(step))
+        policy.prefill_layer_done(step)
+        rows = step.rows
     return model.logits(rows.h[-1]), record
 
 
@@ -72,31 +92,35 @@ def extend(
     for layer in range(model.spec.num_layers):
         record.tokens_per_layer.append(len(rows))
         cache = kv[layer]
-        q, _ = _write_kv(model, layer, rows, cache, chunk)
-        context = policy.extend_context(layer, rows, cache)
+        q, k = _write_kv(model, layer, rows, cache, chunk)
+        context = policy.extend_context(LayerStep(layer, rows, q, k, cache))
         record.unseen_per_layer.append(start - (len(context) - len(rows)))
         rows = _attend_in_chunks(model, layer, rows, q, context, chunk or len(rows))
+        record.mlp_tokens_per_layer.append(len(rows))
         rows = rows.with_h(_mlp(model, layer, rows.h, chunk))
-        policy.extend_layer_done(layer, rows, q, cache)
+        policy.extend_layer_done(LayerStep(layer, rows, q, k, cache))
     return model.logits(rows.h[-1]), record
 
 
 def decode_step(
-    model: DecoderModel, policy: Policy, kv: list[LayerKV], token: int, position: int, keys_attended: list[int]
+    model: DecoderModel, policy: Policy, kv: list[LayerKV], token: int, position: int, counts: DecodeCounts
 ) -> torch.Tensor:
     """One decode step for `token` at `position`; returns the next-token logits."""
     policy.decode_step_start(position)
     rows = _embed(model, [token], position)
     for layer in range(model.spec.num_layers):
         rows = policy.decode_rows(layer, rows)
+        counts.rows_per_layer[layer] += len(rows)
         q, k, v = model.qkv(layer, rows.h, rows.pos)
         kv[layer].append(k, v, rows.pos)
-        context = policy.decode_context(layer, q, rows, kv[layer])
-        keys_attended[layer] += len(context)
+        step = LayerStep(layer, rows, q, k, kv[layer])
+        context = policy.decode_context(step)
+        counts.keys_per_layer[layer] += len(context)
         out = model.attend(layer, q, rows.pos, context.k, context.v, context.pos, context.hidden)
         rows = rows.with_h(model.mlp(layer, model.attention_output(layer, rows.h, out)))
-        rows = policy.decode_layer_done(layer, rows, q, context)
+        rows = policy.decode_layer_done(step.with_rows(rows), context)
     policy.decode_step_done()
+    counts.steps += 1
     return model.logits(rows.h[-1])
 
 
@@ -139,9 +163,3 @@ def _mlp(model: DecoderModel, layer: int, h: torch.Tensor, chunk: int | None) ->
     if chunk is None or len(h) <= chunk:
         return model.mlp(layer, h)
     return torch.cat([model.mlp(layer, h[begin : begin + chunk]) for begin in range(0, len(h), chunk)])
-
-
-def _keep(rows: Rows, index: torch.Tensor | None) -> Rows:
-    # The last row must survive: it produces the first output token. Policies guarantee it (each keeps
-    # the last row by construction); checking here would cost a device sync per layer.
-    return rows if index is None else rows.select(index)

@@ -12,18 +12,30 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
+from .. import inputs
 from ..cache import LayerKV
 from ..generation import Generation, Sampling, Stats
 from ..methods import Method, Run
+from ..model import DecoderModel
 from . import loop
 from .stream import GenerationStream
 
-if TYPE_CHECKING:
-    from .core import Engine
+
+class SessionHost(Protocol):
+    """What a session needs of its engine (`Engine` is the one there is)."""
+
+    model: DecoderModel
+    tokenizer: Any
+    lock: Any  # a re-entrant lock that serializes forward passes
+    eos_ids: set[int]
+
+    def check_lengths(self, context_len: int, max_new_tokens: int) -> None: ...
+    def encode(self, prompt: str | Sequence[int], chat: bool = False, special_tokens: bool = True) -> list[int]: ...
+    def render_chat(self, messages: list[dict]) -> list[int]: ...
 
 
 @dataclass
@@ -41,7 +53,7 @@ class Session:
     """One conversation with one method; see the module docstring. Made by `Engine.start`."""
 
     def __init__(
-        self, engine: Engine, ids: list[int], method: Method, chat_messages: list[dict] | None, chunk: int | None
+        self, engine: SessionHost, ids: list[int], method: Method, chat_messages: list[dict] | None, chunk: int | None
     ):
         self.engine = engine
         self.method = method
@@ -90,7 +102,7 @@ class Session:
     ) -> GenerationStream:
         """Like `generate`, as an iterator of text pieces; its `generation` is set when it is exhausted."""
         sampling = Sampling(temperature, top_p, seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = inputs.stop_strings(stop)
         self.engine.check_lengths(len(self.tokens), max_new_tokens)
         self._claim()
         self._active = GenerationStream(self, max_new_tokens, sampling, stops, close_session)
@@ -132,7 +144,7 @@ class Session:
         return self.kv is None
 
     # -- for GenerationStream and the engine -----------------------------------------------------------
-    def next_logits(self, keys_attended: list[int]) -> torch.Tensor:
+    def next_logits(self, counts: loop.DecodeCounts) -> torch.Tensor:
         """Logits after the last token, decoding it first if it has no KV yet."""
         if self._logits is not None:
             logits, self._logits = self._logits, None
@@ -141,9 +153,7 @@ class Session:
         if self.computed != len(self.tokens) - 1:
             raise RuntimeError(f"{len(self.tokens) - self.computed} tokens lack KV; a decode step computes one")
         with self.engine.lock, torch.inference_mode():
-            logits = loop.decode_step(
-                self.engine.model, self.policy, self.kv, self.tokens[-1], self.computed, keys_attended
-            )
+            logits = loop.decode_step(self.engine.model, self.policy, self.kv, self.tokens[-1], self.computed, counts)
         self.computed += 1
         return logits
 
@@ -157,7 +167,6 @@ class Session:
         stats.kv_bytes_device = sum(layer.nbytes for layer in kv) + extra
         stats.kv_bytes_reserved = sum(layer.reserved_bytes for layer in kv) + extra
         stats.kv_bytes_host = policy.host_bytes()
-        stats.revived_tokens = policy.revived_tokens()
         stats.method_stats = policy.stats()
 
     def call_done(self, generation: Generation) -> None:

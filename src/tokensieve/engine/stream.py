@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from ..generation import Generation, Sampling, Stats, TextStream
+from ..methods import Method, Policy
+from .loop import DecodeCounts, PromptPass
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class StreamSource(Protocol):
+    """What a stream needs of its session (`Session` is the one there is)."""
+
+    engine: Any  # its tokenizer, model and eos_ids
+    method: Method
+    policy: Policy
+    tokens: list[int]
+
+    def next_logits(self, counts: DecodeCounts) -> torch.Tensor: ...
+    def take_prompt_pass(self) -> PromptPass | None: ...
+    def fill_memory_stats(self, stats: Stats) -> None: ...
+    def call_done(self, generation: Generation) -> None: ...
+    def close(self) -> None: ...
 
 
 class GenerationStream(Iterator[str]):
@@ -24,7 +38,7 @@ class GenerationStream(Iterator[str]):
 
     def __init__(
         self,
-        session: Session,
+        session: StreamSource,
         max_new_tokens: int,
         sampling: Sampling,
         stop: list[str],
@@ -39,7 +53,8 @@ class GenerationStream(Iterator[str]):
         self.generation: Generation | None = None
         self.new_ids: list[int] = []
         self.step_times: list[float] = []
-        self.keys_attended = [0] * session.engine.model.spec.num_layers
+        self.counts = DecodeCounts.zeros(session.engine.model.spec.num_layers)
+        self.bytes_loaded_before = session.policy.run.transfers.bytes_loaded
         self.context_tokens = len(session.tokens)
         self.prompt_pass = session.take_prompt_pass()
         self.ttft_s = 0.0
@@ -63,7 +78,7 @@ class GenerationStream(Iterator[str]):
         """Pick one token (decoding the previous one first); returns the text it made final."""
         session = self.session
         start = _now(session.engine.model.device)
-        logits = session.next_logits(self.keys_attended)
+        logits = session.next_logits(self.counts)
         token = self.sampling.pick(logits, self.generator)
         elapsed = _now(session.engine.model.device) - start
         if self.new_ids:
@@ -83,18 +98,23 @@ class GenerationStream(Iterator[str]):
 
     def _finish(self, reason: str) -> str:
         session = self.session
-        tail = self.text.flush()
-        steps = max(1, len(self.step_times))
+        tail = self.text.finish()
+        counts, steps = self.counts, max(1, self.counts.steps)
         stats = Stats(method=session.method.settings(), context_tokens=self.context_tokens)
         if self.prompt_pass is not None:
             stats.prompt_tokens = self.prompt_pass.tokens
             stats.prefill_tokens_per_layer = self.prompt_pass.tokens_per_layer
+            stats.prefill_mlp_tokens_per_layer = self.prompt_pass.mlp_tokens_per_layer
             stats.unseen_tokens_per_layer = self.prompt_pass.unseen_per_layer
         stats.reused_tokens = self.context_tokens - stats.prompt_tokens
         stats.new_tokens = len(self.new_ids)
         stats.ttft_s = self.ttft_s
-        stats.tpot_s = sum(self.step_times) / steps
-        stats.decode_keys_per_layer = [n / steps for n in self.keys_attended]
+        stats.tpot_s = sum(self.step_times) / max(1, len(self.step_times))
+        stats.decode_keys_per_layer = [n / steps for n in counts.keys_per_layer]
+        stats.decode_rows_per_layer = [n / steps for n in counts.rows_per_layer]
+        stats.revived_tokens = sum(counts.rows_per_layer) - counts.steps * len(counts.rows_per_layer)
+        loaded = session.policy.run.transfers.bytes_loaded - self.bytes_loaded_before
+        stats.host_bytes_loaded_per_step = loaded / steps
         session.fill_memory_stats(stats)
         self.generation = Generation(self.text.text, self.new_ids, stats, reason)
         session.call_done(self.generation)

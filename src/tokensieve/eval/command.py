@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from ..cli import add_model_arguments
+    from ..commands.options import add_model_arguments, positive_int
     from .tasks import TASKS, VALUE_KINDS
 
     parser = sub.add_parser(
@@ -33,8 +33,8 @@ def register(sub) -> None:
     parser.add_argument(
         "--lengths", default="2k,4k,8k", help="prompt lengths in tokens of the model (default: 2k,4k,8k)"
     )
-    parser.add_argument("--samples", type=int, default=5, help="samples per task and length (default: 5)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=positive_int, default=5, help="samples per task and length (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples (sample i of a task uses seed + i)")
     parser.add_argument("--depth", type=float, default=None, help="needle depth in [0, 1] (default: random)")
     parser.add_argument(
         "--haystack",
@@ -52,7 +52,10 @@ def register(sub) -> None:
         "the fraction of expected outputs found; samples keep their own length (--lengths is not used)",
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=None, help="cap on tokens generated per answer (default: per task)"
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help="cap on tokens generated per answer (default: per task)",
     )
     parser.add_argument(
         "--kl", action="store_true", help="also measure KL(dense || method) of next-token distributions (slower)"
@@ -79,12 +82,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..cli import load_engine
+    from ..commands.options import check_context, load_engine
     from ..methods import METHODS, resolve_method, split_methods
-    from .longbench import load_longbench
+    from .longbench import TASK_METRICS, load_longbench
     from .ruler import load_ruler
     from .runner import JOURNAL, build_samples, parse_length, require_chat_template, run_eval
-    from .tasks import TASKS, Haystack
+    from .tasks import TASKS, Haystack, parse_task
 
     methods = split_methods(args.methods or "") or list(METHODS)
     for spec in methods:
@@ -102,6 +105,12 @@ def run(args: argparse.Namespace) -> None:
     tasks = _split(args.tasks) or (list(longbench) if longbench else list(TASKS))
     if ruler:
         tasks, lengths = sorted({task for task, _ in ruler}), sorted({length for _, length in ruler})
+    for task in tasks:
+        if task not in longbench and task not in TASK_METRICS and task not in {t for t, _ in ruler}:
+            parse_task(task)  # LongBench and RULER names are checked with their data
+    if args.depth is not None and not 0 <= args.depth <= 1:
+        raise ValueError(f"--depth must be in [0, 1] (0 = start of the haystack), got {args.depth}")
+    check_context(args.model, max(lengths), "--lengths", args.max_new_tokens or 1)
     haystack = Haystack.from_file(args.haystack) if args.haystack else None
 
     engine = load_engine(args)

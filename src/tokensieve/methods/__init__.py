@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import re
 
-from .base import Context, Dense, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .base import Context, Dense, LayerStep, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .compose import Compose
 from .h2o import H2O
 from .lazyllm import LazyLLM
 from .omnikv import OmniKV
@@ -16,6 +18,8 @@ METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Dense, LazyLLM, OmniKV, StreamingLLM, SnapKV, H2O, SlimInfer)
 }
 
+SPEC = re.compile(r"\s*(?P<name>[^\s()]+)\s*(?:\((?P<args>.*)\))?\s*", re.DOTALL)  # name, or name(settings)
+
 
 def resolve_method(method: str | Method) -> Method:
     """A method from an instance (returned as is), a name ("sliminfer") or a call-like spec with settings,
@@ -25,15 +29,23 @@ def resolve_method(method: str | Method) -> Method:
         return method
     if not isinstance(method, str):
         raise TypeError(f"a method is a name, a spec string or a Method instance, got {type(method).__name__}")
-    name, _, args = method.strip().partition("(")
-    cls = METHODS.get(name.strip().lower())
+    sides = _top_level_parts(method, "+")
+    if len(sides) > 2:
+        raise ValueError(f"bad method spec {method!r}: a composition is one prefill method + one decode method")
+    if len(sides) == 2:
+        return Compose(resolve_method(sides[0]), resolve_method(sides[1]))
+    spec = SPEC.fullmatch(method)
+    if spec is None:
+        raise ValueError(f"bad method spec {method!r}: write a name, or name(key=value, ...) with Python literals")
+    name, args = spec.group("name"), spec.group("args")
+    cls = METHODS.get(name.lower())
     if cls is None:
         known = ", ".join(sorted(METHODS))
-        raise ValueError(f"unknown method {name.strip()!r}: choose one of {known} or pass a Method instance")
+        raise ValueError(f"unknown method {name!r}: choose one of {known} or pass a Method instance")
     if not args:
         return cls()
     try:
-        call = ast.parse(f"f({args}", mode="eval").body
+        call = ast.parse(f"f({args})", mode="eval").body
         if call.args:
             raise ValueError("settings must be keyword arguments")
         settings = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
@@ -51,23 +63,30 @@ def split_methods(text: str) -> list[str]:
     'all' is every registered method with its defaults, in name order."""
     if text.strip().lower() == "all":
         return sorted(METHODS)
-    specs, depth, current = [], 0, ""
+    return [spec for spec in _top_level_parts(text, ",") if spec]
+
+
+def _top_level_parts(text: str, separator: str) -> list[str]:
+    """`text` split at `separator`s outside parentheses (those inside belong to a spec's settings)."""
+    parts, depth, current = [], 0, ""
     for char in text:
         depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            specs.append(current.strip())
+        if char == separator and depth == 0:
+            parts.append(current.strip())
             current = ""
         else:
             current += char
-    specs.append(current.strip())
-    return [spec for spec in specs if spec]
+    parts.append(current.strip())
+    return parts
 
 
 __all__ = [
     "METHODS",
+    "Compose",
     "Context",
     "Dense",
     "H2O",
+    "LayerStep",
     "LazyLLM",
     "Method",
     "OmniKV",

@@ -1,13 +1,16 @@
 """The policy interface: the questions the engine asks at every layer, and the dense answers.
 
-A *method* is a small dataclass of settings (`Method`); for each generation it starts a *policy*
-(`Policy`), the object that holds that generation's state (selected blocks, host stores, aux caches)
-and answers the engine's questions:
+A *method* is a small dataclass of settings (`Method`); for each session it starts a *policy* (`Policy`),
+the object that holds that session's state (selected blocks, host stores, aux caches) and answers the
+engine's questions. Every per-layer hook receives one `LayerStep`: the layer, the rows computed there,
+their queries and keys (always matching the rows) and the layer's KV. Observation is separate from
+decisions: `prefill_observe` only looks; the other hooks decide.
 
-prefill, at layer l (rows = tokens still present, sorted by position)
+prefill, at layer l (rows = tokens still present, sorted by position; their KV is in `step.kv`)
+  - `prefill_observe`: score or record what later decisions need (SnapKV, H2O, OmniKV)
   - `prefill_keep_after_attention`: which rows continue into layer l's MLP and later layers (SlimInfer)
   - `prefill_keep_after_layer`: which rows enter layer l+1 (LazyLLM)
-  - `prefill_layer_done`: layer l's KV is complete; move what belongs elsewhere (offload)
+  - `prefill_layer_done`: layer l's prompt KV is complete: evict or offload part of it
 decode, at layer l (after `decode_step_start(position)` once per step)
   - `decode_rows`: which rows are computed here: the new token, plus revived tokens (LazyLLM)
   - `decode_context`: which cached keys/values the rows attend to (OmniKV, SlimInfer, LazyLLM)
@@ -28,6 +31,7 @@ import torch
 
 from ..cache import LayerKV
 from ..model import ModelSpec
+from ..offload import Transfers
 
 
 @dataclass
@@ -79,13 +83,43 @@ class Context:
 
 @dataclass
 class Run:
-    """What a policy knows about the session it serves: the first prompt's length, not how long it will run."""
+    """What a policy knows about the session it serves: the first prompt's length, not how long it will run.
+
+    `transfers` is the session's one channel for host <-> device copies: the engine reads what it moved.
+    """
 
     spec: ModelSpec
     prompt_len: int
     device: torch.device
     dtype: torch.dtype
     scale: float
+    transfers: Transfers | None = None
+
+    def __post_init__(self):
+        if self.transfers is None:
+            self.transfers = Transfers(self.device)
+
+
+@dataclass
+class LayerStep:
+    """One layer as a hook sees it: the rows computed there, their queries `[heads, n, d]` and keys
+    `[kv_heads, n, d]` (RoPE applied, matching `rows` row for row) and the layer's KV cache."""
+
+    layer: int
+    rows: Rows
+    q: torch.Tensor
+    k: torch.Tensor
+    kv: LayerKV
+
+    def select(self, index: torch.Tensor | None) -> LayerStep:
+        """The step restricted to rows `index` (None: all), queries and keys along."""
+        if index is None:
+            return self
+        return LayerStep(self.layer, self.rows.select(index), self.q[:, index], self.k[:, index], self.kv)
+
+    def with_rows(self, rows: Rows) -> LayerStep:
+        """The same rows with new hidden states (after the MLP)."""
+        return replace(self, rows=rows)
 
 
 class Policy:
@@ -95,21 +129,19 @@ class Policy:
         self.run = run
 
     # -- prefill ---------------------------------------------------------------------------------------
-    def prefill_keep_after_attention(
-        self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Indices of `rows` whose hidden states continue past layer `layer`'s attention, or None (all).
+    def prefill_observe(self, step: LayerStep) -> None:
+        """Look at layer `step.layer` after its attention (scores, recent queries); decide nothing."""
 
-        `q` `[heads, n, d]` and `k` `[kv_heads, n, d]` are this layer's queries and keys of the rows.
-        """
+    def prefill_keep_after_attention(self, step: LayerStep) -> torch.Tensor | None:
+        """Indices of `step.rows` whose hidden states continue past this layer's attention, or None (all)."""
         return None
 
-    def prefill_keep_after_layer(self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-        """Indices of `rows` (after layer `layer`) that enter layer `layer + 1`, or None (all)."""
+    def prefill_keep_after_layer(self, step: LayerStep) -> torch.Tensor | None:
+        """Indices of `step.rows` (after the layer's MLP) that enter the next layer, or None (all)."""
         return None
 
-    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
-        """Layer `layer`'s prompt KV is complete in `kv`; an offloading policy moves part of it away here."""
+    def prefill_layer_done(self, step: LayerStep) -> None:
+        """The layer's prompt KV is complete in `step.kv`; an evicting or offloading policy acts here."""
 
     # -- decode ----------------------------------------------------------------------------------------
     def decode_step_start(self, position: int) -> None:
@@ -119,24 +151,24 @@ class Policy:
         """Rows computed at `layer` in this step; the new token is always the last row."""
         return rows
 
-    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
-        """What the rows attend to at `layer`; `kv` already holds the rows' own new entries."""
-        return Context.of(kv)
+    def decode_context(self, step: LayerStep) -> Context:
+        """What the rows attend to; `step.kv` already holds the rows' own new entries."""
+        return Context.of(step.kv)
 
-    def decode_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, context: Context) -> Rows:
-        """Rows that continue to layer `layer + 1`; the new token must stay the last row."""
-        return rows
+    def decode_layer_done(self, step: LayerStep, context: Context) -> Rows:
+        """Rows that continue to the next layer (`step.rows` after the MLP); the new token stays the last row."""
+        return step.rows
 
     def decode_step_done(self) -> None:
         """One decode step is complete (a place to settle asynchronous copies or count swaps)."""
 
     # -- extend ----------------------------------------------------------------------------------------
-    def extend_context(self, layer: int, rows: Rows, kv: LayerKV) -> Context:
-        """What a later turn's rows attend to at `layer`: by default every entry the layer holds on the device."""
-        return Context.of(kv)
+    def extend_context(self, step: LayerStep) -> Context:
+        """What a later turn's rows attend to: by default every entry the layer holds on the device."""
+        return Context.of(step.kv)
 
-    def extend_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, kv: LayerKV) -> None:
-        """The turn's rows (queries `q` `[heads, m, d]`) have their KV in `kv` and continue to layer `layer + 1`."""
+    def extend_layer_done(self, step: LayerStep) -> None:
+        """The turn's rows have their KV in `step.kv` and continue to the next layer."""
 
     # -- accounting ------------------------------------------------------------------------------------
     def device_bytes(self) -> int:
@@ -145,10 +177,6 @@ class Policy:
 
     def host_bytes(self) -> int:
         """Bytes of KV (or hidden states) the policy keeps in host memory."""
-        return 0
-
-    def revived_tokens(self) -> int:
-        """Token-layer computations added by revival (LazyLLM); 0 for every other method."""
         return 0
 
     def stats(self) -> dict[str, Any]:
@@ -163,13 +191,23 @@ def resolve_budget(budget: int | float, prompt_len: int, what: str = "budget") -
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"{what} must be a token count (int) or a fraction of the prompt (float), got {budget!r}")
-    if budget <= 0:
+    if not budget > 0:  # NaN fails this too
         raise ValueError(f"{what} must be > 0 (a token count or a fraction in (0, 1]), got {budget}")
     if isinstance(budget, float):
         if budget > 1:
             raise ValueError(f"{what} {budget} is a float above 1: give a fraction in (0, 1] or an int token count")
         return max(1, min(prompt_len, round(budget * prompt_len)))
     return min(prompt_len, budget)
+
+
+def require_int(value: Any, what: str, minimum: int = 1, note: str = "") -> int:
+    """`value`, an int >= `minimum` (a bool is not a count here); otherwise a ValueError naming `what`.
+
+    `note` follows the bound in the message, e.g. " (the paper uses 32)".
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}{note}, got {value!r}")
+    return value
 
 
 def scaled_layers(paper_layers: tuple[int, ...], paper_depth: int, num_layers: int) -> tuple[int, ...]:
@@ -183,6 +221,8 @@ class Method:
     """Settings of a method. Subclasses are dataclasses named like the paper and override `start`."""
 
     name: ClassVar[str] = "dense"
+    kv_layout: ClassVar[str] = "shared"  # "per_head": each KV head keeps its own entries (SnapKV, H2O)
+    needs_shared_kv: ClassVar[bool] = False  # cannot follow a per-head eviction (OmniKV's shared selection, H2O)
 
     def start(self, run: Run) -> Policy:
         """A fresh policy for one generation."""
@@ -195,6 +235,20 @@ class Method:
         The shared test matrix runs every registered method with these settings.
         """
         return cls()
+
+    def as_prefill_side(self) -> Method:
+        """These settings as the prefill side of a composition (`Compose`): only the method's prefill decisions.
+
+        Methods whose prefill is dense (they act on the KV) raise a ValueError saying where they belong.
+        """
+        return self
+
+    def as_decode_side(self) -> Method:
+        """These settings as the decode side of a composition: what the method does with the KV prefill left.
+
+        Methods whose decode needs their own prefill raise a ValueError saying so.
+        """
+        return self
 
     def settings(self) -> dict[str, Any]:
         """The method's name and settings, as reported in the stats."""

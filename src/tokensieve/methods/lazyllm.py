@@ -14,15 +14,14 @@ depths scale the stage starts 9, 19, 28 (`scaled_layers`) and subtract one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from typing import Any, ClassVar
 
 import torch
 
 from ..attention import last_query_probs
-from ..cache import LayerKV
-from .base import Context, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from .base import Context, LayerStep, Method, Policy, Rows, Run, require_int, resolve_budget, scaled_layers
 
 PAPER_STAGE_STARTS = (9, 19, 28)
 PAPER_DEPTH = 32
@@ -78,9 +77,17 @@ class LazyLLM(Method):
             if list(self.prune_layers) != sorted(set(self.prune_layers)):
                 raise ValueError(f"prune_layers must be strictly increasing, got {self.prune_layers}")
         if self.revive_per_step is not None:
-            limit = self.revive_per_step
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-                raise ValueError(f"revive_per_step must be None (no bound) or an int >= 0, got {limit!r}")
+            require_int(self.revive_per_step, "revive_per_step", 0, " (or None: no bound)")
+
+    def as_prefill_side(self) -> LazyLLM:
+        """Static pruning (the paper's ablation): prune in prefill, no aux cache; the decode side takes over."""
+        return replace(self, dynamic_decode=False, revive=False, revive_per_step=None)
+
+    def as_decode_side(self) -> Method:
+        raise ValueError(
+            "LazyLLM's decode revives the tokens its own prefill pruned, so it cannot follow another prefill: "
+            "use method='lazyllm' alone, or put LazyLLM on the prefill side (e.g. 'lazyllm+omnikv')"
+        )
 
     @classmethod
     def keep_all(cls) -> LazyLLM:
@@ -183,14 +190,13 @@ class LazyLLMPolicy(Policy):
         self.context_index: torch.Tensor | None = None  # the stage's selected entries, copied out ...
         self.context_hidden: torch.Tensor | None = None  # ... or masked, when only a few are left out
         self.context_left_out = 0
-        self.decode_rows_per_layer = [0] * layers
         self.revive_limit = method.revive_per_step  # None: every selected token (the paper)
-        self.revived = 0
         self.deferred = 0
         self.steps = 0
 
     # -- prefill ---------------------------------------------------------------------------------------
-    def prefill_keep_after_layer(self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    def prefill_keep_after_layer(self, step: LayerStep) -> torch.Tensor | None:
+        layer, rows, q, k = step.layer, step.rows, step.q, step.k
         if layer not in self.bounds:
             return None
         boundary = self.bounds.index(layer)
@@ -220,11 +226,10 @@ class LazyLLMPolicy(Policy):
             self.revived_rows = None
         if len(rows) > 1:
             self.present[self.stage_of[layer], rows.pos[:-1]] = True
-        self.decode_rows_per_layer[layer] += len(rows)
-        self.revived += len(rows) - 1
         return rows
 
-    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
+    def decode_context(self, step: LayerStep) -> Context:
+        layer, kv = step.layer, step.kv
         if not self.dynamic or self.stage_of[layer] == 0:
             return Context.of(kv)
         if layer in self.stage_start:  # every layer of a stage holds the same entries in the same order
@@ -238,7 +243,8 @@ class LazyLLMPolicy(Policy):
             return Context(kv.keys, kv.values, kv.positions, self.context_hidden, self.context_left_out)
         return Context.of(kv, self.context_index)
 
-    def decode_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, context: Context) -> Rows:
+    def decode_layer_done(self, step: LayerStep, context: Context) -> Rows:
+        layer, rows, q = step.layer, step.rows, step.q
         if not self.dynamic or layer not in self.bounds:
             return rows
         boundary = self.bounds.index(layer)
@@ -287,9 +293,6 @@ class LazyLLMPolicy(Policy):
     def device_bytes(self) -> int:
         return sum(aux.nbytes for aux in self.aux)
 
-    def revived_tokens(self) -> int:
-        return self.revived
-
     def stats(self) -> dict[str, Any]:
         prompt_len, layers = self.run.prompt_len, self.run.spec.num_layers
         stage_tokens = self.present.sum(1).tolist()  # includes tokens revived during decode
@@ -300,8 +303,6 @@ class LazyLLMPolicy(Policy):
             "keep_tokens": self.keep,
             "decode_selection": "dynamic" if self.dynamic else "static",
             "prompt_computed_pct": round(100 * computed / (prompt_len * layers), 2),
-            "decode_tokens_per_layer": [round(n / steps, 2) for n in self.decode_rows_per_layer],
-            "revived_per_step": round(self.revived / steps, 2),
             "revivals_deferred_per_step": round(self.deferred / steps, 2),
             "aux_cache_tokens": [len(aux) for aux in self.aux],
             "aux_cache_bytes": self.device_bytes(),

@@ -23,8 +23,8 @@ import torch
 
 from ..attention import grouped_logits, max_head_logits
 from ..cache import LayerKV
-from ..offload import Pending, Transfers
-from .base import Context, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from ..offload import Pending
+from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 from .omnikv_store import PackedSegment
 
 PAPER_FILTER_LAYERS = (2, 8, 18)  # Llama-3-8B, 32 layers
@@ -113,10 +113,8 @@ class OmniKV(Method):
         resolve_budget(self.budget, 1)  # type and sign errors now, not at the first generation
         if self.selector not in SELECTORS:
             raise ValueError(f"unknown selector {self.selector!r}: choose one of {', '.join(SELECTORS)}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an int >= 1 (queries summed by windowed selectors), got {self.window!r}")
-        if isinstance(self.wait_layers, bool) or not isinstance(self.wait_layers, int) or self.wait_layers < 0:
-            raise ValueError(f"wait_layers must be an int >= 0, got {self.wait_layers!r}")
+        require_int(self.window, "window", 1, " (queries summed by windowed selectors)")
+        require_int(self.wait_layers, "wait_layers", 0)
         if self.filter_layers is not None:
             self.filter_layers = tuple(self.filter_layers)
             if not self.filter_layers or not all(isinstance(f, int) and f >= 0 for f in self.filter_layers):
@@ -129,9 +127,49 @@ class OmniKV(Method):
     def start(self, run: Run) -> Policy:
         return OmniKVPolicy(self, run)
 
+    needs_shared_kv: ClassVar[bool] = True
+
+    def as_prefill_side(self) -> Method:
+        raise ValueError(
+            "OmniKV's prefill is dense (it selects prompt KV in decode): put it on the decode side, "
+            "e.g. 'sliminfer+omnikv'"
+        )
+
     @classmethod
     def keep_all(cls) -> OmniKV:
         return cls(budget=1.0)
+
+
+@dataclass(frozen=True)
+class PromptEntries:
+    """The prompt positions a layer's KV holds after prefill, in slot order: every position after a dense
+    prefill (`complete`), a sorted subset after a pruning one (a composed prefill method)."""
+
+    count: int
+    positions: torch.Tensor
+    complete: bool
+
+    @staticmethod
+    def of(kv: LayerKV, prompt_len: int) -> PromptEntries:
+        return PromptEntries(len(kv), kv.positions.clone(), len(kv) == prompt_len)
+
+    def slots_of(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of sorted `positions` in this layer's KV, and which of them the layer lacks (their slot is
+        a placeholder, to be masked)."""
+        slots = torch.searchsorted(self.positions, positions).clamp(max=self.count - 1)
+        return slots, self.positions[slots] != positions
+
+
+def _with_tail(
+    keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, absent: torch.Tensor | None, tail: Context
+) -> Context:
+    """Selected prompt keys/values at `positions` (masking those the layer lacks), then the `tail` entries
+    (generated tokens and later turns, always attended)."""
+    k, v, pos = torch.cat([keys, tail.k], 1), torch.cat([values, tail.v], 1), torch.cat([positions, tail.pos])
+    if absent is None:
+        return Context(k, v, pos)
+    hidden = torch.cat([absent, absent.new_zeros(len(tail.pos))])
+    return Context(k, v, pos, hidden, int(absent.sum()))  # a composed prefill left gaps: one sync per layer
 
 
 class OmniKVPolicy(Policy):
@@ -142,37 +180,33 @@ class OmniKVPolicy(Policy):
         self.method = method
         self.plan = method.layer_plan(run.spec.num_layers)
         self.budget = resolve_budget(method.budget, run.prompt_len)
-        self.transfers = Transfers(run.device)
         segments = self.plan.segments.items() if method.offload else ()
-        self.stores = {f: PackedSegment(layers, self.transfers) for f, layers in segments if layers}
+        self.stores = {f: PackedSegment(layers, run.transfers, run.prompt_len) for f, layers in segments if layers}
         self.recent: dict[int, torch.Tensor] = {}  # filter layer -> last `window` queries [heads, m, d]
-        self.selected: dict[int, torch.Tensor] = {}  # filter layer -> sorted prompt indices of this step
+        self.selected: dict[int, torch.Tensor] = {}  # filter layer -> sorted prompt positions of this step
         self.loading: dict[int, Pending] = {}  # filter layer -> packed load of this step
-        self.prompt_pos: torch.Tensor | None = None
-        self.bytes_loaded = 0
+        self.prompt: dict[int, PromptEntries] = {}  # layer -> the prompt positions its KV holds after prefill
         self.steps = 0
 
     # -- prefill: dense; remember the filter layers' last queries, move sparse layers' prompt KV away --
-    def prefill_keep_after_attention(
-        self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor
-    ) -> torch.Tensor | None:
-        if self.method.selector in WINDOWED and layer in self.plan.segments:
-            self.recent[layer] = q[:, -self.method.window :].clone()  # not a view that pins all of q
-        return None
+    def prefill_observe(self, step: LayerStep) -> None:
+        if self.method.selector in WINDOWED and step.layer in self.plan.segments:
+            self.recent[step.layer] = step.q[:, -self.method.window :].clone()  # not a view that pins all of q
 
-    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
-        if self.prompt_pos is None:
-            self.prompt_pos = kv.positions.clone()
+    def prefill_layer_done(self, step: LayerStep) -> None:
+        layer, kv = step.layer, step.kv
+        self.prompt[layer] = PromptEntries.of(kv, self.run.prompt_len)
         segment = self.plan.segment_of(layer)
         if segment in self.stores:
-            self.stores[segment].put(layer, kv.keys, kv.values)
+            self.stores[segment].put(layer, kv.keys, kv.values, kv.positions)
             # The device keeps only what decode appends: this layer's tail of generated tokens.
             kv.replace(kv.keys[:, :0], kv.values[:, :0], kv.positions[:0])
 
     # -- decode ------------------------------------------------------------------------------------------
-    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
+    def decode_context(self, step: LayerStep) -> Context:
+        layer, kv = step.layer, step.kv
         if layer in self.plan.segments:
-            self._select(layer, q[:, -1], kv)
+            self._select(layer, step.q[:, -1], kv)
             return Context.of(kv)
         segment = self.plan.segment_of(layer)
         if segment is None:
@@ -185,43 +219,43 @@ class OmniKVPolicy(Policy):
         if self.method.selector in WINDOWED:
             queries = torch.cat([self.recent[filter_layer], queries], 1)[:, -self.method.window :]
             self.recent[filter_layer] = queries
-        prompt_keys = kv.keys[:, : self.run.prompt_len]  # a filter layer is dense: prompt KV comes first
-        scores = score_prompt(self.method.selector, queries, prompt_keys, self.run.scale)
+        prompt = self.prompt[filter_layer]  # a filter layer is dense in decode: its prompt entries come first
+        scores = score_prompt(self.method.selector, queries, kv.keys[:, : prompt.count], self.run.scale)
         # Ascending order keeps the dense context order, so a budget covering the prompt is exactly dense.
-        index = scores.topk(self.budget).indices.sort().values
-        self.selected[filter_layer] = index
+        index = scores.topk(min(self.budget, prompt.count)).indices.sort().values
+        positions = index if prompt.complete else prompt.positions[index]
+        self.selected[filter_layer] = positions
         store = self.stores.get(filter_layer)
         if store is not None:
-            self.loading[filter_layer] = store.load(index)
-            self.bytes_loaded += len(index) * store.row_bytes
+            self.loading[filter_layer] = store.load(positions)
 
     def _sparse_context(self, layer: int, segment: int, kv: LayerKV) -> Context:
-        """The segment's selected prompt tokens, then every generated token (the device tail)."""
-        index = self.selected[segment]
+        """The segment's selected prompt tokens that this layer holds, then every generated token (the tail)."""
+        positions = self.selected[segment]
+        prompt = self.prompt[layer]
         if not self.method.offload:
-            index = torch.cat([index, torch.arange(self.run.prompt_len, len(kv), device=index.device)])
+            slots, absent = (positions, None) if prompt.complete else prompt.slots_of(positions)
             # index_select, not advanced indexing: several times faster on CPU for this gather.
-            return Context(kv.keys.index_select(1, index), kv.values.index_select(1, index), kv.positions[index])
-        keys, values = self.stores[segment].keys_values(self.loading[segment].wait(), layer)
-        return Context(
-            torch.cat([keys, kv.keys], 1),
-            torch.cat([values, kv.values], 1),
-            torch.cat([self.prompt_pos[index], kv.positions]),
-        )
+            keys, values = kv.keys.index_select(1, slots), kv.values.index_select(1, slots)
+            tail = Context(kv.keys[:, prompt.count :], kv.values[:, prompt.count :], kv.positions[prompt.count :])
+            return _with_tail(keys, values, positions, absent, tail)
+        store = self.stores[segment]
+        keys, values = store.keys_values(self.loading[segment].wait(), layer)
+        return _with_tail(keys, values, positions, store.absent(layer, positions), Context.of(kv))
 
     def decode_step_done(self) -> None:
         self.steps += 1
         self.loading.clear()  # release this step's loaded rows
 
     # -- a later turn: nothing was dropped, so its rows attend to every earlier token ----------------------
-    def extend_context(self, layer: int, rows: Rows, kv: LayerKV) -> Context:
+    def extend_context(self, step: LayerStep) -> Context:
+        layer, kv = step.layer, step.kv
         store = self.stores.get(self.plan.segment_of(layer))
         if store is None:
             return Context.of(kv)
         keys, values = store.layer_keys_values(layer, kv.keys.device)
-        return Context(
-            torch.cat([keys, kv.keys], 1), torch.cat([values, kv.values], 1), torch.cat([self.prompt_pos, kv.positions])
-        )
+        positions = torch.arange(self.run.prompt_len, device=kv.positions.device)
+        return _with_tail(keys, values, positions, store.absent(layer, positions), Context.of(kv))
 
     # -- accounting --------------------------------------------------------------------------------------
     def host_bytes(self) -> int:
@@ -235,5 +269,4 @@ class OmniKVPolicy(Policy):
             "filter_layers": list(plan.filter_layers),
             "dense_layers": list(plan.dense_layers),
             "sparse_layers": list(plan.sparse_layers),
-            "host_bytes_loaded_per_step": self.bytes_loaded / max(1, self.steps),
         }

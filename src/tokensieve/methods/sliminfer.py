@@ -32,15 +32,15 @@ Our choices where the paper leaves details open:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 
 from ..attention import grouped_logits
 from ..cache import LayerKV
-from ..offload import Pending, Transfers
-from .base import Context, Method, Policy, Rows, Run, resolve_budget, scaled_layers
+from ..offload import HostRows, Pending
+from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 
 PAPER_LAYERS = (10, 20, 30)  # Llama-3.1-8B's pruning layers ...
 PAPER_DEPTH = 32  # ... out of its 32 layers
@@ -105,6 +105,9 @@ class SlimInfer(Method):
     """Decode swaps blocks only when the new top set overlaps the active set by less than this."""
     offload: bool = True
     """Keep a pruning layer's inactive blocks in host memory (False: all on the device, compute savings only)."""
+    kv_manager: bool = True
+    """Swap blocks in decode (the paper). False: prune in prefill only, and decode attends to every key the
+    layers hold; this is SlimInfer on the prefill side of a composition (`Compose`)."""
 
     def __post_init__(self):
         self.budgets = tuple(self.budgets)
@@ -112,13 +115,11 @@ class SlimInfer(Method):
             raise ValueError("budgets is empty: give one budget (tokens or a fraction) per pruning layer")
         for budget in self.budgets:
             resolve_budget(budget, 1, "SlimInfer budget")
-        for field, value in (("block_size", self.block_size), ("unit_size", self.unit_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an int >= 1, got {value!r}")
+        require_int(self.block_size, "block_size")
+        require_int(self.unit_size, "unit_size")
         if self.block_size % self.unit_size:
             raise ValueError(f"unit_size {self.unit_size} must divide block_size {self.block_size}")
-        if not isinstance(self.query_window, int) or self.query_window < 1:
-            raise ValueError(f"query_window must be an int >= 1, got {self.query_window!r}")
+        require_int(self.query_window, "query_window")
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma is an overlap threshold in [0, 1], got {self.gamma}")
         if self.prune_layers is not None:
@@ -131,6 +132,15 @@ class SlimInfer(Method):
                 raise ValueError(f"prune_layers must be distinct layer indices >= 0 in order, got {self.prune_layers}")
         elif len(self.budgets) != len(PAPER_LAYERS):
             raise ValueError(f"{len(self.budgets)} budgets need prune_layers (the default layers take 3 budgets)")
+
+    def as_prefill_side(self) -> SlimInfer:
+        return replace(self, kv_manager=False, offload=False)
+
+    def as_decode_side(self) -> Method:
+        raise ValueError(
+            "SlimInfer's decode swaps the blocks its own prefill pruned, so it cannot follow another prefill: "
+            "use method='sliminfer' alone, or put SlimInfer on the prefill side (e.g. 'sliminfer+omnikv')"
+        )
 
     @classmethod
     def keep_all(cls) -> SlimInfer:
@@ -171,7 +181,7 @@ class SlimInfer(Method):
         return entering, on_device
 
     def start(self, run: Run) -> SlimInferPolicy:
-        return SlimInferPolicy(run, self)
+        return SlimInferPolicy(self, run)
 
 
 class PrunedLayer:
@@ -181,11 +191,11 @@ class PrunedLayer:
     rows of that block in the full KV (no offload); the last block and generated tokens follow the slots.
     """
 
-    def __init__(self, units: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, host: torch.Tensor | None):
+    def __init__(self, units: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, host: HostRows | None):
         self.units = units  # [kv_heads, blocks, units per block, d], fp32
         self.positions = positions  # [blocks, block_size]
         self.slots = slots  # [active blocks]: block held by each slot
-        self.host = host  # [blocks, 2 (k, v), kv_heads, block_size, d] or None
+        self.host = host  # rows [blocks, 2 (k, v), kv_heads, block_size, d], or None
         self.pending: tuple[torch.Tensor, torch.Tensor, Pending | None] | None = None
 
     @property
@@ -202,7 +212,7 @@ class PrunedLayer:
         if load is None:
             return
         rows = block_rows(slots, self.block_size)
-        kv_blocks = load.wait()  # [entering, 2, kv_heads, block_size, d]
+        kv_blocks = self.host.rows_of(load.wait())  # [entering, 2, kv_heads, block_size, d]
         kv.keys[:, rows] = kv_blocks[:, 0].transpose(0, 1).flatten(1, 2)
         kv.values[:, rows] = kv_blocks[:, 1].transpose(0, 1).flatten(1, 2)
         kv.positions[rows] = self.positions[entering].flatten()
@@ -217,19 +227,19 @@ class PrunedLayer:
     def nbytes(self) -> tuple[int, int]:
         """Bytes on the device (unit keys, positions, slots) and on the host (block copies)."""
         device = sum(t.numel() * t.element_size() for t in (self.units, self.positions, self.slots))
-        host = 0 if self.host is None else self.host.numel() * self.host.element_size()
+        host = 0 if self.host is None else self.host.nbytes
         return device, host
 
 
 class SlimInferPolicy(Policy):
     """One generation under SlimInfer: prunes blocks in prefill, re-selects active blocks in decode."""
 
-    def __init__(self, run: Run, method: SlimInfer):
+    def __init__(self, method: SlimInfer, run: Run):
         super().__init__(run)
         self.method = method
         self.schedule = method.schedule(run.spec.num_layers, run.prompt_len)
         self.tail = run.prompt_len - (run.prompt_len - 1) // method.block_size * method.block_size
-        self.transfers = Transfers(run.device) if method.offload else None
+        self.transfers = run.transfers if method.offload else None
         self.pruned_tokens: dict[int, int] = {}  # pruning layer -> tokens whose hidden states stop there
         self.chosen: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # until the layer's KV is done
         self.layers: dict[int, PrunedLayer] = {}
@@ -237,9 +247,8 @@ class SlimInferPolicy(Policy):
         self.steps = 0
 
     # -- prefill ---------------------------------------------------------------------------------------
-    def prefill_keep_after_attention(
-        self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor
-    ) -> torch.Tensor | None:
+    def prefill_keep_after_attention(self, step: LayerStep) -> torch.Tensor | None:
+        layer, rows, q, k = step.layer, step.rows, step.q, step.k
         if layer not in self.schedule:
             return None
         size = self.method.block_size
@@ -252,11 +261,13 @@ class SlimInferPolicy(Policy):
         query = q[:, window].float().mean(1)
         units = unit_keys(k[:, : blocks * size].unflatten(1, (blocks, size)), self.method.unit_size)
         chosen = top_blocks(block_scores(query, units), kept)
-        self.chosen[layer] = (chosen, units, rows.pos[: blocks * size].view(blocks, size))
+        if self.method.kv_manager:  # the decode block manager needs the scored blocks
+            self.chosen[layer] = (chosen, units, rows.pos[: blocks * size].view(blocks, size))
         tail_rows = torch.arange(blocks * size, len(rows), device=chosen.device)
         return torch.cat([block_rows(chosen, size), tail_rows])
 
-    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
+    def prefill_layer_done(self, step: LayerStep) -> None:
+        layer, kv = step.layer, step.kv
         if layer not in self.chosen:
             return
         chosen, units, positions = self.chosen.pop(layer)
@@ -264,28 +275,26 @@ class SlimInferPolicy(Policy):
         if self.transfers is not None:
             full = positions.numel()
             blocks = torch.stack([kv.keys[:, :full], kv.values[:, :full]]).unflatten(2, positions.shape)
-            store.host = self.transfers.to_host(blocks.permute(2, 0, 1, 3, 4))  # block-major: loads gather rows
+            store.host = HostRows.copy_of(self.transfers, blocks.permute(2, 0, 1, 3, 4))  # a row per block
             keep = torch.cat([block_rows(chosen, store.block_size), torch.arange(full, len(kv), device=chosen.device)])
             kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
         self.layers[layer] = store
 
     # -- decode ----------------------------------------------------------------------------------------
-    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
-        store = self.layers.get(layer)
-        if store is None:
-            return Context.of(kv)
-        store.install(kv)
-        context = store.context(kv)
-        self.rescore(layer, store, q[:, -1])
+    def decode_context(self, step: LayerStep) -> Context:
+        context = self.extend_context(step)
+        store = self.layers.get(step.layer)
+        if store is not None:
+            self.rescore(step.layer, store, step.q[:, -1])
         return context
 
-    def extend_context(self, layer: int, rows: Rows, kv: LayerKV) -> Context:
-        """A later turn attends to what decode would: the active blocks at a pruning layer, all else elsewhere."""
-        store = self.layers.get(layer)
+    def extend_context(self, step: LayerStep) -> Context:
+        """At a pruning layer, the active blocks (installing last step's prefetch first); elsewhere, all."""
+        store = self.layers.get(step.layer)
         if store is None:
-            return Context.of(kv)
-        store.install(kv)
-        return store.context(kv)
+            return Context.of(step.kv)
+        store.install(step.kv)
+        return store.context(step.kv)
 
     def rescore(self, layer: int, store: PrunedLayer, query: torch.Tensor) -> None:
         """Score every block with `query`; prefetch a swap when the top set drifted from the active set."""
@@ -295,7 +304,7 @@ class SlimInferPolicy(Policy):
         entering = top[~torch.isin(top, store.slots)] if overlap < self.method.gamma else top[:0]
         self.decisions.append(Decision(self.steps, layer, overlap, len(entering)))
         if len(entering):
-            load = None if store.host is None else self.transfers.load(store.host, entering)
+            load = None if store.host is None else store.host.load(entering)
             store.pending = (leaving.nonzero()[:, 0], entering, load)
 
     def decode_step_done(self) -> None:
@@ -312,24 +321,13 @@ class SlimInferPolicy(Policy):
         layers = sorted(self.schedule)
         swaps = [d for d in self.decisions if d.blocks_in]
         blocks_in = sum(d.blocks_in for d in swaps)
-        block_bytes = self.method.block_size * self.run.spec.kv_bytes_per_token(self.run.dtype)
         return {
             "prune_layers": layers,
             "budget_tokens": [self.schedule[layer] for layer in layers],
             "pruned_tokens": [self.pruned_tokens.get(layer, 0) for layer in layers],
-            "prefill_mlp_tokens_per_layer": self.mlp_tokens_per_layer(),
             "decode_rescorings": len(self.decisions),
             "swaps": len(swaps),
             "blocks_swapped_in": blocks_in,
             "swaps_per_step": len(swaps) / max(1, self.steps),
             "mean_overlap": sum(d.overlap for d in self.decisions) / len(self.decisions) if self.decisions else None,
-            "host_bytes_loaded_per_step": blocks_in * block_bytes / max(1, self.steps) if self.method.offload else 0.0,
         }
-
-    def mlp_tokens_per_layer(self) -> list[int]:
-        """Tokens reaching each layer's MLP in prefill: a pruning layer's attention saw more (for the FLOP model)."""
-        present, tokens = self.run.prompt_len, []
-        for layer in range(self.run.spec.num_layers):
-            present -= self.pruned_tokens.get(layer, 0)
-            tokens.append(present)
-        return tokens

@@ -23,9 +23,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..attention import grouped_logits
-from ..cache import LayerKV
-from .base import Method, Policy, Rows, Run, resolve_budget
+from ..attention import attention_received
+from .base import LayerStep, Method, Policy, Run, require_int, resolve_budget
 
 POOLINGS = ("max", "avg")
 
@@ -51,39 +50,40 @@ class SnapKV(Method):
 
     def __post_init__(self):
         resolve_budget(self.budget, 1, "budget")  # type and sign, with clear messages
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an int >= 1 (the paper uses 32), got {self.window!r}")
+        require_int(self.window, "window", 1, " (the paper uses 32)")
         if isinstance(self.budget, int) and self.budget <= self.window:
             raise ValueError(
                 f"budget {self.budget} must exceed the observation window {self.window}, which it includes: "
                 "raise the budget or shrink the window"
             )
-        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be an odd int >= 1 (the paper uses 7), got {self.kernel!r}")
+        if require_int(self.kernel, "kernel", 1, " and odd (the paper uses 7)") % 2 == 0:
+            raise ValueError(f"kernel must be an int >= 1 and odd (the paper uses 7), got {self.kernel!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+
+    kv_layout: ClassVar[str] = "per_head"
+
+    def as_decode_side(self) -> Method:
+        raise ValueError(
+            "SnapKV evicts once, right after prefill, and then decodes densely: put it on the prefill side "
+            "(e.g. 'snapkv+streaming_llm')"
+        )
 
     @classmethod
     def keep_all(cls) -> SnapKV:
         return cls(budget=1.0)
 
     def start(self, run: Run) -> Policy:
-        return SnapKVPolicy(run, self)
+        return SnapKVPolicy(self, run)
 
 
 def observation_scores(
     q_window: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Attention `[kv_heads, t]` each key receives from the window's queries `[heads, w, d]`.
-
-    Softmax over the keys each query sees (causal by position), summed over the window's queries, then
-    averaged over the query heads that share a KV head (GQA). Costs `w x t` logits per head, never `t x t`.
-    """
-    logits = grouped_logits(q_window, k, scale)
-    logits.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-    received = logits.softmax(-1).sum(1)
-    kv_heads = k.shape[0]
-    return received.reshape(kv_heads, -1, received.shape[-1]).mean(1)
+    """Attention `[kv_heads, t]` each key receives from the window's queries `[heads, w, d]` (causal by
+    position), summed over the window's queries, then averaged over the query heads that share a KV head."""
+    received = attention_received(q_window, q_pos, k, k_pos, scale)
+    return received.reshape(k.shape[0], -1, received.shape[-1]).mean(1)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
@@ -93,7 +93,7 @@ def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor
 
 
 class SnapKVPolicy(Policy):
-    def __init__(self, run: Run, method: SnapKV):
+    def __init__(self, method: SnapKV, run: Run):
         super().__init__(run)
         self.method = method
         self.budget = resolve_budget(method.budget, run.prompt_len)
@@ -108,20 +108,21 @@ class SnapKVPolicy(Policy):
         self.evicted = [0] * layers
         self.selection: torch.Tensor | None = None  # `[kv_heads, budget]` slots of the layer being prefilled
 
-    def prefill_keep_after_attention(self, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Choose what layer `layer` keeps while its queries are at hand; nothing is pruned from the rows."""
+    def prefill_observe(self, step: LayerStep) -> None:
+        """Score what the layer keeps while its queries are at hand; `prefill_layer_done` evicts the rest."""
+        rows, q, k = step.rows, step.q, step.k
         self.selection = None
         if len(rows) <= self.budget:
-            return None
+            return
         w = self.method.window
         scores = observation_scores(q[:, -w:], rows.pos[-w:], k, rows.pos, self.run.scale)
         pooled = pool_scores(scores[:, :-w], self.method.kernel, self.method.pooling)
         top = pooled.topk(self.budget - w, dim=-1).indices.sort(-1).values
         window = torch.arange(len(rows) - w, len(rows), device=top.device).expand(top.shape[0], -1)
         self.selection = torch.cat([top, window], dim=-1)
-        return None
 
-    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
+    def prefill_layer_done(self, step: LayerStep) -> None:
+        layer, kv = step.layer, step.kv
         if self.selection is None:
             self.kept[layer] = self.distinct_kept[layer] = len(kv)
             return

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..cache import LayerKV
-from .base import Context, Method, Policy, Rows, Run, resolve_budget
+from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget
 
 
 @dataclass
@@ -43,21 +43,26 @@ class StreamingLLM(Method):
     window: int | float | None = 1020
 
     def __post_init__(self):
-        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
-            raise ValueError(f"sink must be an int >= 0 (the paper uses 4), got {self.sink!r}")
+        require_int(self.sink, "sink", 0, " (the paper uses 4)")
         if self.window is not None:
             resolve_budget(self.window, 1, "window")  # type and sign are checked here, with clear messages
+
+    def as_prefill_side(self) -> Method:
+        raise ValueError(
+            "StreamingLLM's prefill is dense (it evicts KV after prefill and in decode): put it on the decode side, "
+            "e.g. 'sliminfer+streaming_llm'"
+        )
 
     @classmethod
     def keep_all(cls) -> StreamingLLM:
         return cls(window=None)
 
     def start(self, run: Run) -> Policy:
-        return StreamingPolicy(run, self)
+        return StreamingPolicy(self, run)
 
 
 class StreamingPolicy(Policy):
-    def __init__(self, run: Run, method: StreamingLLM):
+    def __init__(self, method: StreamingLLM, run: Run):
         super().__init__(run)
         self.sink = method.sink
         self.window = _window_tokens(method.window, run.prompt_len)
@@ -70,11 +75,13 @@ class StreamingPolicy(Policy):
         # oldest entry, which the new token's entry overwrites (attention masks by position, not by slot).
         self.oldest = [self.sink] * layers
 
-    def prefill_layer_done(self, layer: int, kv: LayerKV) -> None:
+    def prefill_layer_done(self, step: LayerStep) -> None:
+        layer, kv = step.layer, step.kv
         self.evicted_in_prefill[layer] = self._evict(kv)
         self.kept_after_prefill[layer] = self.cache_tokens[layer] = len(kv)
 
-    def decode_context(self, layer: int, q: torch.Tensor, rows: Rows, kv: LayerKV) -> Context:
+    def decode_context(self, step: LayerStep) -> Context:
+        layer, kv = step.layer, step.kv
         # The engine has appended this step's entry already, so evicting here keeps the new token.
         if self.window is not None and len(kv) > self.sink + self.window:
             kv.move_last_to(self.oldest[layer])
@@ -83,8 +90,9 @@ class StreamingPolicy(Policy):
         self.cache_tokens[layer] = len(kv)
         return Context.of(kv)
 
-    def extend_layer_done(self, layer: int, rows: Rows, q: torch.Tensor, kv: LayerKV) -> None:
+    def extend_layer_done(self, step: LayerStep) -> None:
         """A later turn saw the window and itself; the cache is then cut back to the sinks and the window."""
+        layer, kv = step.layer, step.kv
         self.evicted_in_decode[layer] += self._evict(kv)
         self.oldest[layer] = self.sink  # `_evict` left the entries in position order
         self.cache_tokens[layer] = len(kv)
