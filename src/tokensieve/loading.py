@@ -52,15 +52,17 @@ def load(
         hf_model, preset_tokenizer = presets.build(str(model), dtype=dtype, device=device)
         tokenizer = tokenizer or preset_tokenizer
     else:
-        path = resolve_model_path(model, dtype)
+        path = resolve_model_path(model)
+        if is_gguf(path):
+            path = gguf_checkpoint(path, dtype)
         hf_model = _load_checkpoint(path, device, dtype)
         if tokenizer is None:
             tokenizer = _load_tokenizer(path)
     return Engine(DecoderModel(hf_model), tokenizer, method, prefill_chunk=prefill_chunk)
 
 
-def resolve_model_path(model: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """A checkpoint directory for `model`: a directory, a `.gguf` file (converted once) or an embedded model name.
+def resolve_model_path(model: str | Path) -> Path:
+    """Where `model` is: a checkpoint directory or a `.gguf` file (not converted here), or an embedded model's.
 
     An existing path wins over a name. Anything else is an error listing the names `load` accepts.
     """
@@ -69,11 +71,10 @@ def resolve_model_path(model: str | Path, dtype: torch.dtype = torch.float32) ->
         return path
     if path.is_file():
         if is_gguf(path):
-            return gguf_checkpoint(path, dtype)
+            return path
         raise ValueError(f"{path} is a file but not a .gguf file: pass a checkpoint directory or a GGUF file")
     if str(model) in EMBEDDED_MODELS:
-        located = EMBEDDED_MODELS[str(model)]()
-        return gguf_checkpoint(located, dtype) if is_gguf(located) else located
+        return EMBEDDED_MODELS[str(model)]()
     raise ValueError(
         f"model {str(model)!r} not found: pass a checkpoint directory, a .gguf file, an embedded model "
         f"({', '.join(EMBEDDED_MODELS)}) or a preset with random weights ({', '.join(presets.PRESETS)})"

@@ -207,3 +207,12 @@ def test_cache_dir_defaults_under_the_user_cache(monkeypatch, tmp_path):
     assert tsgguf.cache_root() == tmp_path / "tokensieve"
     monkeypatch.setenv("TOKENSIEVE_CACHE", "~/elsewhere")
     assert tsgguf.cache_root() == Path.home() / "elsewhere"
+
+
+def test_checks_before_loading_do_not_convert(tiny_llama, cache, capsys):
+    from tokensieve.loading import resolve_model_path
+
+    assert resolve_model_path(tiny_llama[2]) == tiny_llama[2]  # where the model is, not its conversion
+    argv = ["generate", "--model", str(tiny_llama[2]), "--prompt", "", "--max-new-tokens", "2"]
+    assert main(argv) == 2  # a bad prompt is refused before the model is converted or loaded
+    assert not cache.exists()
