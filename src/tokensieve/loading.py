@@ -11,7 +11,8 @@ from . import presets
 from .engine import Engine
 from .gguf import gguf_checkpoint, is_gguf
 from .methods import Method
-from .model import SUPPORTED_ARCHITECTURES, DecoderModel
+from .model import DecoderModel, check_supported
+from .models.families import hf_attention_implementation
 
 TESTBED = "testbed"
 DTYPES = {
@@ -141,23 +142,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
 
 
-def check_architecture(model_type: str | None, source: str | Path) -> None:
-    """A clear error naming the architecture found in `source` and the supported ones."""
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported architecture {model_type!r} in {source}: tokensieve supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} decoders"
-        )
-
-
 def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face checkpoint directory (no config.json there)")
-    check_architecture(AutoConfig.from_pretrained(path, local_files_only=True).model_type, path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    check_supported(config, where=f" in {path}")
     hf_model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+        path, dtype=dtype, attn_implementation=hf_attention_implementation(config), local_files_only=True
     )
     return hf_model.to(device)
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .models.families import hf_attention_implementation
+
 # Shapes of the presets. `cpu-prefill` mimics the compute mix of an 8B model at 32K tokens when run at
 # 4-8K on a CPU; `cpu-decode` reads more KV than weights per decode step at long context.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -113,16 +115,15 @@ def build(
     device: str | torch.device = "cpu",
     **overrides,
 ):
-    """A random-weight model (eval mode, SDPA attention) and the byte tokenizer, from a preset or shape.
-
-    The weights are drawn on `device` (the same seed gives other weights on CUDA than on the CPU).
-    """
+    """A random-weight model (eval mode, SDPA attention where the model allows it) and the byte tokenizer,
+    from a preset or shape. The weights are drawn on `device` (the same seed gives other weights on CUDA
+    than on the CPU)."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(name_or_shape, str) and name_or_shape not in PRESETS:
         raise ValueError(f"unknown preset {name_or_shape!r}: choose one of {', '.join(PRESETS)}")
     config = config_for(name_or_shape, **overrides)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = hf_attention_implementation(config)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()

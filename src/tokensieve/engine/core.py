@@ -138,12 +138,6 @@ class Engine:
                 f"the context ({context_len} tokens) plus max_new_tokens ({max_new_tokens}) is {total} tokens, "
                 f"beyond the model's {limit} positions: shorten the prompt or ask for fewer new tokens"
             )
-        window = self.model.sliding_window
-        if window is not None and total > window:
-            raise ValueError(
-                f"{total} tokens exceed this model's sliding attention window ({window}); tokensieve runs "
-                f"full attention only, so keep prompt plus new tokens within {window}"
-            )
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _eos_ids(self) -> set[int]:

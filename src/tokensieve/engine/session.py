@@ -155,6 +155,7 @@ class Session:
         with self.engine.lock, torch.inference_mode():
             logits = loop.decode_step(self.engine.model, self.policy, self.kv, self.tokens[-1], self.computed, counts)
         self.computed += 1
+        self._trim_windows()
         return logits
 
     def take_prompt_pass(self) -> loop.PromptPass | None:
@@ -188,6 +189,16 @@ class Session:
             record = self._prompt_pass.then(record)
         self._logits, self._prompt_pass = logits, record
         self.computed += tokens
+        self._trim_windows()
+
+    def _trim_windows(self) -> None:
+        """Free a windowed layer's KV that no later query can see (under policies that allow it), once the
+        excess is an eighth of the window, so the copy is amortised over many steps."""
+        if not self.policy.trims_windows:
+            return
+        for layer, window in enumerate(self.engine.model.spec.layer_windows):
+            if window is not None and len(self.kv[layer]) > window + max(16, window // 8):
+                self.kv[layer].drop_older_than(self.computed - window + 1)
 
     def _turn_ids(self, more: str | Sequence[int], chat: bool) -> list[int]:
         if not chat:

@@ -123,7 +123,14 @@ class LayerStep:
 
 
 class Policy:
-    """Dense answers to every question; methods override the hooks they need."""
+    """Dense answers to every question; methods override the hooks they need.
+
+    `trims_windows`: the engine may free a windowed layer's KV older than the window (no later query sees
+    it). Only a policy that keeps no per-entry state of its own (slots, scores, prompt counts) allows it:
+    the dense one; every method keeps its default False.
+    """
+
+    trims_windows: ClassVar[bool] = False
 
     def __init__(self, run: Run):
         self.run = run
@@ -226,7 +233,7 @@ class Method:
 
     def start(self, run: Run) -> Policy:
         """A fresh policy for one generation."""
-        return Policy(run)
+        return DensePolicy(run)
 
     @classmethod
     def keep_all(cls) -> Method:
@@ -253,6 +260,12 @@ class Method:
     def settings(self) -> dict[str, Any]:
         """The method's name and settings, as reported in the stats."""
         return {"name": self.name, **asdict(self)}
+
+
+class DensePolicy(Policy):
+    """The dense answers, and windowed layers keep only their window."""
+
+    trims_windows: ClassVar[bool] = True
 
 
 @dataclass

@@ -39,6 +39,7 @@ import torch
 
 from ..attention import grouped_logits
 from ..cache import LayerKV
+from ..model import ModelSpec
 from ..offload import HostRows, Pending
 from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 
@@ -146,10 +147,12 @@ class SlimInfer(Method):
     def keep_all(cls) -> SlimInfer:
         return cls(budgets=(1.0, 1.0, 1.0))
 
-    def schedule(self, num_layers: int, prompt_len: int) -> dict[int, int]:
+    def schedule(self, num_layers: int, prompt_len: int, spec: ModelSpec | None = None) -> dict[int, int]:
         """Pruning layer -> budget in tokens, for a model depth and prompt length.
 
         Paper layers that land on the same layer of a shallow model merge there, with the smaller budget.
+        With the model's `spec`, each pruning layer moves to its nearest global layer (a windowed layer's
+        query sees only its window, not the blocks it scores); layers that meet there merge the same way.
         """
         if self.prune_layers is None:
             layers = [scaled_layers((layer,), PAPER_DEPTH, num_layers)[0] for layer in PAPER_LAYERS]
@@ -157,18 +160,20 @@ class SlimInfer(Method):
             layers = list(self.prune_layers)
             if layers[-1] >= num_layers:
                 raise ValueError(f"prune_layers {self.prune_layers} reach beyond this model's {num_layers} layers")
+        if spec is not None:
+            layers = [spec.nearest_global_layer(layer) for layer in layers]
         schedule: dict[int, int] = {}
         for layer, budget in zip(layers, self.budgets, strict=True):
             tokens = resolve_budget(budget, prompt_len, "SlimInfer budget")
             schedule[layer] = min(tokens, schedule.get(layer, tokens))
         return schedule
 
-    def plan(self, num_layers: int, prompt_len: int) -> tuple[list[int], list[int]]:
+    def plan(self, num_layers: int, prompt_len: int, spec: ModelSpec | None = None) -> tuple[list[int], list[int]]:
         """Prompt tokens entering each layer in prefill, and prompt tokens whose KV each layer keeps on the device.
 
         The policy prunes by the same rule, so this is also the memory model (e.g. for a 32K prompt).
         """
-        schedule = self.schedule(num_layers, prompt_len)
+        schedule = self.schedule(num_layers, prompt_len, spec)
         tail = prompt_len - (prompt_len - 1) // self.block_size * self.block_size
         present = prompt_len
         entering, on_device = [], []
@@ -237,7 +242,7 @@ class SlimInferPolicy(Policy):
     def __init__(self, method: SlimInfer, run: Run):
         super().__init__(run)
         self.method = method
-        self.schedule = method.schedule(run.spec.num_layers, run.prompt_len)
+        self.schedule = method.schedule(run.spec.num_layers, run.prompt_len, run.spec)
         self.tail = run.prompt_len - (run.prompt_len - 1) // method.block_size * method.block_size
         self.transfers = run.transfers if method.offload else None
         self.pruned_tokens: dict[int, int] = {}  # pruning layer -> tokens whose hidden states stop there
@@ -323,6 +328,7 @@ class SlimInferPolicy(Policy):
         blocks_in = sum(d.blocks_in for d in swaps)
         return {
             "prune_layers": layers,
+            "prune_layers_asked": sorted(self.method.schedule(self.run.spec.num_layers, self.run.prompt_len)),
             "budget_tokens": [self.schedule[layer] for layer in layers],
             "pruned_tokens": [self.pruned_tokens.get(layer, 0) for layer in layers],
             "decode_rescorings": len(self.decisions),
