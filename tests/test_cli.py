@@ -167,7 +167,7 @@ def test_prompt_file_in_another_encoding(tiny_engine, capsys, tmp_path):
 def test_every_option_has_help_and_shows_its_default():
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(commands) == {"generate", "demo", "bench", "eval", "calibrate-filters"}
+    assert set(commands) == {"generate", "demo", "bench", "eval", "calibrate-filters", "serve"}
     for name, command in commands.items():
         formatter = command._get_formatter()
         for action in command._actions:

@@ -30,8 +30,9 @@ def _commands() -> list[Callable]:
     from .bench import command as bench
     from .commands import generate
     from .eval import command as evaluation
+    from .serve import command as serve
 
-    return [generate.register, demo.register, bench.register, evaluation.register, calibrate.register]
+    return [generate.register, demo.register, bench.register, evaluation.register, calibrate.register, serve.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

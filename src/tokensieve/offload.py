@@ -8,7 +8,32 @@ same calls copy synchronously and return identical values, so every offloading m
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
+
+
+def return_freed_memory() -> None:
+    """Give freed CPU memory back to the system now (glibc's `malloc_trim`; elsewhere nothing).
+
+    glibc raises its mmap threshold each time a large block is freed, so KV buffers freed by eviction or
+    offloading (`LayerKV.replace`) stay in the process heap and peak RSS counts them twice; trimming
+    after each such free keeps what RSS reports equal to what is held (a subprocess test measures it).
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc() if sys.platform.startswith("linux") else None
 
 
 class Transfers:
