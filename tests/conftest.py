@@ -123,3 +123,19 @@ def random_prompt(n: int, seed: int = 0, vocab: int = 256) -> list[int]:
 
 def needs_stories():
     return pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} not found (../shared is not beside the repo)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """One cache directory for the whole session: smollm2's GGUF is converted at most once per test run."""
+    from tokensieve.loading import smollm2_gguf
+
+    pytest.importorskip("gguf", reason="smollm2 needs the optional package gguf (make install has it)")
+    try:
+        smollm2_gguf()
+    except ValueError as missing:
+        pytest.skip(str(missing))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TOKENSIEVE_CACHE", str(tmp_path_factory.mktemp("tokensieve-cache")))
+        patch.setenv("HF_HUB_OFFLINE", "1")  # everything comes from the installed wheel
+        yield

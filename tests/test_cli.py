@@ -125,7 +125,8 @@ def test_demo_tokens_beyond_the_testbed_are_refused_before_loading(no_loading, c
     if not (MODEL_DIR / "config.json").is_file():
         pytest.skip("the testbed model is not embedded")
     limit = json.loads((MODEL_DIR / "config.json").read_text())["max_position_embeddings"]
-    assert f"exceed the {limit} positions of testbed" in cli_error(["demo", "--tokens", "100000"], capsys)
+    argv = ["demo", "--model", "testbed", "--tokens", "100000"]
+    assert f"exceed the {limit} positions of testbed" in cli_error(argv, capsys)
 
 
 @pytest.fixture(scope="module")
