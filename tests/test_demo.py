@@ -6,7 +6,7 @@ import pytest
 
 from tokensieve import loading
 from tokensieve.cli import main
-from tokensieve.demo import budget_label, demo_methods
+from tokensieve.commands.demo import budget_label, demo_methods
 from tokensieve.methods import METHODS
 from tokensieve.testbed import MODEL_DIR
 
