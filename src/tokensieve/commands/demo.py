@@ -119,8 +119,6 @@ def budget_label(settings: dict) -> str:
     """What a method keeps, from its settings: fractions of the prompt, or token counts."""
     if "budgets" in settings:
         return "prompt x " + ",".join(str(Fraction(b).limit_denominator(64)) for b in settings["budgets"])
-    if "keep" in settings:
-        return "keep " + "/".join(f"{k:.0%}" if isinstance(k, float) else str(k) for k in settings["keep"])
     if "budget" in settings:
         return f"{settings['budget']} keys"
     if "sink" in settings and "window" in settings:
