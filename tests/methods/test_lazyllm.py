@@ -185,7 +185,8 @@ def test_each_token_is_computed_at_most_once_per_layer(
     num_layers = deep_engine.model.spec.num_layers
     keep = tuple(sorted(fractions, reverse=True))
     prune = tuple(sorted(layers.draw(st.sets(st.integers(0, num_layers - 2), min_size=len(keep), max_size=len(keep)))))
-    method = RecordingLazyLLM(prune_layers=prune, budgets=keep, revive=revive, revive_per_step=budget if revive else None)
+    limit = budget if revive else None
+    method = RecordingLazyLLM(prune_layers=prune, budgets=keep, revive=revive, revive_per_step=limit)
     gen, policy = _generate_recorded(deep_engine, method, random_prompt(prompt_len, seed=seed), new_tokens)
 
     computed = 0
