@@ -62,8 +62,20 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         chat: bool = False,
         method: str | Method | None = None,
-    ) -> Generation:
-        """Generate up to `max_new_tokens` after `prompt` (text or token ids); greedy by default."""
+        max_batch: int = 8,
+    ) -> Generation | list[Generation]:
+        """Generate up to `max_new_tokens` after `prompt` (text or token ids); greedy by default.
+
+        A list of prompts (texts, or lists of token ids) runs as a batch with continuous batching (up to
+        `max_batch` sequences per decode step) and returns one `Generation` per prompt, each exactly what
+        that prompt gives alone. `max_new_tokens` and `seed` may then be lists (one per prompt), and so may
+        `stop`, as a list of per-prompt stop lists (a plain list of strings applies to every prompt).
+        """
+        if _is_batch(prompt):
+            return self._generate_batch(
+                list(prompt), max_batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                seed=seed, stop=stop, chat=chat, method=method,
+            )  # fmt: skip
         stream = self.stream(
             prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
             chat=chat, method=method,
@@ -93,6 +105,20 @@ class Engine:
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
             close_session=True,
         )  # fmt: skip
+
+    def _generate_batch(self, prompts: list, max_batch: int, **settings) -> list[Generation]:
+        from .scheduler import Scheduler
+
+        if not prompts:
+            raise ValueError("the batch of prompts is empty: pass at least one prompt")
+        per_prompt = {key: _per_prompt(key, settings[key], len(prompts)) for key in ("max_new_tokens", "seed", "stop")}
+        scheduler = Scheduler(self, max_batch=max_batch)
+        for i, prompt in enumerate(prompts):
+            try:
+                scheduler.submit(prompt, **{**settings, **{key: values[i] for key, values in per_prompt.items()}})
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"prompt {i} of the batch: {err}") from err
+        return scheduler.run()
 
     def next_token_logits(
         self, prompt: str | Sequence[int], continuation: Sequence[int], *, method: str | Method | None = None
@@ -157,3 +183,26 @@ def _check_chunk(chunk: int | None) -> int | None:
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"prefill_chunk must be None (no chunking) or an int >= 1 (rows per chunk), got {chunk!r}")
     return chunk
+
+
+def _is_batch(prompt) -> bool:
+    """A list of prompts (texts or token-id lists), as opposed to one token-id prompt (a list of ints)."""
+    return (
+        isinstance(prompt, (list, tuple))
+        and len(prompt) > 0
+        and all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt)
+    )
+
+
+def _per_prompt(name: str, value, count: int) -> list:
+    """A setting given once (the same for every prompt) or as a list with one entry per prompt."""
+    per_prompt = (
+        isinstance(value, list)
+        and len(value) > 0
+        and (name != "stop" or all(v is None or isinstance(v, list) for v in value))
+    )
+    if not per_prompt:
+        return [value] * count
+    if len(value) != count:
+        raise ValueError(f"{name} has {len(value)} entries for {count} prompts: give one per prompt, or one value")
+    return value
