@@ -25,7 +25,9 @@ PRUNING = {  # settings under which each method prunes at these lengths (as in t
 @pytest.mark.parametrize("spec", [*(PRUNING[name] for name in sorted(METHODS)), "sliminfer+omnikv(budget=32)"])
 def test_each_sequence_of_a_batch_equals_it_alone(deep_engine, spec):
     """Two places for four sequences of different lengths and lengths of output: they join and leave."""
-    alone = [deep_engine.generate(p, max_new_tokens=n, method=spec).token_ids for p, n in zip(PROMPTS, NEW)]
+    alone = [
+        deep_engine.generate(p, max_new_tokens=n, method=spec).token_ids for p, n in zip(PROMPTS, NEW, strict=True)
+    ]
     batched = deep_engine.generate(PROMPTS, max_new_tokens=NEW, method=spec, max_batch=2)
     assert [g.token_ids for g in batched] == alone
     assert [g.stats.new_tokens for g in batched] == NEW
