@@ -5,21 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_prompt
+from conftest import PRUNING, random_prompt
 from tokensieve.engine.scheduler import Scheduler
 from tokensieve.methods import METHODS
 
 PROMPTS = [random_prompt(n, seed=60 + n) for n in (150, 320, 90, 260)]
 NEW = [12, 5, 9, 7]
-PRUNING = {  # settings under which each method prunes at these lengths (as in tests/methods/test_matrix.py)
-    "dense": "dense",
-    "sliminfer": "sliminfer(budgets=(0.5, 0.25, 0.125))",
-    "lazyllm": "lazyllm",
-    "omnikv": "omnikv(budget=32)",
-    "snapkv": "snapkv(budget=64)",
-    "h2o": "h2o(budget=64)",
-    "streaming_llm": "streaming_llm(window=60)",
-}
 
 
 @pytest.mark.parametrize("spec", [*(PRUNING[name] for name in sorted(METHODS)), "sliminfer+omnikv(budget=32)"])
