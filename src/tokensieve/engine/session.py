@@ -187,6 +187,7 @@ class Session:
         stats.kv_bytes_device = sum(layer.nbytes for layer in kv) + extra
         stats.kv_bytes_reserved = sum(layer.reserved_bytes for layer in kv) + extra
         stats.kv_bytes_host = policy.host_bytes()
+        stats.host_is_device = self.engine.model.device.type == "cpu"
         stats.method_stats = policy.stats()
 
     def call_done(self, generation: Generation) -> None:
