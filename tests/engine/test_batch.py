@@ -93,3 +93,30 @@ def test_dense_batch_equals_transformers_batched_generate_with_left_padding(deep
     eos = deep_engine.eos_ids
     for mine, hf in zip(ours, theirs, strict=True):
         assert mine == hf[: len(mine)] and (len(mine) == 8 or mine[-1] in eos)
+
+
+def test_batch_stream_yields_indexed_pieces_then_the_generations(deep_engine):
+    stream = deep_engine.stream(PROMPTS[:3], max_new_tokens=NEW[:3], max_batch=2)
+    pieces: dict[int, str] = {}
+    for index, piece in stream:
+        pieces[index] = pieces.get(index, "") + piece
+    expected = deep_engine.generate(PROMPTS[:3], max_new_tokens=NEW[:3])
+    assert [g.token_ids for g in stream.generations] == [g.token_ids for g in expected]
+    assert [pieces.get(i, "") for i in range(3)] == [g.text for g in expected]
+
+
+def test_cli_generates_a_batch_from_prompt_files_and_jsonl(tmp_path, capsys):
+    from tokensieve.cli import main
+
+    (tmp_path / "a.txt").write_text("first prompt")
+    (tmp_path / "b.txt").write_text("second prompt")
+    (tmp_path / "p.jsonl").write_text('"one"\n{"prompt": "two"}\n{"prompt_ids": [1, 2, 3]}\n')
+    files = ["--prompt-file", str(tmp_path / "a.txt"), "--prompt-file", str(tmp_path / "b.txt")]
+    assert main(["generate", "--model", "tiny", *files, "--max-new-tokens", "3", "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert "--- prompt 0" in out and "--- prompt 1" in out and out.count("prompt tokens") == 2
+    assert main(["generate", "--model", "tiny", "--prompts", str(tmp_path / "p.jsonl"), "--max-new-tokens", "2"]) == 0
+    assert "--- prompt 2" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text('"fine"\n{"nope": 1}\n')
+    assert main(["generate", "--model", "tiny", "--prompts", str(tmp_path / "bad.jsonl")]) == 2
+    assert "line 2" in capsys.readouterr().err

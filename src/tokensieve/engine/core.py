@@ -12,6 +12,7 @@ from ..generation import Generation, Sampling
 from ..methods import Method, resolve_method
 from ..model import DecoderModel
 from .loop import DecodeCounts
+from .scheduler import BatchStream, Scheduler
 from .session import Session
 from .stream import GenerationStream
 
@@ -63,6 +64,7 @@ class Engine:
         chat: bool = False,
         method: str | Method | None = None,
         max_batch: int = 8,
+        max_kv_bytes: int | None = None,
     ) -> Generation | list[Generation]:
         """Generate up to `max_new_tokens` after `prompt` (text or token ids); greedy by default.
 
@@ -70,12 +72,16 @@ class Engine:
         `max_batch` sequences per decode step) and returns one `Generation` per prompt, each exactly what
         that prompt gives alone. `max_new_tokens` and `seed` may then be lists (one per prompt), and so may
         `stop`, as a list of per-prompt stop lists (a plain list of strings applies to every prompt).
+        `max_kv_bytes` bounds the device KV of the running sequences (a sequence waits for room).
         """
         if _is_batch(prompt):
-            return self._generate_batch(
-                list(prompt), max_batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                seed=seed, stop=stop, chat=chat, method=method,
+            stream = self._batch_stream(
+                list(prompt), max_batch, max_kv_bytes, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, seed=seed, stop=stop, chat=chat, method=method,
             )  # fmt: skip
+            for _ in stream:
+                pass
+            return stream.generations
         stream = self.stream(
             prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
             chat=chat, method=method,
@@ -95,8 +101,19 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         chat: bool = False,
         method: str | Method | None = None,
-    ) -> GenerationStream:
-        """Like `generate`, as an iterator of text pieces; its `generation` holds the result once exhausted."""
+        max_batch: int = 8,
+        max_kv_bytes: int | None = None,
+    ) -> GenerationStream | BatchStream:
+        """Like `generate`, as an iterator of text pieces; its `generation` holds the result once exhausted.
+
+        For a list of prompts, an iterator of `(index, piece)` pairs as the batch decodes; its `generations`
+        (one per prompt) once exhausted.
+        """
+        if _is_batch(prompt):
+            return self._batch_stream(
+                list(prompt), max_batch, max_kv_bytes, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, seed=seed, stop=stop, chat=chat, method=method,
+            )  # fmt: skip
         self.check_lengths(1, max_new_tokens)  # cheap checks before the prefill
         Sampling(temperature, top_p, seed)  # bad sampling settings or stop strings: refused before the prefill
         inputs.stop_strings(stop)
@@ -106,19 +123,17 @@ class Engine:
             close_session=True,
         )  # fmt: skip
 
-    def _generate_batch(self, prompts: list, max_batch: int, **settings) -> list[Generation]:
-        from .scheduler import Scheduler
-
+    def _batch_stream(self, prompts: list, max_batch: int, max_kv_bytes: int | None, **settings) -> BatchStream:
         if not prompts:
             raise ValueError("the batch of prompts is empty: pass at least one prompt")
         per_prompt = {key: _per_prompt(key, settings[key], len(prompts)) for key in ("max_new_tokens", "seed", "stop")}
-        scheduler = Scheduler(self, max_batch=max_batch)
+        scheduler = Scheduler(self, max_batch=max_batch, max_kv_bytes=max_kv_bytes)
         for i, prompt in enumerate(prompts):
             try:
                 scheduler.submit(prompt, **{**settings, **{key: values[i] for key, values in per_prompt.items()}})
             except (ValueError, TypeError) as err:
                 raise type(err)(f"prompt {i} of the batch: {err}") from err
-        return scheduler.run()
+        return BatchStream(scheduler)
 
     def next_token_logits(
         self, prompt: str | Sequence[int], continuation: Sequence[int], *, method: str | Method | None = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +86,7 @@ class Scheduler:
         kv_bytes = len(ids) * spec.num_layers * spec.kv_bytes_per_token(self.engine.model.dtype)
         if self.max_kv_bytes is not None and kv_bytes > self.max_kv_bytes:
             raise ValueError(
-                f"request {self._next}: its {len(ids)}-token prompt needs up to {kv_bytes} bytes of KV, more than "
+                f"its {len(ids)}-token prompt needs up to {kv_bytes} bytes of KV, more than "
                 f"max_kv_bytes={self.max_kv_bytes} even alone: shorten it or raise the budget"
             )
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
@@ -149,3 +149,24 @@ class Scheduler:
     def _retire(self) -> None:
         for index in [i for i, r in self.running.items() if r.stream.generation is not None]:
             self.done[index] = self.running.pop(index).stream.generation
+
+
+class BatchStream(Iterator[tuple[int, str]]):
+    """`(index, piece)` pairs of a batch as it decodes; `generations` (one per prompt, in order) once done."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.generations: list[Generation] | None = None
+        self._pieces: deque[tuple[int, str]] = deque()
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        while not self._pieces and not self.scheduler.finished:
+            self._pieces.extend(self.scheduler.step())
+        if self._pieces:
+            return self._pieces.popleft()
+        if self.generations is None:
+            self.generations = [self.scheduler.done[i] for i in sorted(self.scheduler.done)]
+        raise StopIteration
