@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import threading
@@ -84,7 +85,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_place(live):
 
 
 def test_a_queued_client_that_disconnects_leaves_the_queue_and_never_runs():
-    with live_server(max_tokens=1000) as server:
+    with live_server(max_tokens=1000, max_running=1) as server:  # one place: the second request queues
         long = {"model": MODEL, "prompt": "go on", "max_tokens": 1000, "temperature": 0, "stream": True}
         queued = {**long, "max_tokens": 5, "stream": False}
         with httpx.Client(timeout=60) as client, client.stream("POST", f"{server.url}/v1/completions", json=long) as r:
@@ -144,3 +145,19 @@ def test_shutdown_lets_a_running_stream_finish():
         assert rest[-1] == "data: [DONE]"
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert chunks[-1]["tokensieve"]["stats"]["new_tokens"] == 200
+
+
+def test_concurrent_requests_decode_together_and_each_gets_its_own_text():
+    """Continuous batching: requests share decode steps; every text equals the in-process generation."""
+    prompts = [f"request number {i} " * (i + 2) for i in range(4)]
+    with live_server(max_running=4) as server:
+        expected = [server.reference.generate(p, max_new_tokens=40).text for p in prompts]
+
+        def ask(prompt: str) -> str:
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 40, "temperature": 0}
+            return httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(ask, prompts))
+        assert texts == expected
+        assert max(server.app.state.worker.batch_stats.batch_sizes) > 1

@@ -38,6 +38,12 @@ def register(sub) -> None:
     parser.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file to use")
     limits = parser.add_argument_group("limits")
     limits.add_argument(
+        "--max-running",
+        type=positive_int,
+        default=DEFAULTS.max_running,
+        help="requests decoded together in one batched step (continuous batching)",
+    )
+    limits.add_argument(
         "--max-waiting", type=positive_int, default=DEFAULTS.max_waiting, help="queued requests before 429"
     )
     limits.add_argument(
@@ -76,6 +82,7 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         model_name=args.served_model_name or args.model,
         method=args.method,
+        max_running=args.max_running,
         max_waiting=args.max_waiting,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens,

@@ -95,6 +95,14 @@ class Scheduler:
         self._next += 1
         return request.index
 
+    def add(self, stream: GenerationStream) -> int:
+        """Run a stream its caller started (a session it keeps, e.g. a server's retained conversation) in the
+        batch from the next step, outside the admission queue; returns its index."""
+        request = Request(self._next, [], {}, {}, 0, stream)
+        self.running[request.index] = request
+        self._next += 1
+        return request.index
+
     def cancel(self, index: int) -> None:
         """Stop request `index` now (waiting or running); its place and memory are freed."""
         self.waiting = deque(r for r in self.waiting if r.index != index)
@@ -109,8 +117,10 @@ class Scheduler:
 
     def step(self) -> list[tuple[int, str]]:
         """Admit what fits, then one decode step for every running sequence; returns `(index, piece)` pairs."""
-        pieces = self._admit()
+        self._admit()
         pending = [(r, r.stream.decode_request()) for r in self.running.values()]
+        # A stream just admitted has its first logits from the prefill: it takes them, no decode needed.
+        pieces = [(r.index, r.stream.take(None, 0.0)) for r, request in pending if request is None]
         ready = [r for r, request in pending if request is not None]
         if ready:
             start = time.perf_counter()
@@ -130,15 +140,12 @@ class Scheduler:
             self.step()
         return [self.done[i] for i in sorted(self.done)]
 
-    def _admit(self) -> list[tuple[int, str]]:
-        pieces = []
+    def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch and self._fits(self.waiting[0]):
             request = self.waiting.popleft()
             session = self.engine.start(request.ids, **request.start)
             request.stream = session.stream(**request.generate, close_session=True)
             self.running[request.index] = request
-            pieces.append((request.index, request.stream.take(None, 0.0)))  # the first token, from prefill
-        return pieces
 
     def _fits(self, request: Request) -> bool:
         if self.max_kv_bytes is None or not self.running:

@@ -13,7 +13,8 @@ class ServeConfig:
 
     model_name: str = "tokensieve"
     method: str = "dense"  # the default for requests that name none
-    max_waiting: int = 16  # requests queued behind the running one; more get 429
+    max_running: int = 8  # requests decoded together, one batched step for all (continuous batching)
+    max_waiting: int = 16  # requests queued behind the running ones; more get 429
     max_prompt_tokens: int | None = None  # None: the model's positions
     max_tokens: int = 512  # the most tokens one request may generate (and the default when it names none)
     request_timeout_s: float = 300.0  # from arrival, queueing included; past it the generation stops (504)
@@ -22,7 +23,7 @@ class ServeConfig:
 
     def __post_init__(self):
         resolve_method(self.method)  # a bad default is the operator's error: refuse to start
-        for name in ("max_waiting", "max_tokens"):
+        for name in ("max_running", "max_waiting", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

@@ -1,8 +1,10 @@
-"""The request queue: one bounded queue, one worker thread that runs the generations one at a time.
+"""The request queue: one bounded queue and one worker thread that runs the requests with continuous batching.
 
-The engine runs one generation at a time anyway (its calls are serialized); the continuous-batching
-scheduler of issue 12 will replace this thread. The HTTP side never blocks on the engine: the worker
-hands each request's text pieces to the request's asyncio queue through its event loop.
+The thread admits queued requests while fewer than `--max-running` run (each opens or reuses a session,
+prefilling its new tokens), then runs one decode step for every running request at once (the engine's
+`Scheduler`: one pass through the projections and the MLP, attention per sequence), and retires the
+finished ones between steps. The HTTP side never blocks on the engine: the worker hands each request's
+text pieces to the request's asyncio queue through its event loop.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine import Scheduler
 from ..methods import Method
 from .config import ServeConfig
 from .errors import ServeError
@@ -41,6 +44,8 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
     stop_error: ServeError | None = None  # why the server (not the client) stopped it
+    session: Any = field(default=None, repr=False)  # once admitted: its session and stream
+    stream: Any = field(default=None, repr=False)
 
     def emit(self, kind: str, value: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop is gone (server stopped): nobody listens
@@ -64,7 +69,8 @@ class Worker:
         self.metrics = metrics
         self.sessions = SessionPool(engine, config.session_bytes, metrics)  # touched by the worker thread only
         self._waiting: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: dict[int, Job] = {}  # scheduler index -> job; touched under the condition's lock
+        self._scheduler = Scheduler(engine, max_batch=config.max_running)
         self._cond = threading.Condition()
         self._closing = False
         self._stopped = False
@@ -72,6 +78,11 @@ class Worker:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def batch_stats(self):
+        """The batch size and duration of every decode step so far (`engine.scheduler.BatchStats`)."""
+        return self._scheduler.stats
 
     @property
     def closing(self) -> bool:
@@ -114,9 +125,9 @@ class Worker:
             for job in self._waiting:
                 job.emit("error", shutdown)
             self._waiting.clear()
-            if self._running is not None:
-                self._running.stop_error = shutdown
-                self._running.cancelled.set()
+            for job in self._running.values():
+                job.stop_error = shutdown
+                job.cancelled.set()
             self._stopped = True
             self._cond.notify_all()
         self._thread.join()
@@ -125,58 +136,83 @@ class Worker:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._stopped:
+                while not self._waiting and not self._running and not self._stopped:
                     self._cond.wait()
-                if self._stopped:
+                if self._stopped and not self._running:
                     self.sessions.close()
                     return
-                job = self._running = self._waiting.popleft()
+                room = max(0, self.config.max_running - len(self._running))
+                admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            for job in admitted:
+                self._guarded([job], self._admit, job)
+            self._interrupt()
+            jobs = list(self._running.values())
+            pieces = self._guarded(jobs, self._scheduler.step) or []
+            for index, piece in pieces:
+                self._running[index].emit("piece", piece)
+            self._retire()
+            with self._cond:
                 self._gauges()
-            try:
-                self._run(job)
-            except Exception as err:  # a bug must fail one request, never the worker thread
-                log.exception("generation failed")
-                job.emit("error", ServeError(500, f"generation failed: {type(err).__name__}: {err}"))
-            finally:
-                with self._cond:
-                    self._running = None
-                    self._gauges()
-                    self._cond.notify_all()
+                self._cond.notify_all()
 
-    def _run(self, job: Job) -> None:
+    def _guarded(self, jobs: list[Job], work, *args):
+        """Run `work`; a bug fails these jobs with a 500, never the worker thread."""
+        try:
+            return work(*args)
+        except Exception as err:
+            log.exception("generation failed")
+            for job in jobs:
+                self._drop(job, ServeError(500, f"generation failed: {type(err).__name__}: {err}"))
+            return None
+
+    def _admit(self, job: Job) -> None:
         stopped = job.interruption()
         if stopped is not False:
             if stopped is not None:
                 job.emit("error", stopped)
             return
-        session = None
         try:  # the prefill runs here: a method whose settings do not fit this prompt fails now
-            session = self.sessions.open(job.prompt, job.method, job.reuse)
-            stream = session.stream(max_new_tokens=job.max_tokens, **job.sampling)
+            job.session = self.sessions.open(job.prompt, job.method, job.reuse)
+            job.stream = job.session.stream(max_new_tokens=job.max_tokens, **job.sampling)
         except (ValueError, TypeError) as err:
-            if session is not None:
-                session.close()
+            if job.session is not None:
+                job.session.close()
             job.emit("error", ServeError(422, f"bad settings: {err}", "tokensieve.method"))
             return
-        try:
-            for piece in stream:
-                stopped = job.interruption()
-                if stopped is not False:  # the client left, the timeout passed or the server stops
-                    stream.close()
-                    session.close()
-                    self.metrics.cancelled.inc()
-                    if stopped is not None:
-                        job.emit("error", stopped)
-                    return
-                job.emit("piece", piece)
-        except BaseException:
-            session.close()
-            raise
-        generation = stream.generation
-        self.sessions.keep(session, job.method, job.prompt, generation)
-        self.metrics.finished(generation, time.monotonic() - job.arrived)
-        job.emit("done", generation)
+        with self._cond:
+            self._running[self._scheduler.add(job.stream)] = job
+
+    def _interrupt(self) -> None:
+        """Stop the running requests whose client left, whose timeout passed, or that the shutdown ends."""
+        for job in list(self._running.values()):
+            stopped = job.interruption()
+            if stopped is not False:
+                self.metrics.cancelled.inc()
+                self._drop(job, stopped)
+
+    def _drop(self, job: Job, error: ServeError | None) -> None:
+        """End `job` now: its generation stops, its session is freed, its client hears `error` (if any)."""
+        with self._cond:
+            index = next((i for i, j in self._running.items() if j is job), None)
+            if index is not None:
+                del self._running[index]
+        if index is not None:
+            self._scheduler.cancel(index)
+            self._scheduler.done.pop(index, None)
+        if job.session is not None:
+            job.session.close()
+        if error is not None:
+            job.emit("error", error)
+
+    def _retire(self) -> None:
+        for index in [i for i in self._running if i in self._scheduler.done]:
+            with self._cond:
+                job = self._running.pop(index)
+            generation = self._scheduler.done.pop(index)
+            self.sessions.keep(job.session, job.method, job.prompt, generation)
+            self.metrics.finished(generation, time.monotonic() - job.arrived)
+            job.emit("done", generation)
 
     def _gauges(self) -> None:
         self.metrics.waiting.set(len(self._waiting))
-        self.metrics.running.set(0 if self._running is None else 1)
+        self.metrics.running.set(len(self._running))
