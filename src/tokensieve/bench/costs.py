@@ -83,10 +83,13 @@ def decode_bytes(
 def dense_decode_keys(stats: Stats) -> float:
     """Keys the dense model attends to per layer, averaged over the decode steps of `stats`' generation.
 
-    Step k (k = 1 .. T-1) attends to the context (the prompt, or the session so far) and k generated tokens,
-    so the mean is context + T/2.
+    After a prefill (or extension) of the context, the first token comes from it and step k (k = 1 .. T-1)
+    attends to the context and k generated tokens: the mean is context + T/2. A call on a session with
+    nothing to prefill decodes its first token too (k = 0 .. T-1): context + (T-1)/2.
     """
-    return max(stats.prompt_tokens, stats.context_tokens) + stats.new_tokens / 2
+    if stats.prompt_tokens:
+        return max(stats.prompt_tokens, stats.context_tokens) + stats.new_tokens / 2
+    return stats.context_tokens + (stats.new_tokens - 1) / 2
 
 
 def ideal_prefill_speedup(spec: ModelSpec, stats: Stats) -> float:
