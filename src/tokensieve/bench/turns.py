@@ -148,6 +148,6 @@ def turns_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             (r["method"], r["turn"], r["context_tokens"], r["computed_tokens"])
             + (ms(r["extend_s"]) if r["extend_s"] else "-", ms(r["recompute_s"]), x(r["speedup"]))
-            + (x(r["ideal_prefill_speedup"]), same)
+            + (x(r["ideal_prefill_speedup"]) if r["extend_s"] else "-", same)
         )
     return f"Multi-turn (extend vs recompute)\n{render(lines)}"
