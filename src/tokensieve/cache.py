@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .offload import return_freed_memory
+
 
 class LayerKV:
     """Growable key/value/position buffers of one layer (batch size 1)."""
@@ -53,11 +55,29 @@ class LayerKV:
         They go into fresh buffers (with the usual headroom), so the old ones are freed now.
         """
         n = k.shape[1]
+        old = self._k
         self._k = k.new_empty(k.shape[0], _capacity(n), k.shape[2])
         self._v = torch.empty_like(self._k)
         self._pos = positions.new_empty(self._k.shape[1])
         self._k[:, :n], self._v[:, :n], self._pos[:n] = k, v, positions
+        if old.device.type == "cpu":
+            del old
+            return_freed_memory()
         self.length = n
+
+    def drop_older_than(self, position: int | torch.Tensor) -> int:
+        """Drop the entries at positions below `position`; returns how many were dropped.
+
+        A windowed layer's keys older than `newest position - window + 1` are seen by no later query, so
+        its cache can shrink to its window. The kept entries keep their order and move to fresh buffers
+        (as `replace`: the old ones are freed now); nothing is copied when nothing is dropped. Calling it
+        every few steps rather than every step amortises the copy.
+        """
+        keep = self.positions >= position
+        dropped = self.length - int(keep.sum())
+        if dropped:
+            self.replace(self.keys[:, keep], self.values[:, keep], self.positions[keep])
+        return dropped
 
     def move_last_to(self, slot: int | torch.Tensor) -> None:
         """Overwrite entry `slot` with the last entry and drop the last: an O(1) eviction of `slot`.

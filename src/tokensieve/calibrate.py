@@ -173,13 +173,15 @@ def load_prompts(engine, path: str | None, tokens: int, count: int) -> list[list
 
 
 def register(sub) -> None:
-    from .cli import add_model_arguments
+    from .commands.options import add_model_arguments, positive_int
 
     parser = sub.add_parser("calibrate-filters", help="find a model's OmniKV filter layers from its decode attention")
     add_model_arguments(parser)
     parser.add_argument("--prompts", default=None, help="a .jsonl of prompts or a text file (default: random tokens)")
     parser.add_argument("--tokens", type=int, default=2048, help="prompt length cap in tokens (default 2048)")
-    parser.add_argument("--num-prompts", type=int, default=3, help="random prompts when --prompts is not given")
+    parser.add_argument(
+        "--num-prompts", type=positive_int, default=3, help="random prompts when --prompts is not given"
+    )
     parser.add_argument("--steps", type=int, default=8, help="decode steps recorded per prompt")
     parser.add_argument("--top-k", default=None, help="top-K size: tokens or a fraction (default 0.067 of the prompt)")
     parser.add_argument("--out", default="calibration", help="folder for filters.json and filters.png")
@@ -187,11 +189,13 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .cli import load_engine
+    from .commands.options import load_engine
 
     if args.tokens < 2 or args.steps < 1:
         raise ValueError(f"--tokens must be >= 2 and --steps >= 1, got {args.tokens} and {args.steps}")
     top_k = PAPER_TOP_K_FRACTION if args.top_k is None else _count_or_fraction(args.top_k)
+    if args.prompts is not None and not Path(args.prompts).is_file():
+        raise ValueError(f"--prompts {args.prompts}: no such file (a .jsonl of prompts or a text file)")
     engine = load_engine(args)
     tokens = min(args.tokens, engine.model.spec.max_positions - args.steps - 1)
     prompts = load_prompts(engine, args.prompts, tokens, args.num_prompts)

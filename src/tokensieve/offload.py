@@ -1,4 +1,5 @@
-"""Host memory for offloaded KV, and copies between host and device that overlap compute on CUDA.
+"""Host memory for offloaded KV (`HostRows`, the one host store every method uses), and copies between
+host and device that overlap compute on CUDA (`Transfers`).
 
 On CUDA, host tensors are pinned and loads run on a side stream; the consumer waits on an event just
 before it needs the data, so the copy overlaps whatever the default stream computes meanwhile. On CPU the
@@ -7,7 +8,32 @@ same calls copy synchronously and return identical values, so every offloading m
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
+
+
+def return_freed_memory() -> None:
+    """Give freed CPU memory back to the system now (glibc's `malloc_trim`; elsewhere nothing).
+
+    glibc raises its mmap threshold each time a large block is freed, so KV buffers freed by eviction or
+    offloading (`LayerKV.replace`) stay in the process heap and peak RSS counts them twice; trimming
+    after each such free keeps what RSS reports equal to what is held (a subprocess test measures it).
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc() if sys.platform.startswith("linux") else None
 
 
 class Transfers:
@@ -18,12 +44,6 @@ class Transfers:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.bytes_loaded = 0  # host -> device, counted here where the copies happen
-
-    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host copy of `tensor` (pinned on CUDA, so later loads can be asynchronous)."""
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.cuda)
-        host.copy_(tensor)
-        return host
 
     def load(self, host: torch.Tensor, index: torch.Tensor | None = None) -> Pending:
         """Start copying `host` (or its rows `index` along dim 0, gathered on the host) to the device."""
@@ -38,6 +58,43 @@ class Transfers:
             event = torch.cuda.Event()
             event.record(self.stream)
         return Pending(on_device, event, keep_alive=rows)
+
+
+class HostRows:
+    """Rows of KV in host memory (pinned on CUDA), which the device loads by index in one copy.
+
+    A row is what a method moves as a unit: one token's KV in every layer of an OmniKV segment, or one
+    block's KV at a SlimInfer pruning layer. Loads gather the rows on the host (from a flat 2-D view, one
+    contiguous row each: faster than gathering the N-D layout) and copy them through `transfers`, which
+    counts the bytes.
+    """
+
+    def __init__(self, transfers: Transfers, rows: int, row_shape: tuple[int, ...], dtype: torch.dtype):
+        self.transfers = transfers
+        # Empty, not zeros: pages are committed only as rows are written.
+        self.tensor = torch.empty((rows, *row_shape), dtype=dtype, pin_memory=transfers.cuda)
+
+    @classmethod
+    def copy_of(cls, transfers: Transfers, tensor: torch.Tensor) -> HostRows:
+        """A host copy of `tensor`, its rows along dim 0."""
+        rows = cls(transfers, tensor.shape[0], tuple(tensor.shape[1:]), tensor.dtype)
+        rows.tensor.copy_(tensor)
+        return rows
+
+    def load(self, index: torch.Tensor) -> Pending:
+        """Start bringing rows `index` to the device; `rows_of(pending.wait())` gives them in row shape."""
+        return self.transfers.load(self.tensor.view(self.tensor.shape[0], -1), index)
+
+    def rows_of(self, loaded: torch.Tensor) -> torch.Tensor:
+        return loaded.view(-1, *self.tensor.shape[1:])
+
+    @property
+    def row_bytes(self) -> int:
+        return self.tensor[0].numel() * self.tensor.element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
 
 
 class Pending:

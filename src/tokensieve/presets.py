@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .models.families import hf_attention_implementation
+
 # Shapes of the presets. `cpu-prefill` mimics the compute mix of an 8B model at 32K tokens when run at
 # 4-8K on a CPU; `cpu-decode` reads more KV than weights per decode step at long context.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -57,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 BOS_ID, EOS_ID = 256, 257
 BYTE_VOCAB = 258
+MAX_POSITIONS = 131072  # every preset's position limit unless `max_positions=` says otherwise
 
 
 def byte_tokenizer():
@@ -87,7 +90,7 @@ def _byte_of(symbol: str) -> int:
     return {chr(v): k for k, v in mapping.items()}[symbol]
 
 
-def config_for(name_or_shape: str | dict[str, Any], max_positions: int = 131072, **overrides):
+def config_for(name_or_shape: str | dict[str, Any], max_positions: int = MAX_POSITIONS, **overrides):
     """A `transformers` config for a preset name or a dict of shape fields."""
     from transformers import AutoConfig
 
@@ -104,14 +107,24 @@ def config_for(name_or_shape: str | dict[str, Any], max_positions: int = 131072,
     return AutoConfig.for_model(model_type, **shape)
 
 
-def build(name_or_shape: str | dict[str, Any], *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A random-weight model (eval mode, SDPA attention) and the byte tokenizer, from a preset or shape."""
+def build(
+    name_or_shape: str | dict[str, Any],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **overrides,
+):
+    """A random-weight model (eval mode, SDPA attention where the model allows it) and the byte tokenizer,
+    from a preset or shape. The weights are drawn on `device` (the same seed gives other weights on CUDA
+    than on the CPU)."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(name_or_shape, str) and name_or_shape not in PRESETS:
         raise ValueError(f"unknown preset {name_or_shape!r}: choose one of {', '.join(PRESETS)}")
     config = config_for(name_or_shape, **overrides)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = hf_attention_implementation(config)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     return model, byte_tokenizer()

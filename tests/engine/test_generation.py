@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokensieve
-from conftest import FAMILIES, random_prompt
+from conftest import random_prompt
 from tokensieve import presets
 from tokensieve.cli import main as cli_main
 from tokensieve.generation import TextStream
@@ -117,7 +117,7 @@ def test_token_id_prompt_equals_text_prompt(engine):
     [
         (dict(prompt=""), ValueError, "prompt is empty"),
         (dict(prompt=[]), ValueError, "prompt is empty"),
-        (dict(prompt=[1, 2, 9999]), TypeError, "token-id prompt"),
+        (dict(prompt=[1, 2, 9999]), ValueError, "token id 9999 at index 2 is out of range"),
         (dict(prompt="hi", max_new_tokens=0), ValueError, "max_new_tokens must be"),
         (dict(prompt=[1] * 1000, max_new_tokens=100), ValueError, "beyond the model's 1024 positions"),
         (dict(prompt="hi", method="bogus"), ValueError, "unknown method 'bogus'"),
@@ -152,14 +152,6 @@ def test_unsupported_architecture_is_named(tmp_path):
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama, mistral, qwen2"):
         tokensieve.load(tmp_path)
-
-
-def test_sliding_window_beyond_the_window_is_refused():
-    model, tok = presets.build({**FAMILIES["mistral-gqa"], "sliding_window": 64})
-    engine = tokensieve.load(model, tokenizer=tok)
-    engine.generate(random_prompt(40), max_new_tokens=4)
-    with pytest.raises(ValueError, match="sliding attention window"):
-        engine.generate(random_prompt(80), max_new_tokens=4)
 
 
 def test_checkpoint_directory_and_cli_round_trip(tmp_path, capsys):

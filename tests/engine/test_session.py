@@ -193,3 +193,20 @@ def test_buffers_grow_with_the_session_instead_of_reserving_max_new_tokens(engin
     long.close()
     assert long.generation.stats.kv_bytes_reserved == short.kv_bytes_reserved
     assert short.kv_bytes_reserved <= 1.15 * short.kv_bytes_device
+
+
+def test_windowed_layers_keep_only_their_window_under_dense():
+    """A sliding-window layer's KV older than its window is freed; the tokens stay those of a full cache."""
+    from conftest import FAMILIES
+
+    model, tok = presets.build(FAMILIES["mistral-sliding"], seed=2)
+    engine = tokensieve.load(model, tokenizer=tok)
+    window = engine.model.spec.layer_windows[0]
+    prompt = random_prompt(6 * window, seed=50)
+    session = engine.start(prompt)
+    tokens = session.generate(max_new_tokens=3 * window, stop=None).token_ids
+    assert len(tokens) > window // 4
+    assert all(len(kv) <= window + max(16, window // 8) for kv in session.kv)
+    kept_all = engine.start(prompt, method="snapkv(budget=1.0)")
+    assert kept_all.generate(max_new_tokens=3 * window).token_ids == tokens  # a policy that trims nothing
+    assert len(kept_all.kv[0]) == len(prompt) + len(tokens) - 1

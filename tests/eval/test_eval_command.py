@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -137,7 +136,8 @@ def test_testbed_resolves_to_embedded_dir_or_says_it_is_missing(tmp_path, monkey
     for name in ("config.json", "model.safetensors"):
         (tmp_path / "model" / name).write_text("{}")
     assert resolve_model_path("testbed") == tmp_path / "model"
-    assert resolve_model_path("some/dir") == Path("some/dir")
+    with pytest.raises(ValueError, match="model 'some/dir' not found.*testbed, smollm2.*tiny"):
+        resolve_model_path("some/dir")
 
 
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
@@ -170,8 +170,17 @@ def test_run_eval_with_chat_gives_the_model_templated_ids_on_every_turn(monkeypa
     suite = build_samples(engine.tokenizer, ["multi_turn"], [500], samples=1, chat=True)
     report = run_eval(engine, suite, ["dense"], progress=False, max_new_tokens=2, kl=True, chat=True)
     sample, (record,) = suite["multi_turn", 500][0], report.records
-    turns = [engine.encode(sample.prompt(record.outputs[:i]), chat=True) for i in range(3)]
+    template = engine.tokenizer.apply_chat_template
+    turns = [
+        template(sample.messages(record.outputs[:i]), add_generation_prompt=True, return_dict=False) for i in range(3)
+    ]
     assert seen == [turns[0], *turns]  # the warm-up, then each of the 3 turns, all as templated ids
+    assert turns[0] == engine.encode(sample.prompt(), chat=True)  # turn 1: one user message
+    # later turns: a conversation, the model's own answers as assistant messages, not pasted into the question
+    third = engine.tokenizer.decode(turns[2])
+    for answer, question in zip(record.outputs[:2], [t.question for t in sample.turns[1:]], strict=True):
+        assert f"<|assistant|>{answer.strip()}<|user|>{question.strip()}" in third
+    assert third.count("<|user|>") == 3 and third.endswith("<|assistant|>")
     assert logits_seen == [turns[0]] * 2  # the KL (reference, then dense as a method) sees the same prompt
     text = engine.tokenizer.decode(turns[0])
     assert text.startswith("<|user|>Some special magic") and text.endswith(" is<|assistant|>")
@@ -183,8 +192,8 @@ def test_run_eval_with_chat_gives_the_model_templated_ids_on_every_turn(monkeypa
 def test_eval_cli_chat(tmp_path, monkeypatch, capsys):
     build = presets.build
 
-    def build_with_template(name):
-        model, tokenizer = build(name)
+    def build_with_template(name, **options):
+        model, tokenizer = build(name, **options)
         tokenizer.chat_template = TEMPLATE
         return model, tokenizer
 
@@ -201,3 +210,38 @@ def test_eval_cli_chat(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--model", "tiny", *base, "--chat", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--chat" in err and "chat template" in err and "has none" in err
+
+
+def test_table_stays_aligned_with_long_method_specs():
+    from tokensieve.eval.runner import Record, Report
+
+    spec = "omnikv(budget=256, offload=False, selector='last')"
+    report = Report(config={})
+    for method, ttft in (("dense", 2.0), (spec, 1.0)):
+        report.records.append(Record("niah_single:numbers", method, 2048, 0, 1.0, ttft, 2048, 1.0, 1.0, ["x"], [["x"]]))
+    lines = report.table().splitlines()
+    assert len({line.index("2048") for line in lines[1:]}) == 1  # the length column starts at one place
+    assert lines[0].index("length") + len("length") == lines[1].index("2048") + len("2048")
+    assert spec in lines[2] and "2.00x" in lines[2]
+
+
+def test_results_are_journaled_as_they_finish_and_an_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
+    options = ["--methods", "dense,streaming_llm", "--tasks", "niah_single", "--lengths", "300"]
+    full = eval_cli(tmp_path, *options)
+    journal = tmp_path / "out" / runner.JOURNAL
+    header, *lines = journal.read_text().splitlines()
+    assert json.loads(header)["config"]["samples"] == 2 and len(lines) == 4  # 2 samples x 2 methods
+    # interrupted while writing the second sample: its records are lost, one line is cut in the middle
+    journal.write_text("\n".join([header, *lines[:2], lines[2][:25]]) + "\n")
+    ran = []
+    run_sample = runner._run_sample
+    monkeypatch.setattr(runner, "_run_sample", lambda e, s, m, *a: ran.append(m) or run_sample(e, s, m, *a))
+    resumed = eval_cli(tmp_path, *options, "--resume")
+    assert sorted(ran) == ["dense", "streaming_llm"]  # only the second sample ran again
+    assert resumed["records"][:2] == full["records"][:2] and len(resumed["records"]) == 4
+    assert len(journal.read_text().splitlines()) == 5
+    argv = ["eval", "--model", "tiny", "--samples", "3", *options, "--out", str(tmp_path / "out"), "--resume"]
+    assert main(argv) == 2  # another --samples: another run
+    assert "was written by a run with other settings" in capsys.readouterr().err
+    assert main([*argv[:-3], "--out", str(tmp_path / "elsewhere"), "--resume"]) == 2
+    assert re.search(r"--resume: no .*eval.records.jsonl to resume from", capsys.readouterr().err)

@@ -171,3 +171,23 @@ def test_haystack_from_json_file(tmp_path):
     sample = make_sample("niah_single", BYTES, 1000, seed=0, haystack=Haystack.from_file(path))
     assert "Zebras graze quietly" in sample.context
     assert abs(n_tokens(BYTES, sample.prompt()) - 1000) <= 20
+
+
+def test_haystack_from_a_directory_of_text_files(tmp_path):
+    (tmp_path / "b.txt").write_text("Second essay. " * 60)
+    (tmp_path / "a.md").write_text("First   essay.\n" * 60)
+    haystack = Haystack.from_file(tmp_path)
+    assert haystack.text.startswith("First essay. First essay.") and "Second essay." in haystack.text
+
+
+@pytest.mark.parametrize("name", ["questions.jsonl", "data.csv"])
+def test_haystack_refuses_what_it_cannot_read_as_prose(tmp_path, name):
+    (tmp_path / name).write_text('{"input": "q", "outputs": ["the answer"]}\n' * 100)
+    with pytest.raises(ValueError, match=rf"--haystack .*{name}: cannot read \.\w+ files as prose"):
+        Haystack.from_file(tmp_path / name)
+    (tmp_path / "essay.txt").write_text("Prose. " * 200)
+    with pytest.raises(ValueError, match=rf"must hold only text files \(\.txt, \.md\); it holds {name}"):
+        Haystack.from_file(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 300)
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text"):
+        Haystack.from_file(tmp_path / "latin1.txt")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import random_prompt
+from tokensieve import attention
 from tokensieve.cache import LayerKV
 from tokensieve.cli import main
 from tokensieve.methods import H2O, METHODS, Context, LayerStep, Method, Policy, Rows, Run, SnapKV, StreamingLLM
@@ -270,7 +271,7 @@ def test_snapkv_prefill_is_dense_and_dropping_changes_decode(deep_engine, dense_
         (dict(budget=0), ValueError, "budget must be > 0"),
         (dict(budget=2.0), ValueError, "budget 2.0 is a float above 1"),
         (dict(window=0), ValueError, "window must be an int >= 1"),
-        (dict(kernel=4), ValueError, "kernel must be an odd int >= 1"),
+        (dict(kernel=4), ValueError, "kernel must be an int >= 1 and odd"),
         (dict(pooling="mean"), ValueError, "pooling must be one of max, avg"),
     ],
 )
@@ -297,12 +298,12 @@ def brute_force_accumulated(q, k, pos, scale):
 
 @pytest.mark.parametrize("chunk_rows, chunk_elements", [(256, 1 << 24), (16, 1 << 24), (256, 300)])
 def test_h2o_prefill_scores_equal_brute_force_in_any_chunking(monkeypatch, chunk_rows, chunk_elements):
-    monkeypatch.setattr(h2o_module, "SCORE_CHUNK_ROWS", chunk_rows)
-    monkeypatch.setattr(h2o_module, "SCORE_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(attention, "SCORE_CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(attention, "SCORE_CHUNK_ELEMENTS", chunk_elements)
     gen = torch.Generator().manual_seed(3)
     q, k = torch.randn(8, 70, 16, generator=gen), torch.randn(2, 70, 16, generator=gen)
     pos = torch.randperm(200, generator=gen)[:70].sort().values
-    ours = h2o_module.accumulated_attention(q, k, pos, 0.25)
+    ours = h2o_module.per_kv_head(attention.attention_received(q, pos, k, pos, 0.25, keys_are_rows=True), 2)
     torch.testing.assert_close(ours.double(), brute_force_accumulated(q, k, pos, 0.25), rtol=1e-5, atol=1e-6)
 
 

@@ -107,7 +107,6 @@ def test_paper_layers_for_32_layers_and_scaling():
         (dict(prune_layers=(6, 3, 9)), ValueError, "strictly increasing"),
         (dict(revive_per_step=-1), ValueError, "revive_per_step must be"),
         (dict(revive_per_step=2.5), ValueError, "revive_per_step must be"),
-        (dict(revive=False, revive_per_step=4), ValueError, "turn off"),
     ],
 )
 def test_bad_settings_are_clear_errors(kwargs, error, match):
@@ -217,7 +216,8 @@ def test_revived_kv_equals_reference_from_aux_hidden_state_and_sees_only_earlier
     attending only to the step's selected keys at positions <= its own, and compare with the cached KV."""
     model, scale = deep_engine.model, deep_engine.model.scale
     prompt = PROMPT[:120]
-    gen, policy = _generate_recorded(deep_engine, RecordingLazyLLM(keep=(0.6, 0.4, 0.2)), prompt, 5)
+    paper = RecordingLazyLLM(keep=(0.6, 0.4, 0.2), revive_per_step=None)  # unbounded revival: the most to check
+    gen, policy = _generate_recorded(deep_engine, paper, prompt, 5)
     assert gen.stats.revived_tokens > 0
     checked = hidden_keys = 0
     for step in policy.log:
@@ -260,7 +260,7 @@ def test_static_pruning_decodes_over_what_prefill_kept(deep_engine):
 def test_revival_budget_bounds_revivals_and_keeps_each_stage_full(deep_engine):
     budget = 2
     gen, policy = _generate_recorded(deep_engine, RecordingLazyLLM(revive_per_step=budget), PROMPT, NEW_TOKENS)
-    unbounded = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method="lazyllm").stats
+    unbounded = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=LazyLLM(revive_per_step=None)).stats
     assert 0 < gen.stats.revived_tokens < unbounded.revived_tokens
     assert gen.stats.method_stats["revivals_deferred_per_step"] > 0
     assert unbounded.method_stats["revivals_deferred_per_step"] == 0
@@ -272,6 +272,17 @@ def test_revival_budget_bounds_revivals_and_keeps_each_stage_full(deep_engine):
             prompt_keys = int((context.pos < len(PROMPT)).sum())
             assert prompt_keys == policy.keep[policy.stage_of[layer] - 1]  # the places are filled from KV
     assert any(step["masked"] for step in policy.log)  # few keys left out: masked, not copied
+
+
+def test_default_revival_budget_is_one_token_per_boundary_and_step(deep_engine):
+    assert LazyLLM().revive_per_step == 1
+    default, one, paper = (
+        deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=method).stats
+        for method in ("lazyllm", LazyLLM(revive_per_step=1), LazyLLM(revive_per_step=None))
+    )
+    assert default.revived_tokens == one.revived_tokens
+    assert 0 < default.revived_tokens < paper.revived_tokens
+    assert LazyLLM(revive=False).revive_per_step == 1  # the default needs no care when revival is off
 
 
 def test_zero_revival_budget_is_static_pruning(deep_engine):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import random_prompt
 from tokensieve.methods import METHODS, Compose, OmniKV, SlimInfer, resolve_method, split_methods
@@ -226,3 +227,68 @@ def test_composition_specs_carry_both_sides_settings():
     assert method.settings()["name"] == "sliminfer+omnikv"
     assert method.settings()["decode"]["budget"] == 0.067
     assert split_methods("dense,sliminfer+omnikv(budget=8)") == ["dense", "sliminfer+omnikv(budget=8)"]
+
+
+# -- the same checks for every method and every composition pair -------------------------------------------
+EVERY = [PRUNING[name] for name in sorted(METHODS)] + [f"{PRUNING[p]}+{PRUNING[d]}" for p, d in PAIRS]
+
+
+@pytest.mark.parametrize("spec", [s for s in EVERY if "sliminfer" in s or "omnikv" in s])
+def test_offload_equals_no_offload_bitwise(deep_engine, spec):
+    """Invariant 6: where KV lives changes nothing (logits bitwise equal on CPU)."""
+    off = spec.replace("sliminfer(", "sliminfer(offload=False, ").replace("omnikv(", "omnikv(offload=False, ")
+    dense_tokens = deep_engine.generate(PROMPT, max_new_tokens=6, method="dense").token_ids
+    ours = deep_engine.next_token_logits(PROMPT, dense_tokens, method=spec)
+    theirs = deep_engine.next_token_logits(PROMPT, dense_tokens, method=off)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(deep_engine):
+    import copy
+
+    import tokensieve
+
+    engine = tokensieve.load(copy.deepcopy(deep_engine.model.hf), tokenizer=deep_engine.tokenizer, dtype="bfloat16")
+    assert engine.model.dtype == torch.bfloat16 and deep_engine.model.dtype == torch.float32
+    return engine
+
+
+@pytest.mark.parametrize("spec", EVERY)
+def test_bf16_runs_and_stays_close_to_fp32(bf16_engine, deep_engine, spec):
+    fp32 = deep_engine.next_token_logits(PROMPT, [], method=spec)[0]
+    bf16 = bf16_engine.next_token_logits(PROMPT, [], method=spec)[0]
+    assert torch.isfinite(bf16).all()
+    assert (bf16 - fp32).abs().max() <= 0.15 * fp32.abs().max()
+    assert bf16_engine.model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("spec", EVERY)
+def test_positions_are_original_and_never_renumbered(deep_engine, spec):
+    """Invariant 3: every entry of every layer's KV carries the original position of a token of the session."""
+    session, _, _ = two_turns(deep_engine, spec)
+    for kv in session.kv:
+        positions = kv.positions.tolist()
+        assert all(0 <= p < len(session.tokens) for p in positions)
+        if resolve_method(spec).kv_layout == "shared" and "+snapkv" not in spec and not spec.startswith("snapkv"):
+            assert len(set(positions)) == len(positions)
+
+
+BUDGETS = {
+    "sliminfer": "budgets=(0, 0.5, 0.25)",
+    "lazyllm": "keep=(0.5, 0.25, -1)",
+    "omnikv": "budget=0",
+    "snapkv": "budget=0",
+    "h2o": "budget=-5",
+    "streaming_llm": "window=0",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUDGETS))
+@pytest.mark.parametrize("where", ["alone", "composed"])
+def test_a_budget_of_zero_or_less_is_an_error(name, where):
+    spec = f"{name}({BUDGETS[name]})"
+    if where == "composed":
+        spec = f"{spec}+dense" if name in PREFILL_SIDE else f"dense+{spec}"
+    with pytest.raises(ValueError, match="must be > 0"):
+        resolve_method(spec)

@@ -133,11 +133,11 @@ def test_host_store_is_packed_complete_and_never_shrinks(deep_engine):
     policy, n = spy.policy, len(PROMPT)
     assert policy.steps == gen.stats.new_tokens - 1 > 0
     for store in policy.stores.values():
-        assert store.host.shape[:2] == (n, len(store.layers))
+        assert store.host.tensor.shape[:2] == (n, len(store.layers))
         for layer in store.layers:
             keys, values = spy.prompt_kv[layer]
-            assert torch.equal(store.host[:, store.slot[layer], 0], keys.transpose(0, 1))
-            assert torch.equal(store.host[:, store.slot[layer], 1], values.transpose(0, 1))
+            assert torch.equal(store.host.tensor[:, store.slot[layer], 0], keys.transpose(0, 1))
+            assert torch.equal(store.host.tensor[:, store.slot[layer], 1], values.transpose(0, 1))
     assert gen.stats.kv_bytes_host == sum(s.nbytes for s in policy.stores.values())
     row_bytes = sum(s.row_bytes for s in policy.stores.values())
     assert gen.stats.host_bytes_loaded_per_step == BUDGET * row_bytes

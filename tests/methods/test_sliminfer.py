@@ -199,7 +199,7 @@ def test_kept_tokens_keep_their_original_rope_positions(deep_engine):
             if layer == 5:  # renumbering the compacted rows would give other keys
                 renumbered = model.qkv(layer, h, torch.arange(len(pos)))[1]
                 assert not torch.allclose(keys, renumbered, atol=1e-3)
-            h = model.attention_output(layer, h, model.causal_attention(layer, q, k, v))
+            h = model.attention_output(layer, h, model.causal_attention(layer, q, k, v, pos))
             if layer in policy.kept:
                 h, pos = h[policy.kept[layer]], pos[policy.kept[layer]]
             h = model.mlp(layer, h)

@@ -10,7 +10,7 @@ from .modes import MODES
 
 
 def register(sub) -> None:
-    from ..cli import add_model_arguments
+    from ..commands.options import add_model_arguments, positive_int
 
     parser = sub.add_parser(
         "bench",
@@ -39,8 +39,8 @@ def register(sub) -> None:
         help="tokens generated per run (e2e: default 32, >= 2), decode steps per round (decode: 16), "
         "answer tokens per turn (multi-turn: 16)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs (decode: rounds) per method and length")
-    parser.add_argument("--turns", type=int, default=4, help="multi-turn: turns of the conversation")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs (decode: rounds) per setting")
+    parser.add_argument("--turns", type=positive_int, default=4, help="multi-turn: turns of the conversation")
     parser.add_argument("--document", default=None, help="multi-turn: a text file or JSON {'text': ...} to talk about")
     parser.add_argument("--prefill-chunk", type=int, default=None, help="memory: rows per chunk of the chunked run")
     parser.add_argument("--out", default="results/bench", help="folder for the JSON results and the plots")
@@ -66,17 +66,19 @@ def parse_lengths(text: str) -> list[int]:
 
 def load_engine(args: argparse.Namespace):
     """The engine for `--model` and the shared model options."""
-    from ..cli import load_engine
+    from ..commands.options import load_engine
 
     return load_engine(args)
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..commands.options import check_context
     from . import modes, report, runner
 
     methods, lengths = split_methods(args.methods), parse_lengths(args.lengths)
     runner.contestants(methods)  # unknown names fail before the model loads
     modes.check(args)
+    check_context(args.model, max(lengths), "--lengths", args.new_tokens or 1)
     accuracy = report.load_accuracy(Path(args.accuracy)) if args.accuracy else None
     path, text = modes.run(args, methods, lengths, load_engine)
     print(text)

@@ -18,14 +18,11 @@ MODES = ("e2e", "ttft", "decode", "multi-turn", "memory")
 
 
 def check(args: argparse.Namespace) -> None:
-    """Settings a mode cannot use are an error naming the option, before the model loads."""
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    """Settings a mode cannot use are an error naming the option, before the model loads (argparse has
+    already refused non-positive `--repeats` and `--turns`)."""
     least = {"e2e": 2, "decode": 1, "multi-turn": 1}.get(args.mode, 0)
     if args.new_tokens is not None and args.new_tokens < least:
         raise ValueError(f"--new-tokens must be >= {least} in --mode {args.mode}, got {args.new_tokens}")
-    if args.turns < 1:
-        raise ValueError(f"--turns must be >= 1, got {args.turns}")
     if args.document is not None and not Path(args.document).is_file():
         raise ValueError(f"--document {args.document}: no such file (give a text file or a JSON {{'text': ...}})")
     if args.mode == "memory" and (args.prefill_chunk is None or args.prefill_chunk < 1):

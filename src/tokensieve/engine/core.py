@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..generation import Generation
+from .. import inputs
+from ..generation import Generation, Sampling
 from ..methods import Method, resolve_method
 from ..model import DecoderModel
 from .loop import DecodeCounts
@@ -44,8 +45,7 @@ class Engine:
         """A session over `prompt` (text or token ids), prefilled now; continue it with `generate`/`extend`."""
         method = self.method if method is None else resolve_method(method)
         chunk = self.prefill_chunk if prefill_chunk is None else _check_chunk(prefill_chunk)
-        if chat and not isinstance(prompt, str):
-            raise ValueError("chat=True applies the chat template to text; pass the prompt as text, or chat=False")
+        inputs.check_prompt(prompt, chat)
         messages = [{"role": "user", "content": prompt}] if chat else None
         ids = self.render_chat(messages) if chat else self.encode(prompt)
         self.check_lengths(len(ids), 1)
@@ -86,6 +86,8 @@ class Engine:
     ) -> GenerationStream:
         """Like `generate`, as an iterator of text pieces; its `generation` holds the result once exhausted."""
         self.check_lengths(1, max_new_tokens)  # cheap checks before the prefill
+        Sampling(temperature, top_p, seed)  # bad sampling settings or stop strings: refused before the prefill
+        inputs.stop_strings(stop)
         session = self.start(prompt, method=method, chat=chat)
         return session.stream(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
@@ -100,7 +102,7 @@ class Engine:
         Row 0 is the distribution after the prompt, row i after `continuation[:i]`: what fidelity
         measures (e.g. KL of a method vs dense along the dense tokens) need.
         """
-        continuation = self.encode(list(continuation), special_tokens=False) if len(continuation) else []
+        continuation = inputs.token_ids(continuation, self.model.spec.vocab_size, "continuation", allow_empty=True)
         session = self.start(prompt, method=method)
         self.check_lengths(len(session.tokens), len(continuation) + 1)
         counts = DecodeCounts.zeros(self.model.spec.num_layers)
@@ -113,21 +115,12 @@ class Engine:
 
     def encode(self, prompt: str | Sequence[int], chat: bool = False, special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt (with the tokenizer's special tokens, or its chat template)."""
+        inputs.check_prompt(prompt, chat)
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty: pass some text or token ids")
             if chat:
                 return self.render_chat([{"role": "user", "content": prompt}])
             return list(self.tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"])
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.flatten().tolist()
-        ids = list(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty: pass some text or token ids")
-        vocab = self.model.spec.vocab_size
-        if not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
-            raise TypeError(f"a token-id prompt must be a list of ints in [0, {vocab}); got {ids[:8]}...")
-        return ids
+        return inputs.token_ids(prompt, self.model.spec.vocab_size)
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation through the tokenizer's chat template, ready for the assistant's reply."""
@@ -138,19 +131,12 @@ class Engine:
 
     def check_lengths(self, context_len: int, max_new_tokens: int) -> None:
         """`max_new_tokens` is an int >= 1 and `context_len + max_new_tokens` fits the model's positions."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        inputs.max_new_tokens(max_new_tokens)
         total, limit = context_len + max_new_tokens, self.model.spec.max_positions
         if total > limit:
             raise ValueError(
                 f"the context ({context_len} tokens) plus max_new_tokens ({max_new_tokens}) is {total} tokens, "
                 f"beyond the model's {limit} positions: shorten the prompt or ask for fewer new tokens"
-            )
-        window = self.model.sliding_window
-        if window is not None and total > window:
-            raise ValueError(
-                f"{total} tokens exceed this model's sliding attention window ({window}); tokensieve runs "
-                f"full attention only, so keep prompt plus new tokens within {window}"
             )
 
     # -- helpers ---------------------------------------------------------------------------------------

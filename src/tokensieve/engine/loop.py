@@ -68,7 +68,7 @@ def prefill(
         cache = kv[layer]
         q, k = _write_kv(model, layer, rows, cache, chunk)
         if chunk is None or len(rows) <= chunk:
-            attn = model.causal_attention(layer, q, k, cache.values[:, -len(rows) :])
+            attn = model.causal_attention(layer, q, k, cache.values[:, -len(rows) :], rows.pos)
             rows = rows.with_h(model.attention_output(layer, rows.h, attn))
         else:
             rows = _attend_in_chunks(model, layer, rows, q, Context.of(cache), chunk)
@@ -116,7 +116,7 @@ def decode_step(
         step = LayerStep(layer, rows, q, k, kv[layer])
         context = policy.decode_context(step)
         counts.keys_per_layer[layer] += len(context)
-        out = model.attend(layer, q, rows.pos, context.k, context.v, context.pos, context.hidden)
+        out = model.attend(layer, q, rows.pos, context.k, context.v, context.pos, context.hidden, newest=True)
         rows = rows.with_h(model.mlp(layer, model.attention_output(layer, rows.h, out)))
         rows = policy.decode_layer_done(step.with_rows(rows), context)
     policy.decode_step_done()

@@ -12,18 +12,30 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
+from .. import inputs
 from ..cache import LayerKV
 from ..generation import Generation, Sampling, Stats
 from ..methods import Method, Run
+from ..model import DecoderModel
 from . import loop
 from .stream import GenerationStream
 
-if TYPE_CHECKING:
-    from .core import Engine
+
+class SessionHost(Protocol):
+    """What a session needs of its engine (`Engine` is the one there is)."""
+
+    model: DecoderModel
+    tokenizer: Any
+    lock: Any  # a re-entrant lock that serializes forward passes
+    eos_ids: set[int]
+
+    def check_lengths(self, context_len: int, max_new_tokens: int) -> None: ...
+    def encode(self, prompt: str | Sequence[int], chat: bool = False, special_tokens: bool = True) -> list[int]: ...
+    def render_chat(self, messages: list[dict]) -> list[int]: ...
 
 
 @dataclass
@@ -41,7 +53,7 @@ class Session:
     """One conversation with one method; see the module docstring. Made by `Engine.start`."""
 
     def __init__(
-        self, engine: Engine, ids: list[int], method: Method, chat_messages: list[dict] | None, chunk: int | None
+        self, engine: SessionHost, ids: list[int], method: Method, chat_messages: list[dict] | None, chunk: int | None
     ):
         self.engine = engine
         self.method = method
@@ -90,7 +102,7 @@ class Session:
     ) -> GenerationStream:
         """Like `generate`, as an iterator of text pieces; its `generation` is set when it is exhausted."""
         sampling = Sampling(temperature, top_p, seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = inputs.stop_strings(stop)
         self.engine.check_lengths(len(self.tokens), max_new_tokens)
         self._claim()
         self._active = GenerationStream(self, max_new_tokens, sampling, stops, close_session)
@@ -143,6 +155,7 @@ class Session:
         with self.engine.lock, torch.inference_mode():
             logits = loop.decode_step(self.engine.model, self.policy, self.kv, self.tokens[-1], self.computed, counts)
         self.computed += 1
+        self._trim_windows()
         return logits
 
     def take_prompt_pass(self) -> loop.PromptPass | None:
@@ -176,6 +189,16 @@ class Session:
             record = self._prompt_pass.then(record)
         self._logits, self._prompt_pass = logits, record
         self.computed += tokens
+        self._trim_windows()
+
+    def _trim_windows(self) -> None:
+        """Free a windowed layer's KV that no later query can see (under policies that allow it), once the
+        excess is an eighth of the window, so the copy is amortised over many steps."""
+        if not self.policy.trims_windows:
+            return
+        for layer, window in enumerate(self.engine.model.spec.layer_windows):
+            if window is not None and len(self.kv[layer]) > window + max(16, window // 8):
+                self.kv[layer].drop_older_than(self.computed - window + 1)
 
     def _turn_ids(self, more: str | Sequence[int], chat: bool) -> list[int]:
         if not chat:

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from ..generation import Generation, Sampling, Stats, TextStream
-from .loop import DecodeCounts
+from ..methods import Method, Policy
+from .loop import DecodeCounts, PromptPass
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class StreamSource(Protocol):
+    """What a stream needs of its session (`Session` is the one there is)."""
+
+    engine: Any  # its tokenizer, model and eos_ids
+    method: Method
+    policy: Policy
+    tokens: list[int]
+
+    def next_logits(self, counts: DecodeCounts) -> torch.Tensor: ...
+    def take_prompt_pass(self) -> PromptPass | None: ...
+    def fill_memory_stats(self, stats: Stats) -> None: ...
+    def call_done(self, generation: Generation) -> None: ...
+    def close(self) -> None: ...
 
 
 class GenerationStream(Iterator[str]):
@@ -25,7 +38,7 @@ class GenerationStream(Iterator[str]):
 
     def __init__(
         self,
-        session: Session,
+        session: StreamSource,
         max_new_tokens: int,
         sampling: Sampling,
         stop: list[str],
@@ -85,7 +98,7 @@ class GenerationStream(Iterator[str]):
 
     def _finish(self, reason: str) -> str:
         session = self.session
-        tail = self.text.flush()
+        tail = self.text.finish()
         counts, steps = self.counts, max(1, self.counts.steps)
         stats = Stats(method=session.method.settings(), context_tokens=self.context_tokens)
         if self.prompt_pass is not None:

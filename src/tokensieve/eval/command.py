@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub) -> None:
-    from ..cli import add_model_arguments
+    from ..commands.options import add_model_arguments, positive_int
     from .tasks import TASKS, VALUE_KINDS
 
     parser = sub.add_parser(
@@ -32,15 +33,29 @@ def register(sub) -> None:
     parser.add_argument(
         "--lengths", default="2k,4k,8k", help="prompt lengths in tokens of the model (default: 2k,4k,8k)"
     )
-    parser.add_argument("--samples", type=int, default=5, help="samples per task and length (default: 5)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=positive_int, default=5, help="samples per task and length (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples (sample i of a task uses seed + i)")
     parser.add_argument("--depth", type=float, default=None, help="needle depth in [0, 1] (default: random)")
-    parser.add_argument("--haystack", default=None, help="haystack text: a .txt or a JSON {'text': ...} file")
+    parser.add_argument(
+        "--haystack",
+        default=None,
+        help="haystack text: a .txt/.md file, a JSON {'text': ...} file or a directory of text files "
+        "(default: built-in procedural prose)",
+    )
     parser.add_argument(
         "--longbench", default=None, help="a directory (or file) of LongBench jsonl / MiniLongBench json"
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=None, help="cap on tokens generated per answer (default: per task)"
+        "--ruler",
+        default=None,
+        help="a RULER jsonl file (fields input, outputs, length) as the task source instead of --tasks: scored by "
+        "the fraction of expected outputs found; samples keep their own length (--lengths is not used)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        help="cap on tokens generated per answer (default: per task)",
     )
     parser.add_argument(
         "--kl", action="store_true", help="also measure KL(dense || method) of next-token distributions (slower)"
@@ -51,17 +66,28 @@ def register(sub) -> None:
         help="wrap every prompt in the model's chat template (instruction-tuned models); prompts are sized so "
         "that the templated prompt has the asked length",
     )
-    parser.add_argument("--out", default="eval-results", help="output directory (default: eval-results)")
+    parser.add_argument(
+        "--out",
+        default="eval-results",
+        help="output directory (default: eval-results); eval.records.jsonl there gets each result as it finishes",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from --out's eval.records.jsonl (same options): finished samples are "
+        "not run again",
+    )
     parser.add_argument("--plot", action="store_true", help="also write eval.png: accuracy vs speedup per method")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..cli import load_engine
+    from ..commands.options import check_context, load_engine
     from ..methods import METHODS, resolve_method, split_methods
-    from .longbench import load_longbench
-    from .runner import build_samples, parse_length, require_chat_template, run_eval
-    from .tasks import TASKS, Haystack
+    from .longbench import TASK_METRICS, load_longbench
+    from .ruler import load_ruler
+    from .runner import JOURNAL, build_samples, parse_length, require_chat_template, run_eval
+    from .tasks import TASKS, Haystack, parse_task
 
     methods = split_methods(args.methods or "") or list(METHODS)
     for spec in methods:
@@ -69,16 +95,33 @@ def run(args: argparse.Namespace) -> None:
     lengths = sorted({parse_length(x) for x in _split(args.lengths)})
     if not lengths:
         raise ValueError("--lengths is empty: give lengths such as 2k,4k")
+    journal = Path(args.out) / JOURNAL
+    if args.resume and not journal.is_file():
+        raise ValueError(f"--resume: no {journal} to resume from (is --out the interrupted run's directory?)")
+    if args.ruler and (args.tasks or args.longbench):
+        raise ValueError("--ruler is a task source of its own: drop --tasks and --longbench, or --ruler")
+    ruler = load_ruler(args.ruler) if args.ruler else {}
     longbench = load_longbench(args.longbench) if args.longbench else {}
     tasks = _split(args.tasks) or (list(longbench) if longbench else list(TASKS))
+    if ruler:
+        tasks, lengths = sorted({task for task, _ in ruler}), sorted({length for _, length in ruler})
+    for task in tasks:
+        if task not in longbench and task not in TASK_METRICS and task not in {t for t, _ in ruler}:
+            parse_task(task)  # LongBench and RULER names are checked with their data
+    if args.depth is not None and not 0 <= args.depth <= 1:
+        raise ValueError(f"--depth must be in [0, 1] (0 = start of the haystack), got {args.depth}")
+    check_context(args.model, max(lengths), "--lengths", args.max_new_tokens or 1)
     haystack = Haystack.from_file(args.haystack) if args.haystack else None
 
     engine = load_engine(args)
     if args.chat:
         require_chat_template(engine.tokenizer)  # now, not after the samples are built
-    suite = build_samples(
-        engine.tokenizer, tasks, lengths, args.samples, args.seed, haystack, args.depth, longbench, chat=args.chat
-    )
+    if ruler:
+        suite = {key: samples[: args.samples] for key, samples in ruler.items()}
+    else:
+        suite = build_samples(
+            engine.tokenizer, tasks, lengths, args.samples, args.seed, haystack, args.depth, longbench, chat=args.chat
+        )
     config = {
         "model": args.model,
         "tasks": tasks,
@@ -88,13 +131,24 @@ def run(args: argparse.Namespace) -> None:
         "depth": args.depth,
         "haystack": args.haystack or "procedural",
         "longbench": args.longbench,
+        "ruler": args.ruler,
         "dtype": args.dtype,
         "device": args.device,
         "max_new_tokens": args.max_new_tokens,
         "kl": args.kl,
         "chat": args.chat,
     }
-    report = run_eval(engine, suite, methods, config, max_new_tokens=args.max_new_tokens, kl=args.kl, chat=args.chat)
+    report = run_eval(
+        engine,
+        suite,
+        methods,
+        config,
+        max_new_tokens=args.max_new_tokens,
+        kl=args.kl,
+        chat=args.chat,
+        journal=journal,
+        resume=args.resume,
+    )
     print(report.table())
     for path in report.save(args.out, plot=args.plot):
         print(f"wrote {path}")

@@ -4,8 +4,10 @@ For every sample, every method runs back to back (in an order rotated from sampl
 of a method and of dense are taken under the same conditions, and speedups are paired per sample (median of
 dense TTFT / method TTFT).
 
-With `chat=True` every prompt (every turn of a multi-turn sample) is given to the model wrapped in its chat
-template, as one user message followed by the assistant's turn. Samples are then built for `length` minus
+With `chat=True` every prompt is given to the model through its chat template: a single-turn sample as one
+user message followed by the assistant's turn; a multi-turn sample as a conversation, the model's earlier
+answers as assistant messages and each new question as a user message (`Sample.messages`). Samples are then
+built for `length` minus
 the tokens the template adds (`chat_overhead`), so the templated prompts still come out about `length`
 tokens long.
 """
@@ -28,6 +30,7 @@ from .longbench import TASK_METRICS, LongBenchSample, truncate_middle
 from .tasks import Haystack, Sample, make_samples
 
 MEAN = "mean"  # the task name of the rows that average every task
+JOURNAL = "eval.records.jsonl"  # in the output directory: every record as its sample finishes (for --resume)
 
 
 def parse_length(text: str) -> int:
@@ -93,14 +96,18 @@ class Report:
         return rows + _mean_rows(rows)
 
     def table(self) -> str:
-        header = f"{'task':<22}{'method':<16}{'length':>7}{'acc':>7}{'TTFT ms':>10}{'speedup':>9}"
+        rows = self.rows
+        # The name columns are as wide as their longest entry, so specs with settings keep the table aligned.
+        tw = max([22, *(len(r.task) + 2 for r in rows)])
+        mw = max([16, *(len(r.method) + 2 for r in rows)])
+        header = f"{'task':<{tw}}{'method':<{mw}}{'length':>7}{'acc':>7}{'TTFT ms':>10}{'speedup':>9}"
         header += f"{'computed':>10}{'agree':>7}{'KL':>9}"
         lines = [header]
-        for r in self.rows:
+        for r in rows:
             kl = "-" if r.kl is None else f"{r.kl:.4f}"
             lines.append(
-                f"{r.task:<22}{r.method:<16}{r.length:>7}{r.accuracy:>7.1%}{r.ttft_s * 1e3:>10.1f}{r.speedup:>8.2f}x"
-                f"{r.prefill_fraction:>10.1%}{r.agreement:>7.0%}{kl:>9}"
+                f"{r.task:<{tw}}{r.method:<{mw}}{r.length:>7}{r.accuracy:>7.1%}{r.ttft_s * 1e3:>10.1f}"
+                f"{r.speedup:>8.2f}x{r.prefill_fraction:>10.1%}{r.agreement:>7.0%}{kl:>9}"
             )
         return "\n".join(lines)
 
@@ -225,8 +232,14 @@ def run_eval(
     max_new_tokens: int | None = None,
     kl: bool = False,
     chat: bool = False,
+    journal: str | Path | None = None,
+    resume: bool = False,
 ) -> Report:
     """Run every method on every sample of `suite` (dense is added first if missing); a `Report`.
+
+    `journal`, a jsonl file, receives each sample's records as soon as all its methods have run, so an
+    interrupted run loses at most one sample; with `resume=True` the samples already in it (written with the
+    same config) are taken from it, not run again.
 
     `max_new_tokens` caps each sample's own answer length (for quick runs; answers may be cut short).
     `kl` adds the mean KL(dense || method) of next-token distributions along dense's first answer
@@ -240,21 +253,27 @@ def run_eval(
         require_chat_template(engine.tokenizer)
     methods = ["dense", *[m for m in methods if m != "dense"]]
     report = Report(config={**(config or {}), "methods": methods, "chat": chat})
+    done = _open_journal(Path(journal), report.config, resume) if journal else {}
     total = sum(len(samples) for samples in suite.values()) * len(methods)
     first = min(suite.items(), key=lambda item: item[0][1])[1][0]
     for method in methods:  # warm-up: first calls pay for allocations and kernel choices
-        engine.generate(_model_input(engine, first.prompt(), chat), max_new_tokens=2, method=method)
+        engine.generate(_model_input(engine, first, (), chat), max_new_tokens=2, method=method)
     with tqdm(total=total, desc="eval", unit="run", disable=not progress) as bar:
         for (task, length), samples in suite.items():
             bar.set_postfix_str(f"{task} @ {length}")
             for index, sample in enumerate(samples):
+                finished = [done.get((task, length, index, method)) for method in methods]
+                if all(finished):
+                    report.records.extend(finished)
+                    bar.update(len(methods))
+                    continue
                 shift = index % len(methods)  # rotate the order so no method always runs first
                 runs = {}
                 for method in methods[shift:] + methods[:shift]:
                     runs[method] = _run_sample(engine, sample, method, length, index, max_new_tokens, chat)
                     bar.update()
                 dense_turns = runs["dense"][1]
-                prompt = _model_input(engine, sample.prompt(), chat) if kl else None
+                prompt = _model_input(engine, sample, (), chat) if kl else None
                 reference = forced_logits(engine, prompt, dense_turns[0], "dense") if kl else None
                 for method in methods:
                     record, turns = runs[method]
@@ -263,13 +282,51 @@ def run_eval(
                         forced = forced_logits(engine, prompt, dense_turns[0], method)
                         record.kl = float(kl_divergence(reference, forced).mean())
                     report.records.append(record)
+                if journal:
+                    _append(Path(journal), report.records[-len(methods) :])
     return report
 
 
-def _model_input(engine, text: str, chat: bool):
-    """What the engine is given for a prompt: the text, or with `chat` the ids of its chat-templated form
-    (so that `engine.next_token_logits`, which takes no `chat`, sees the same prompt as `generate`)."""
-    return engine.encode(text, chat=True) if chat else text
+def _open_journal(path: Path, config: dict[str, Any], resume: bool) -> dict[tuple, Record]:
+    """The records a resumed run can take, by (task, length, sample, method); a fresh journal otherwise.
+
+    A line cut short by the interruption and everything after it are dropped (and rewritten without them)."""
+    header = json.dumps({"config": config}, ensure_ascii=False)
+    if not resume or not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + "\n")
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0] != header:
+        raise ValueError(
+            f"--resume: {path} was written by a run with other settings (model, tasks, lengths, samples, methods, "
+            "...): rerun with the same options, or without --resume to start again"
+        )
+    records = []
+    for line in lines[1:]:
+        try:
+            records.append(Record(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            break
+    path.write_text("\n".join([header, *(json.dumps(asdict(r), ensure_ascii=False) for r in records)]) + "\n")
+    return {(r.task, r.length, r.sample, r.method): r for r in records}
+
+
+def _append(path: Path, records: list[Record]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.writelines(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in records)
+
+
+def _model_input(engine, sample: Sample, outputs: Sequence[str], chat: bool):
+    """What the engine is given for the turn after `outputs`: the prompt text, or with `chat` the ids of the
+    conversation so far through the chat template (ids, so that `engine.next_token_logits`, which takes no
+    `chat`, sees the same prompt as `generate`)."""
+    if not chat:
+        return sample.prompt(outputs)
+    ids = engine.tokenizer.apply_chat_template(
+        sample.messages(outputs), add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return list(ids)
 
 
 def _run_sample(engine, sample: Sample, method: str, length: int, index: int, cap: int | None, chat: bool = False):
@@ -278,7 +335,7 @@ def _run_sample(engine, sample: Sample, method: str, length: int, index: int, ca
     outputs, gens = [], []
     new_tokens = min(sample.max_new_tokens, cap or sample.max_new_tokens)
     for _ in sample.turns:
-        prompt = _model_input(engine, sample.prompt(outputs), chat)
+        prompt = _model_input(engine, sample, outputs, chat)
         gen = engine.generate(prompt, max_new_tokens=new_tokens, method=method)
         outputs.append(gen.text)
         gens.append(gen)

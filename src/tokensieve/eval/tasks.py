@@ -45,6 +45,20 @@ class Sample:
         history = "".join(f"{turn.question} {out.strip()}\n" for turn, out in zip(self.turns, outputs, strict=False))
         return self.context + history + self.turns[len(outputs)].question
 
+    def messages(self, outputs: Sequence[str] = ()) -> list[dict[str, str]]:
+        """The prompt of turn `len(outputs)` as a conversation for a chat template: the context and the first
+        question as the user's message, then each earlier answer as the assistant's and the next question as
+        the user's (so the model sees its own earlier turns as its own, not pasted into one message)."""
+        if len(outputs) >= len(self.turns):
+            raise ValueError(f"{self.task} has {len(self.turns)} turns; got {len(outputs)} earlier outputs")
+        messages = [{"role": "user", "content": self.context + self.turns[0].question}]
+        for turn, out in zip(self.turns[1:], outputs, strict=False):
+            messages += [
+                {"role": "assistant", "content": out.strip()},
+                {"role": "user", "content": turn.question.strip()},
+            ]
+        return messages
+
     def score(self, turn: int, output: str) -> float:
         return string_match(output, self.turns[turn].answers)
 
@@ -128,17 +142,25 @@ class Haystack:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Haystack:
-        """Plain text, or a JSON file `{"text": ...}` (e.g. the Paul Graham essays used by RULER)."""
+        """A text file (.txt, .md or no suffix), a JSON file `{"text": ...}` (e.g. the Paul Graham essays used
+        by RULER), or a directory of text files (joined in name order). Anything else is refused: a .jsonl of
+        questions read as prose would put JSON, and even answers, into the haystack."""
         path = Path(path)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            other = [p.name for p in files if p.suffix.lower() not in HAYSTACK_TEXT_SUFFIXES]
+            if other or not files:
+                found = f"it holds {', '.join(other)}" if other else "it is empty"
+                raise ValueError(f"--haystack {path}: a directory must hold only text files (.txt, .md); {found}")
+            return cls(" ".join(_haystack_text(file) for file in files))
         if not path.is_file():
             raise FileNotFoundError(f"haystack file {path} not found")
-        raw = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            data = json.loads(raw)
-            if not isinstance(data, dict) or not isinstance(data.get("text"), str):
-                raise ValueError(f"{path}: expected a JSON object with a 'text' string")
-            raw = data["text"]
-        return cls(" ".join(raw.split()))  # one line of prose: the needles' sentences stand out less
+        if path.suffix.lower() not in HAYSTACK_SUFFIXES:
+            raise ValueError(
+                f"--haystack {path}: cannot read {path.suffix} files as prose; give a text file (.txt, .md), "
+                "a JSON {'text': ...} file or a directory of text files"
+            )
+        return cls(_haystack_text(path))
 
     def draw(self, rng: random.Random) -> Callable[[int], str]:
         """A function giving the first `n` characters of one haystack (the same prefix for every `n`)."""
@@ -151,6 +173,27 @@ class Haystack:
 
     def __repr__(self) -> str:
         return "Haystack(procedural)" if self.text is None else f"Haystack({len(self.text)} characters)"
+
+
+HAYSTACK_TEXT_SUFFIXES = ("", ".txt", ".md")
+HAYSTACK_SUFFIXES = (*HAYSTACK_TEXT_SUFFIXES, ".json")
+
+
+def _haystack_text(path: Path) -> str:
+    """The prose of one haystack file, on one line (the needles' sentences then stand out less)."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--haystack {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--haystack {path}: not valid JSON ({err})") from err
+        if not isinstance(data, dict) or not isinstance(data.get("text"), str):
+            raise ValueError(f"{path}: expected a JSON object with a 'text' string")
+        raw = data["text"]
+    return " ".join(raw.split())
 
 
 def _procedural(seed: int, n_chars: int) -> str:

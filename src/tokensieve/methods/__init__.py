@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 
 from .base import Context, Dense, LayerStep, Method, Policy, Rows, Run, resolve_budget, scaled_layers
 from .compose import Compose
@@ -16,6 +17,8 @@ from .streaming_llm import StreamingLLM
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Dense, LazyLLM, OmniKV, StreamingLLM, SnapKV, H2O, SlimInfer)
 }
+
+SPEC = re.compile(r"\s*(?P<name>[^\s()]+)\s*(?:\((?P<args>.*)\))?\s*", re.DOTALL)  # name, or name(settings)
 
 
 def resolve_method(method: str | Method) -> Method:
@@ -31,15 +34,18 @@ def resolve_method(method: str | Method) -> Method:
         raise ValueError(f"bad method spec {method!r}: a composition is one prefill method + one decode method")
     if len(sides) == 2:
         return Compose(resolve_method(sides[0]), resolve_method(sides[1]))
-    name, _, args = method.strip().partition("(")
-    cls = METHODS.get(name.strip().lower())
+    spec = SPEC.fullmatch(method)
+    if spec is None:
+        raise ValueError(f"bad method spec {method!r}: write a name, or name(key=value, ...) with Python literals")
+    name, args = spec.group("name"), spec.group("args")
+    cls = METHODS.get(name.lower())
     if cls is None:
         known = ", ".join(sorted(METHODS))
-        raise ValueError(f"unknown method {name.strip()!r}: choose one of {known} or pass a Method instance")
+        raise ValueError(f"unknown method {name!r}: choose one of {known} or pass a Method instance")
     if not args:
         return cls()
     try:
-        call = ast.parse(f"f({args}", mode="eval").body
+        call = ast.parse(f"f({args})", mode="eval").body
         if call.args:
             raise ValueError("settings must be keyword arguments")
         settings = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}

@@ -123,7 +123,14 @@ class LayerStep:
 
 
 class Policy:
-    """Dense answers to every question; methods override the hooks they need."""
+    """Dense answers to every question; methods override the hooks they need.
+
+    `trims_windows`: the engine may free a windowed layer's KV older than the window (no later query sees
+    it). Only a policy that keeps no per-entry state of its own (slots, scores, prompt counts) allows it:
+    the dense one; every method keeps its default False.
+    """
+
+    trims_windows: ClassVar[bool] = False
 
     def __init__(self, run: Run):
         self.run = run
@@ -191,13 +198,23 @@ def resolve_budget(budget: int | float, prompt_len: int, what: str = "budget") -
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"{what} must be a token count (int) or a fraction of the prompt (float), got {budget!r}")
-    if budget <= 0:
+    if not budget > 0:  # NaN fails this too
         raise ValueError(f"{what} must be > 0 (a token count or a fraction in (0, 1]), got {budget}")
     if isinstance(budget, float):
         if budget > 1:
             raise ValueError(f"{what} {budget} is a float above 1: give a fraction in (0, 1] or an int token count")
         return max(1, min(prompt_len, round(budget * prompt_len)))
     return min(prompt_len, budget)
+
+
+def require_int(value: Any, what: str, minimum: int = 1, note: str = "") -> int:
+    """`value`, an int >= `minimum` (a bool is not a count here); otherwise a ValueError naming `what`.
+
+    `note` follows the bound in the message, e.g. " (the paper uses 32)".
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}{note}, got {value!r}")
+    return value
 
 
 def scaled_layers(paper_layers: tuple[int, ...], paper_depth: int, num_layers: int) -> tuple[int, ...]:
@@ -216,7 +233,7 @@ class Method:
 
     def start(self, run: Run) -> Policy:
         """A fresh policy for one generation."""
-        return Policy(run)
+        return DensePolicy(run)
 
     @classmethod
     def keep_all(cls) -> Method:
@@ -243,6 +260,12 @@ class Method:
     def settings(self) -> dict[str, Any]:
         """The method's name and settings, as reported in the stats."""
         return {"name": self.name, **asdict(self)}
+
+
+class DensePolicy(Policy):
+    """The dense answers, and windowed layers keep only their window."""
+
+    trims_windows: ClassVar[bool] = True
 
 
 @dataclass

@@ -21,13 +21,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..attention import grouped_logits
+from ..attention import attention_received
 from ..cache import LayerKV
 from .base import Context, LayerStep, Method, Policy, Rows, Run, resolve_budget
-
-# Query rows scored at once in prefill: at most this many rows, and about this many fp32 logits.
-SCORE_CHUNK_ROWS = 256
-SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -71,24 +67,9 @@ class H2O(Method):
         return H2OPolicy(self, run)
 
 
-def accumulated_attention(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention `[kv_heads, n]` each of `n` rows received from every row's query (causal), summed over
-    queries and over the query heads of each KV head.
-
-    Rows are sorted by position (prefill), so query rows `[a, b)` see only key rows `[0, b)`: chunks of
-    query rows score only those (about half the work of the full square) and never hold `n x n` logits.
-    """
-    heads, n, _ = q.shape
-    kv_heads = k.shape[0]
-    total = torch.zeros(kv_heads, n, dtype=torch.float32, device=k.device)
-    chunk = max(1, min(SCORE_CHUNK_ROWS, SCORE_CHUNK_ELEMENTS // (heads * n)))
-    for start in range(0, n, chunk):
-        end = min(n, start + chunk)
-        logits = grouped_logits(q[:, start:end], k[:, :end], scale)
-        logits.masked_fill_(pos[None, None, :end] > pos[None, start:end, None], float("-inf"))
-        received = logits.softmax(-1).sum(1)
-        total[:, :end] += received.reshape(kv_heads, -1, end).sum(1)
-    return total
+def per_kv_head(received: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Attention received per query head `[heads, t]`, summed over the query heads of each KV head."""
+    return received.reshape(kv_heads, -1, received.shape[-1]).sum(1)
 
 
 class H2OPolicy(Policy):
@@ -107,7 +88,8 @@ class H2OPolicy(Policy):
     def prefill_observe(self, step: LayerStep) -> None:
         """Record the attention each prompt token received at this layer."""
         if self.budget is not None:
-            self.scores[step.layer] = accumulated_attention(step.q, step.k, step.rows.pos, self.run.scale)
+            received = attention_received(step.q, step.rows.pos, step.k, step.rows.pos, self.run.scale, True)
+            self.scores[step.layer] = per_kv_head(received, step.k.shape[0])
 
     def prefill_layer_done(self, step: LayerStep) -> None:
         layer, kv = step.layer, step.kv
@@ -120,7 +102,7 @@ class H2OPolicy(Policy):
         layer, rows, q, kv = step.layer, step.rows, step.q, step.kv
         if self.budget is None:
             return rows
-        received = grouped_logits(q, context.k, self.run.scale).softmax(-1).sum(1)
+        received = attention_received(q, rows.pos, context.k, context.pos, self.run.scale)
         self._add_received(layer, kv, received, rows.pos)
         if len(kv) == self.budget + 1:  # the usual step: one entry over, evicted in place
             self._evict_one(layer, kv)
@@ -134,12 +116,7 @@ class H2OPolicy(Policy):
         layer, rows, q, kv = step.layer, step.rows, step.q, step.kv
         if self.budget is None:
             return
-        received = torch.zeros(q.shape[0], len(kv), device=q.device)
-        chunk = max(1, SCORE_CHUNK_ELEMENTS // (q.shape[0] * len(kv)))
-        for start in range(0, len(rows), chunk):  # never all m x t logits at once
-            logits = grouped_logits(q[:, start : start + chunk], kv.keys, self.run.scale)
-            logits.masked_fill_(kv.positions[None, None, :] > rows.pos[None, start : start + chunk, None], -torch.inf)
-            received += logits.softmax(-1).sum(1)
+        received = attention_received(q, rows.pos, kv.keys, kv.positions, self.run.scale)
         self._add_received(layer, kv, received, rows.pos)
         self.evicted_in_decode[layer] += self._evict(layer, kv)
 
@@ -148,7 +125,7 @@ class H2OPolicy(Policy):
         over the queries) to its running sum; the step's new entries, the last of `kv`, join with it."""
         new = len(kv) - self.scores[layer].shape[1]
         kv_heads = kv.keys.shape[0]
-        received = received.reshape(kv_heads, -1, received.shape[-1]).sum(1)
+        received = per_kv_head(received, kv_heads)
         self.scores[layer] = torch.cat([self.scores[layer], received.new_zeros(kv_heads, new)], dim=1) + received
         self.positions[layer] = torch.cat([self.positions[layer], new_pos[-new:].expand(kv_heads, -1)], dim=1)
 

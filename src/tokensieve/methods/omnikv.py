@@ -23,8 +23,9 @@ import torch
 
 from ..attention import grouped_logits, max_head_logits
 from ..cache import LayerKV
+from ..model import ModelSpec
 from ..offload import Pending
-from .base import Context, LayerStep, Method, Policy, Run, resolve_budget, scaled_layers
+from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 from .omnikv_store import PackedSegment
 
 PAPER_FILTER_LAYERS = (2, 8, 18)  # Llama-3-8B, 32 layers
@@ -113,17 +114,19 @@ class OmniKV(Method):
         resolve_budget(self.budget, 1)  # type and sign errors now, not at the first generation
         if self.selector not in SELECTORS:
             raise ValueError(f"unknown selector {self.selector!r}: choose one of {', '.join(SELECTORS)}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an int >= 1 (queries summed by windowed selectors), got {self.window!r}")
-        if isinstance(self.wait_layers, bool) or not isinstance(self.wait_layers, int) or self.wait_layers < 0:
-            raise ValueError(f"wait_layers must be an int >= 0, got {self.wait_layers!r}")
+        require_int(self.window, "window", 1, " (queries summed by windowed selectors)")
+        require_int(self.wait_layers, "wait_layers", 0)
         if self.filter_layers is not None:
             self.filter_layers = tuple(self.filter_layers)
             if not self.filter_layers or not all(isinstance(f, int) and f >= 0 for f in self.filter_layers):
                 raise ValueError(f"filter_layers must be non-empty layer indices >= 0, got {self.filter_layers!r}")
 
-    def layer_plan(self, num_layers: int) -> LayerPlan:
+    def layer_plan(self, num_layers: int, spec: ModelSpec | None = None) -> LayerPlan:
+        """The layer plan for a `num_layers`-deep model; with the model's `spec`, each filter layer moves to its
+        nearest global layer (a windowed layer's query sees only its window, not the prompt it selects from)."""
         filters = self.filter_layers or scaled_layers(PAPER_FILTER_LAYERS, PAPER_DEPTH, num_layers)
+        if spec is not None:
+            filters = tuple(spec.nearest_global_layer(f) for f in filters)
         return plan_layers(filters, self.wait_layers, num_layers)
 
     def start(self, run: Run) -> Policy:
@@ -180,7 +183,7 @@ class OmniKVPolicy(Policy):
     def __init__(self, method: OmniKV, run: Run):
         super().__init__(run)
         self.method = method
-        self.plan = method.layer_plan(run.spec.num_layers)
+        self.plan = method.layer_plan(run.spec.num_layers, run.spec)
         self.budget = resolve_budget(method.budget, run.prompt_len)
         segments = self.plan.segments.items() if method.offload else ()
         self.stores = {f: PackedSegment(layers, run.transfers, run.prompt_len) for f, layers in segments if layers}
@@ -269,6 +272,7 @@ class OmniKVPolicy(Policy):
             "budget_tokens": self.budget,
             "prompt_fraction_selected": self.budget / self.run.prompt_len,
             "filter_layers": list(plan.filter_layers),
+            "filter_layers_asked": list(self.method.layer_plan(plan.num_layers).filter_layers),  # before moving
             "dense_layers": list(plan.dense_layers),
             "sparse_layers": list(plan.sparse_layers),
         }

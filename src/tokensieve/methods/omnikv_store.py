@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..offload import Pending, Transfers
+from ..offload import HostRows, Pending, Transfers
 
 
 class PackedSegment:
@@ -25,7 +25,7 @@ class PackedSegment:
         self.slot = {layer: i for i, layer in enumerate(layers)}
         self.transfers = transfers
         self.prompt_len = prompt_len
-        self.host: torch.Tensor | None = None
+        self.host: HostRows | None = None
         self.present: dict[int, torch.Tensor] = {}  # layer -> bool [prompt_len], only for incomplete layers
         self._filled: set[int] = set()
 
@@ -33,19 +33,18 @@ class PackedSegment:
         """Copy layer `layer`'s prompt keys and values `[kv_heads, tokens, head_dim]` at `positions` into its slot."""
         if self.host is None:
             kv_heads, _, head_dim = keys.shape
-            shape = (self.prompt_len, len(self.layers), 2, kv_heads, head_dim)
-            # Pinned on CUDA so that later loads can run asynchronously on the side stream. Empty, not zeros:
-            # pages are committed only as layers are written, so prefill never holds this beside the device KV.
-            self.host = torch.empty(shape, dtype=keys.dtype, pin_memory=self.transfers.cuda)
-        slot = self.slot[layer]
+            # Pages are committed only as layers are written, so prefill never holds this beside the device KV.
+            row = (len(self.layers), 2, kv_heads, head_dim)
+            self.host = HostRows(self.transfers, self.prompt_len, row, keys.dtype)
+        host, slot = self.host.tensor, self.slot[layer]
         if len(positions) == self.prompt_len:  # every position, in order: plain copies
-            self.host[:, slot, 0].copy_(keys.transpose(0, 1))
-            self.host[:, slot, 1].copy_(values.transpose(0, 1))
+            host[:, slot, 0].copy_(keys.transpose(0, 1))
+            host[:, slot, 1].copy_(values.transpose(0, 1))
         else:  # a pruned layer: the rows it lacks are zeroed (masked, never attended, but no garbage)
-            self.host[:, slot].zero_()
+            host[:, slot].zero_()
             where = positions.to("cpu")
-            self.host[where, slot, 0] = keys.transpose(0, 1).to("cpu")
-            self.host[where, slot, 1] = values.transpose(0, 1).to("cpu")
+            host[where, slot, 0] = keys.transpose(0, 1).to("cpu")
+            host[where, slot, 1] = values.transpose(0, 1).to("cpu")
             present = torch.zeros(self.prompt_len, dtype=torch.bool, device=positions.device)
             present[positions] = True
             self.present[layer] = present
@@ -56,12 +55,11 @@ class PackedSegment:
         if len(self._filled) != len(self.layers):
             missing = sorted(set(self.layers) - self._filled)
             raise RuntimeError(f"packed load before prefill stored layers {missing}")
-        # Gather from a 2-D view (one contiguous row per token): faster than on the 5-D layout.
-        return self.transfers.load(self.host.view(self.host.shape[0], -1), positions)
+        return self.host.load(positions)
 
     def keys_values(self, rows: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s keys and values `[kv_heads, n, head_dim]` out of loaded rows (`load`'s result)."""
-        rows = rows.view(-1, *self.host.shape[1:])
+        rows = self.host.rows_of(rows)
         slot = self.slot[layer]
         return rows[:, slot, 0].transpose(0, 1), rows[:, slot, 1].transpose(0, 1)
 
@@ -69,7 +67,8 @@ class PackedSegment:
         """Every stored row of layer `layer`, keys and values `[kv_heads, prompt_len, head_dim]`, on `device`
         (a later turn of a session attends to all of them; on CPU these are views, no copy)."""
         slot = self.slot[layer]
-        keys, values = self.host[:, slot, 0].transpose(0, 1), self.host[:, slot, 1].transpose(0, 1)
+        host = self.host.tensor
+        keys, values = host[:, slot, 0].transpose(0, 1), host[:, slot, 1].transpose(0, 1)
         return keys.to(device, non_blocking=True), values.to(device, non_blocking=True)
 
     def absent(self, layer: int, positions: torch.Tensor) -> torch.Tensor | None:
@@ -80,8 +79,8 @@ class PackedSegment:
     @property
     def row_bytes(self) -> int:
         """Bytes one token's row occupies (all layers of the segment, keys and values)."""
-        return 0 if self.host is None else self.host[0].numel() * self.host.element_size()
+        return 0 if self.host is None else self.host.row_bytes
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.host is None else self.host.numel() * self.host.element_size()
+        return 0 if self.host is None else self.host.nbytes

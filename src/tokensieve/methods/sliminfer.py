@@ -39,8 +39,9 @@ import torch
 
 from ..attention import grouped_logits
 from ..cache import LayerKV
-from ..offload import Pending
-from .base import Context, LayerStep, Method, Policy, Run, resolve_budget, scaled_layers
+from ..model import ModelSpec
+from ..offload import HostRows, Pending
+from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 
 PAPER_LAYERS = (10, 20, 30)  # Llama-3.1-8B's pruning layers ...
 PAPER_DEPTH = 32  # ... out of its 32 layers
@@ -115,13 +116,11 @@ class SlimInfer(Method):
             raise ValueError("budgets is empty: give one budget (tokens or a fraction) per pruning layer")
         for budget in self.budgets:
             resolve_budget(budget, 1, "SlimInfer budget")
-        for field, value in (("block_size", self.block_size), ("unit_size", self.unit_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an int >= 1, got {value!r}")
+        require_int(self.block_size, "block_size")
+        require_int(self.unit_size, "unit_size")
         if self.block_size % self.unit_size:
             raise ValueError(f"unit_size {self.unit_size} must divide block_size {self.block_size}")
-        if not isinstance(self.query_window, int) or self.query_window < 1:
-            raise ValueError(f"query_window must be an int >= 1, got {self.query_window!r}")
+        require_int(self.query_window, "query_window")
         if not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma is an overlap threshold in [0, 1], got {self.gamma}")
         if self.prune_layers is not None:
@@ -148,10 +147,12 @@ class SlimInfer(Method):
     def keep_all(cls) -> SlimInfer:
         return cls(budgets=(1.0, 1.0, 1.0))
 
-    def schedule(self, num_layers: int, prompt_len: int) -> dict[int, int]:
+    def schedule(self, num_layers: int, prompt_len: int, spec: ModelSpec | None = None) -> dict[int, int]:
         """Pruning layer -> budget in tokens, for a model depth and prompt length.
 
         Paper layers that land on the same layer of a shallow model merge there, with the smaller budget.
+        With the model's `spec`, each pruning layer moves to its nearest global layer (a windowed layer's
+        query sees only its window, not the blocks it scores); layers that meet there merge the same way.
         """
         if self.prune_layers is None:
             layers = [scaled_layers((layer,), PAPER_DEPTH, num_layers)[0] for layer in PAPER_LAYERS]
@@ -159,18 +160,20 @@ class SlimInfer(Method):
             layers = list(self.prune_layers)
             if layers[-1] >= num_layers:
                 raise ValueError(f"prune_layers {self.prune_layers} reach beyond this model's {num_layers} layers")
+        if spec is not None:
+            layers = [spec.nearest_global_layer(layer) for layer in layers]
         schedule: dict[int, int] = {}
         for layer, budget in zip(layers, self.budgets, strict=True):
             tokens = resolve_budget(budget, prompt_len, "SlimInfer budget")
             schedule[layer] = min(tokens, schedule.get(layer, tokens))
         return schedule
 
-    def plan(self, num_layers: int, prompt_len: int) -> tuple[list[int], list[int]]:
+    def plan(self, num_layers: int, prompt_len: int, spec: ModelSpec | None = None) -> tuple[list[int], list[int]]:
         """Prompt tokens entering each layer in prefill, and prompt tokens whose KV each layer keeps on the device.
 
         The policy prunes by the same rule, so this is also the memory model (e.g. for a 32K prompt).
         """
-        schedule = self.schedule(num_layers, prompt_len)
+        schedule = self.schedule(num_layers, prompt_len, spec)
         tail = prompt_len - (prompt_len - 1) // self.block_size * self.block_size
         present = prompt_len
         entering, on_device = [], []
@@ -193,11 +196,11 @@ class PrunedLayer:
     rows of that block in the full KV (no offload); the last block and generated tokens follow the slots.
     """
 
-    def __init__(self, units: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, host: torch.Tensor | None):
+    def __init__(self, units: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, host: HostRows | None):
         self.units = units  # [kv_heads, blocks, units per block, d], fp32
         self.positions = positions  # [blocks, block_size]
         self.slots = slots  # [active blocks]: block held by each slot
-        self.host = host  # [blocks, 2 (k, v), kv_heads, block_size, d] or None
+        self.host = host  # rows [blocks, 2 (k, v), kv_heads, block_size, d], or None
         self.pending: tuple[torch.Tensor, torch.Tensor, Pending | None] | None = None
 
     @property
@@ -214,7 +217,7 @@ class PrunedLayer:
         if load is None:
             return
         rows = block_rows(slots, self.block_size)
-        kv_blocks = load.wait()  # [entering, 2, kv_heads, block_size, d]
+        kv_blocks = self.host.rows_of(load.wait())  # [entering, 2, kv_heads, block_size, d]
         kv.keys[:, rows] = kv_blocks[:, 0].transpose(0, 1).flatten(1, 2)
         kv.values[:, rows] = kv_blocks[:, 1].transpose(0, 1).flatten(1, 2)
         kv.positions[rows] = self.positions[entering].flatten()
@@ -229,7 +232,7 @@ class PrunedLayer:
     def nbytes(self) -> tuple[int, int]:
         """Bytes on the device (unit keys, positions, slots) and on the host (block copies)."""
         device = sum(t.numel() * t.element_size() for t in (self.units, self.positions, self.slots))
-        host = 0 if self.host is None else self.host.numel() * self.host.element_size()
+        host = 0 if self.host is None else self.host.nbytes
         return device, host
 
 
@@ -239,7 +242,7 @@ class SlimInferPolicy(Policy):
     def __init__(self, method: SlimInfer, run: Run):
         super().__init__(run)
         self.method = method
-        self.schedule = method.schedule(run.spec.num_layers, run.prompt_len)
+        self.schedule = method.schedule(run.spec.num_layers, run.prompt_len, run.spec)
         self.tail = run.prompt_len - (run.prompt_len - 1) // method.block_size * method.block_size
         self.transfers = run.transfers if method.offload else None
         self.pruned_tokens: dict[int, int] = {}  # pruning layer -> tokens whose hidden states stop there
@@ -277,7 +280,7 @@ class SlimInferPolicy(Policy):
         if self.transfers is not None:
             full = positions.numel()
             blocks = torch.stack([kv.keys[:, :full], kv.values[:, :full]]).unflatten(2, positions.shape)
-            store.host = self.transfers.to_host(blocks.permute(2, 0, 1, 3, 4))  # block-major: loads gather rows
+            store.host = HostRows.copy_of(self.transfers, blocks.permute(2, 0, 1, 3, 4))  # a row per block
             keep = torch.cat([block_rows(chosen, store.block_size), torch.arange(full, len(kv), device=chosen.device)])
             kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
         self.layers[layer] = store
@@ -306,7 +309,7 @@ class SlimInferPolicy(Policy):
         entering = top[~torch.isin(top, store.slots)] if overlap < self.method.gamma else top[:0]
         self.decisions.append(Decision(self.steps, layer, overlap, len(entering)))
         if len(entering):
-            load = None if store.host is None else self.transfers.load(store.host, entering)
+            load = None if store.host is None else store.host.load(entering)
             store.pending = (leaving.nonzero()[:, 0], entering, load)
 
     def decode_step_done(self) -> None:
@@ -325,6 +328,7 @@ class SlimInferPolicy(Policy):
         blocks_in = sum(d.blocks_in for d in swaps)
         return {
             "prune_layers": layers,
+            "prune_layers_asked": sorted(self.method.schedule(self.run.spec.num_layers, self.run.prompt_len)),
             "budget_tokens": [self.schedule[layer] for layer in layers],
             "pruned_tokens": [self.pruned_tokens.get(layer, 0) for layer in layers],
             "decode_rescorings": len(self.decisions),

@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..attention import grouped_logits
-from .base import LayerStep, Method, Policy, Run, resolve_budget
+from ..attention import attention_received
+from .base import LayerStep, Method, Policy, Run, require_int, resolve_budget
 
 POOLINGS = ("max", "avg")
 
@@ -50,15 +50,14 @@ class SnapKV(Method):
 
     def __post_init__(self):
         resolve_budget(self.budget, 1, "budget")  # type and sign, with clear messages
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an int >= 1 (the paper uses 32), got {self.window!r}")
+        require_int(self.window, "window", 1, " (the paper uses 32)")
         if isinstance(self.budget, int) and self.budget <= self.window:
             raise ValueError(
                 f"budget {self.budget} must exceed the observation window {self.window}, which it includes: "
                 "raise the budget or shrink the window"
             )
-        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be an odd int >= 1 (the paper uses 7), got {self.kernel!r}")
+        if require_int(self.kernel, "kernel", 1, " and odd (the paper uses 7)") % 2 == 0:
+            raise ValueError(f"kernel must be an int >= 1 and odd (the paper uses 7), got {self.kernel!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
 
@@ -81,16 +80,10 @@ class SnapKV(Method):
 def observation_scores(
     q_window: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Attention `[kv_heads, t]` each key receives from the window's queries `[heads, w, d]`.
-
-    Softmax over the keys each query sees (causal by position), summed over the window's queries, then
-    averaged over the query heads that share a KV head (GQA). Costs `w x t` logits per head, never `t x t`.
-    """
-    logits = grouped_logits(q_window, k, scale)
-    logits.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-    received = logits.softmax(-1).sum(1)
-    kv_heads = k.shape[0]
-    return received.reshape(kv_heads, -1, received.shape[-1]).mean(1)
+    """Attention `[kv_heads, t]` each key receives from the window's queries `[heads, w, d]` (causal by
+    position), summed over the window's queries, then averaged over the query heads that share a KV head."""
+    received = attention_received(q_window, q_pos, k, k_pos, scale)
+    return received.reshape(k.shape[0], -1, received.shape[-1]).mean(1)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..cache import LayerKV
-from .base import Context, LayerStep, Method, Policy, Run, resolve_budget
+from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget
 
 
 @dataclass
@@ -43,8 +43,7 @@ class StreamingLLM(Method):
     window: int | float | None = 1020
 
     def __post_init__(self):
-        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
-            raise ValueError(f"sink must be an int >= 0 (the paper uses 4), got {self.sink!r}")
+        require_int(self.sink, "sink", 0, " (the paper uses 4)")
         if self.window is not None:
             resolve_budget(self.window, 1, "window")  # type and sign are checked here, with clear messages
 

@@ -1,0 +1,131 @@
+"""What every command shares: the model options, their checks before loading, the help format, the stats table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, unless its help already says it, it has none, or it is a flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every subcommand: `HelpFormatter` unless a command asks for another."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (bools and signs refused by construction: digits only)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return int(text)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    """The model, device, dtype and CPU-thread options every command shares."""
+    parser.add_argument(
+        "--model",
+        default=default_model,
+        required=default_model is None,
+        help="a Hugging Face checkpoint directory, 'testbed' (the embedded model) or a preset name (random weights)",
+    )
+    parser.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)"
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch CPU threads (default: torch's own; 1 gives steadier timings on a busy machine)",
+    )
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """`--device` and `--dtype` checked before anything loads (a wrong one would otherwise show after it)."""
+    from ..loading import resolve_device, resolve_dtype
+
+    resolve_dtype(args.dtype, resolve_device(args.device))
+
+
+def known_max_positions(model: str) -> int | None:
+    """The positions of `--model` read without loading it: a preset's, or a directory's config.json; else None."""
+    from .. import presets
+    from ..loading import resolve_model_path
+
+    if not Path(model).exists() and model in presets.PRESETS:
+        return presets.MAX_POSITIONS
+    try:
+        config = json.loads((resolve_model_path(model) / "config.json").read_text())
+    except (OSError, ValueError):  # e.g. no such directory, or the testbed is not embedded
+        return None  # the loader will say what is wrong with it
+    return config.get("max_position_embeddings")
+
+
+def check_context(model: str, tokens: int, option: str, new_tokens: int = 1) -> None:
+    """A prompt of `tokens` plus `new_tokens` must fit the positions of `--model` (when known without loading)."""
+    limit = known_max_positions(model)
+    if limit is not None and tokens + new_tokens > limit:
+        raise ValueError(
+            f"{option}: {tokens} tokens plus {new_tokens} new exceed the {limit} positions of {model}: "
+            f"ask for at most {limit - new_tokens} tokens"
+        )
+
+
+def load_engine(args: argparse.Namespace, method: str = "dense"):
+    """An engine for `--model`: a checkpoint directory, or a preset name from `tokensieve.presets`."""
+    import torch
+
+    from .. import load, presets
+    from ..loading import resolve_device
+
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+    if not Path(args.model).exists() and args.model in presets.PRESETS:
+        # Built on the target device: an 8B preset initialised on the CPU would take minutes.
+        model, tokenizer = presets.build(args.model, device=resolve_device(args.device))
+        return load(model, tokenizer=tokenizer, method=method, device=args.device, dtype=args.dtype)
+    return load(args.model, method=method, device=args.device, dtype=args.dtype)
+
+
+def format_stats(stats) -> str:
+    """A readable two-column table of a generation's stats."""
+    mb = 1 / 2**20
+    rows = [
+        ("method", ", ".join(f"{k}={v}" for k, v in stats.method.items())),
+        ("prompt tokens", stats.prompt_tokens),
+        ("new tokens", stats.new_tokens),
+        ("TTFT", f"{stats.ttft_s * 1000:.1f} ms"),
+        ("TPOT", f"{stats.tpot_s * 1000:.2f} ms"),
+        ("prefill tokens per layer", _compact(stats.prefill_tokens_per_layer)),
+        ("prefill computed vs dense", f"{stats.prefill_fraction:.1%}"),
+        ("decode keys per layer (mean)", _compact([round(x, 1) for x in stats.decode_keys_per_layer])),
+        ("KV on device", f"{stats.kv_bytes_device * mb:.2f} MiB"),
+        ("KV on host", f"{stats.kv_bytes_host * mb:.2f} MiB"),
+        ("revived tokens", stats.revived_tokens),
+    ]
+    rows += [(key, value) for key, value in stats.method_stats.items()]
+    width = max(len(str(key)) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def _compact(values: list) -> str:
+    """`[8, 8, 8, 4, 4]` as `8 x3, 4 x2`: runs of equal values, which is how schedules look."""
+    runs: list[list] = []
+    for value in values:
+        if runs and runs[-1][0] == value:
+            runs[-1][1] += 1
+        else:
+            runs.append([value, 1])
+    return ", ".join(f"{v} x{n}" if n > 1 else f"{v}" for v, n in runs)

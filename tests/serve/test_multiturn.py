@@ -1,0 +1,143 @@
+"""Multi-turn KV reuse through a live server: a 3-turn chat continues one session and computes only new tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokensieve.serve.prompts import encode_piece
+
+from .conftest import MODEL, live_server
+
+TURNS = ["Tell me about foxes.", "And their dens?", "What do they eat?"]
+
+
+def _chat(client, method: str, reuse: bool = True):
+    """Run the 3-turn chat; per turn: (reply text, the tokensieve extra field, usage)."""
+    messages, turns = [], []
+    for question in TURNS:
+        messages.append({"role": "user", "content": question})
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"tokensieve": {"method": method, "reuse": reuse}},
+        )
+        text = reply.choices[0].message.content
+        turns.append((text, reply.model_extra["tokensieve"], reply.usage))
+        messages.append({"role": "assistant", "content": text})
+    return turns
+
+
+@pytest.mark.parametrize("method", ["dense", "omnikv(budget=0.5)"])
+def test_a_three_turn_chat_reuses_the_session_and_computes_only_the_new_turn(live, method):
+    turns = _chat(live.client(), method)
+    assert [extra["prefix_reused"] for _, extra, _ in turns] == [False, True, True]
+    for (_, _, previous_usage), (_, extra, usage) in zip(turns, turns[1:], strict=False):
+        # reused: the whole previous conversation but its last sampled token (which had no KV yet)
+        assert extra["reused_tokens"] == previous_usage.total_tokens - 1
+        computed = usage.prompt_tokens - previous_usage.total_tokens + 1
+        assert extra["computed_tokens"] == computed
+        assert extra["stats"]["prefill_tokens_per_layer"][0] == computed
+
+
+def test_dense_reuse_gives_the_tokens_of_one_generate_over_the_conversation(live):
+    """Each reused turn says exactly what one in-process `generate` over the conversation's ids says: the
+    previous turns' tokens as generated, then the new suffix (the server's rule, docs/serve.md)."""
+    turns = _chat(live.client(), "dense")
+    tokenizer, messages = live.reference.tokenizer, []
+    ids, seen_text = [], ""
+    for question, (text, _, usage) in zip(TURNS, turns, strict=True):
+        messages.append({"role": "user", "content": question})
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids += encode_piece(tokenizer, rendered[len(seen_text) :])
+        expected = live.reference.generate(ids, max_new_tokens=12)
+        assert text == expected.text
+        assert usage.prompt_tokens == len(ids)
+        ids += expected.token_ids
+        seen_text = rendered + expected.text
+        messages.append({"role": "assistant", "content": text})
+
+
+def test_reuse_off_recomputes_every_turn(live):
+    turns = _chat(live.client(), "dense", reuse=False)
+    assert [extra["prefix_reused"] for _, extra, _ in turns] == [False, False, False]
+    for _, extra, usage in turns:
+        assert extra["computed_tokens"] == usage.prompt_tokens
+
+
+def test_reuse_continues_only_the_same_method(live):
+    client = live.client()
+    first = _chat(client, "dense")[0]
+    messages = [
+        {"role": "user", "content": TURNS[0]},
+        {"role": "assistant", "content": first[0]},
+        {"role": "user", "content": TURNS[1]},
+    ]
+    other = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, temperature=0, extra_body={"tokensieve": {"method": "lazyllm"}}
+    )
+    assert other.model_extra["tokensieve"]["prefix_reused"] is False
+
+
+def test_a_completion_never_continues_a_chat_session(live):
+    """The chat's ids carry no BOS (the template decides) where a completion's do: their texts never mix."""
+    client = live.client()
+    messages = [{"role": "user", "content": "A chat turn."}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    rendered = live.reference.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    follow = rendered + reply.choices[0].message.content + " more"
+    completion = client.completions.create(model=MODEL, prompt=follow, max_tokens=2, temperature=0)
+    assert completion.model_extra["tokensieve"]["prefix_reused"] is False
+    assert completion.choices[0].text == live.reference.generate(follow, max_new_tokens=2).text
+
+
+def test_token_id_prompts_continue_a_session(live):
+    client = live.client()
+    ids = live.reference.encode("Once upon a time")
+    first = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    generated = live.reference.generate(ids, max_new_tokens=6).token_ids
+    follow = ids + generated + live.reference.encode(" then", special_tokens=False)
+    second = client.completions.create(model=MODEL, prompt=follow, max_tokens=6, temperature=0)
+    assert first.model_extra["tokensieve"]["prefix_reused"] is False
+    assert second.model_extra["tokensieve"]["prefix_reused"] is True
+    assert second.model_extra["tokensieve"]["computed_tokens"] == len(" then") + 1
+    assert second.choices[0].text == live.reference.generate(follow, max_new_tokens=6).text
+
+
+def test_the_memory_cap_drops_the_least_recently_used_session(live):
+    prompts = [live.reference.encode(f"conversation {i} " * 4) for i in range(4)]  # token ids: kept whatever the text
+    probe = live.reference.start(prompts[0])
+    probe.generate(max_new_tokens=4)
+    one = probe.stats.kv_bytes_device + probe.stats.kv_bytes_host
+    probe.close()
+    with live_server(session_bytes=int(one * 1.5)) as server:  # room for one of these conversations
+        client = server.client()
+        for ids in prompts:
+            client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0)
+        assert server.metric("tokensieve_sessions_evicted_total") == 3
+        assert server.metric("tokensieve_sessions_retained") == 1
+        assert 0 < server.metric('tokensieve_kv_bytes{location="device"}') <= one * 1.5
+
+        def continued(i: int) -> bool:
+            follow = prompts[i] + live.reference.generate(prompts[i], max_new_tokens=4).token_ids + [33]
+            reply = client.completions.create(model=MODEL, prompt=follow, max_tokens=2)
+            return reply.model_extra["tokensieve"]["prefix_reused"]
+
+        assert continued(3) is True  # the most recent conversation is still there; the oldest is not
+        assert continued(0) is False
+
+
+def test_session_bytes_zero_turns_reuse_off():
+    with live_server(session_bytes=0) as server:
+        turns = _chat(server.client(), "dense")
+        assert [extra["prefix_reused"] for _, extra, _ in turns] == [False, False, False]
+        assert server.metric("tokensieve_sessions_retained") == 0
+
+
+def test_a_dropper_reuses_what_it_kept_and_the_stats_say_what_was_lost(live):
+    turns = _chat(live.client(), "streaming_llm(sink=4, window=16)")
+    assert [extra["prefix_reused"] for _, extra, _ in turns] == [False, True, True]
+    first, later = turns[0][1]["stats"], turns[2][1]["stats"]
+    assert not any(first["unseen_tokens_per_layer"])
+    assert min(later["unseen_tokens_per_layer"]) > 0  # the evicted earlier tokens, per layer
