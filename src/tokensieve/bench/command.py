@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
     methods, lengths = split_methods(args.methods), parse_lengths(args.lengths)
     runner.contestants(methods)  # unknown names fail before the model loads
     modes.check(args)
-    check_context(args.model, max(lengths), "--lengths", args.new_tokens or 1)
+    check_context(args.model, max(lengths), "--lengths", modes.new_tokens(args))
     accuracy = report.load_accuracy(Path(args.accuracy)) if args.accuracy else None
     path, text = modes.run(args, methods, lengths, load_engine)
     print(text)

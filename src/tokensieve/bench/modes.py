@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("e2e", "ttft", "decode", "multi-turn", "memory")
+DEFAULT_NEW_TOKENS = {"e2e": 32, "decode": 16, "multi-turn": 16}  # ttft and memory generate no more than one
+
+
+def new_tokens(args: argparse.Namespace) -> int:
+    """The tokens each run of `args.mode` generates (decode: steps per round) after its prompt."""
+    return args.new_tokens or DEFAULT_NEW_TOKENS.get(args.mode, 1)
 
 
 def check(args: argparse.Namespace) -> None:
@@ -61,29 +67,29 @@ def _measure(engine, args: argparse.Namespace, methods: list[str], lengths: list
     if args.mode == "decode":
         from .decode import decode_table, measure_decode
 
-        steps = args.new_tokens or 16
+        steps = new_tokens(args)
         rows = measure_decode(engine, methods, lengths, steps=steps, repeats=args.repeats, progress=progress)
         return rows, decode_table(rows), {"steps": steps}
     if args.mode == "multi-turn":
         from .turns import measure_turns, turns_table
 
-        new_tokens, rows = args.new_tokens or 16, []
+        answer_tokens, rows = new_tokens(args), []
         for length in lengths:
             rows += measure_turns(
-                engine, methods or ["omnikv"], length, turns=args.turns, new_tokens=new_tokens,
+                engine, methods or ["omnikv"], length, turns=args.turns, new_tokens=answer_tokens,
                 repeats=args.repeats, document=args.document,
             )  # fmt: skip
-        settings = {"turns": args.turns, "new_tokens": new_tokens, "document": args.document or "haystack sentences"}
+        settings = {"turns": args.turns, "new_tokens": answer_tokens, "document": args.document or "haystack sentences"}
         return rows, turns_table(rows), settings
     prompt = {"prompt": "haystack sentences then a question, tokenized to each length"}
     if args.mode == "ttft":
         series = runner.measure_ttft(engine, methods, lengths, repeats=args.repeats, progress=progress)
         rows = report.records(series, engine)
         return rows, report.table(rows, prefill_only=True), prompt
-    new_tokens = args.new_tokens or 32
-    series = runner.measure(engine, methods, lengths, new_tokens=new_tokens, repeats=args.repeats, progress=progress)
+    generated = new_tokens(args)
+    series = runner.measure(engine, methods, lengths, new_tokens=generated, repeats=args.repeats, progress=progress)
     rows = report.records(series, engine)
-    return rows, report.table(rows), {"new_tokens": new_tokens, **prompt}
+    return rows, report.table(rows), {"new_tokens": generated, **prompt}
 
 
 def _write(path: Path, about: dict[str, Any], config: dict[str, Any], spec, rows: list[dict[str, Any]]) -> None:
