@@ -6,7 +6,7 @@ import pytest
 
 from tokensieve import loading
 from tokensieve.cli import main
-from tokensieve.demo import budget_label, demo_methods
+from tokensieve.commands.demo import budget_label, demo_methods
 from tokensieve.methods import METHODS
 from tokensieve.testbed import MODEL_DIR
 
@@ -45,7 +45,7 @@ def test_budget_labels_say_what_each_method_keeps():
     labels = {name: budget_label(method.settings()) for name, method in demo_methods(1024).items()}
     assert labels["dense"] == "all"
     assert labels["sliminfer"] == "prompt x 1/4,1/8,1/16"
-    assert labels["lazyllm"] == "keep 70%/50%/30%"
+    assert labels["lazyllm"] == "prompt x 7/10,1/2,3/10"
     assert labels["omnikv"] == labels["snapkv"] == labels["h2o"] == "128 keys"
     assert labels["streaming_llm"] == "4+124 keys"
 

@@ -26,11 +26,9 @@ class _TopLevelFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _commands() -> list[Callable]:
-    from . import calibrate, demo
     from .bench import command as bench
-    from .commands import generate
-    from .eval import command as evaluation
-    from .serve import command as serve
+    from .commands import calibrate, demo, generate, serve
+    from .commands import eval as evaluation
 
     return [generate.register, demo.register, bench.register, evaluation.register, calibrate.register, serve.register]
 

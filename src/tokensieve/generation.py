@@ -93,9 +93,12 @@ class TextStream:
     Text that could still become a stop string, or that ends in an incomplete UTF-8 sequence, is held
     back until the next token decides it. When generation ends (`finish`), an incomplete multi-byte
     character at the end (its last bytes were never generated) is dropped rather than shown as U+FFFD.
+    Without a tokenizer (a checkpoint with none, run on token ids) there is no text: only the ids.
     """
 
     def __init__(self, tokenizer, stop: list[str]):
+        if tokenizer is None and stop:
+            raise ValueError("stop strings need a tokenizer to decode the text; this engine has none")
         self.tokenizer = tokenizer
         self.stop = stop
         self.ids: list[int] = []
@@ -106,6 +109,8 @@ class TextStream:
     def push(self, token_id: int) -> str:
         """Add a token; return the new final text (possibly empty). Sets `stopped` on a stop string."""
         self.ids.append(token_id)
+        if self.tokenizer is None:
+            return ""
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         hits = [i for i in (self.text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
         if hits:

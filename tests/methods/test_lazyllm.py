@@ -92,17 +92,17 @@ def _kv_bytes(gen, engine):
 def test_paper_layers_for_32_layers_and_scaling():
     assert LazyLLM().boundaries(32) == (8, 18, 27)
     assert LazyLLM().boundaries(12) == (2, 6, 9)
-    assert LazyLLM(prune_layers=(1, 2), keep=(0.5, 0.2)).boundaries(4) == (1, 2)
+    assert LazyLLM(prune_layers=(1, 2), budgets=(0.5, 0.2)).boundaries(4) == (1, 2)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(keep=()), ValueError, "keep is empty"),
-        (dict(keep=(0.5, 0.7, 0.3)), ValueError, "non-increasing"),
-        (dict(keep=(0.7, 0.0, 0.3)), ValueError, "must be > 0"),
-        (dict(keep=(1.5, 0.5, 0.3)), ValueError, "float above 1"),
-        (dict(keep=("a", 0.5, 0.3)), TypeError, "token count"),
+        (dict(budgets=()), ValueError, "budgets is empty"),
+        (dict(budgets=(0.5, 0.7, 0.3)), ValueError, "non-increasing"),
+        (dict(budgets=(0.7, 0.0, 0.3)), ValueError, "must be > 0"),
+        (dict(budgets=(1.5, 0.5, 0.3)), ValueError, "float above 1"),
+        (dict(budgets=("a", 0.5, 0.3)), TypeError, "token count"),
         (dict(prune_layers=(3, 6)), ValueError, "differ in length"),
         (dict(prune_layers=(6, 3, 9)), ValueError, "strictly increasing"),
         (dict(revive_per_step=-1), ValueError, "revive_per_step must be"),
@@ -120,13 +120,13 @@ def test_settings_that_do_not_fit_the_model_or_prompt_are_clear_errors(deep_engi
     with pytest.raises(ValueError, match="too shallow"):
         LazyLLM().boundaries(2)
     with pytest.raises(ValueError, match="increases"):
-        deep_engine.generate(PROMPT, max_new_tokens=2, method=LazyLLM(keep=(0.2, 100, 30)))
+        deep_engine.generate(PROMPT, max_new_tokens=2, method=LazyLLM(budgets=(0.2, 100, 30)))
 
 
 def _policy(heads: int, kv_heads: int, prompt_len: int, keep: tuple) -> LazyLLMPolicy:
     spec = ModelSpec(4, 16, heads, kv_heads, 8, 32, 50, 1024, "llama")
     run = Run(spec, prompt_len, torch.device("cpu"), torch.float32, 8**-0.5)
-    return LazyLLM(prune_layers=(0, 1, 2), keep=keep).start(run)
+    return LazyLLM(prune_layers=(0, 1, 2), budgets=keep).start(run)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (4, 1)])
@@ -185,7 +185,8 @@ def test_each_token_is_computed_at_most_once_per_layer(
     num_layers = deep_engine.model.spec.num_layers
     keep = tuple(sorted(fractions, reverse=True))
     prune = tuple(sorted(layers.draw(st.sets(st.integers(0, num_layers - 2), min_size=len(keep), max_size=len(keep)))))
-    method = RecordingLazyLLM(prune_layers=prune, keep=keep, revive=revive, revive_per_step=budget if revive else None)
+    limit = budget if revive else None
+    method = RecordingLazyLLM(prune_layers=prune, budgets=keep, revive=revive, revive_per_step=limit)
     gen, policy = _generate_recorded(deep_engine, method, random_prompt(prompt_len, seed=seed), new_tokens)
 
     computed = 0
@@ -216,7 +217,7 @@ def test_revived_kv_equals_reference_from_aux_hidden_state_and_sees_only_earlier
     attending only to the step's selected keys at positions <= its own, and compare with the cached KV."""
     model, scale = deep_engine.model, deep_engine.model.scale
     prompt = PROMPT[:120]
-    paper = RecordingLazyLLM(keep=(0.6, 0.4, 0.2), revive_per_step=None)  # unbounded revival: the most to check
+    paper = RecordingLazyLLM(budgets=(0.6, 0.4, 0.2), revive_per_step=None)  # unbounded revival: the most to check
     gen, policy = _generate_recorded(deep_engine, paper, prompt, 5)
     assert gen.stats.revived_tokens > 0
     checked = hidden_keys = 0

@@ -276,7 +276,7 @@ def test_positions_are_original_and_never_renumbered(deep_engine, spec):
 
 BUDGETS = {
     "sliminfer": "budgets=(0, 0.5, 0.25)",
-    "lazyllm": "keep=(0.5, 0.25, -1)",
+    "lazyllm": "budgets=(0.5, 0.25, -1)",
     "omnikv": "budget=0",
     "snapkv": "budget=0",
     "h2o": "budget=-5",

@@ -152,6 +152,12 @@ def test_checkpoint_directory_without_tokenizer_files_loads(tiny_llama, tmp_path
     engine = tokensieve.load(tmp_path / "weights-only")
     assert engine.tokenizer is None
     assert engine.next_token_logits([5, 6, 7], [8]).shape == (2, model.config.vocab_size)
+    gen = engine.generate([5, 6, 7], max_new_tokens=4)  # token ids in, token ids out; no text to show
+    assert len(gen.token_ids) == 4 and gen.text == ""
+    with pytest.raises(ValueError, match="no tokenizer"):
+        engine.generate("some text", max_new_tokens=2)
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        engine.generate([5, 6, 7], max_new_tokens=2, stop="x")
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ NEW_TOKENS = 8
 # Settings that prune hard on these 192-token prompts, so that every method really selects.
 PRUNING = {
     "dense": METHODS["dense"](),
-    "lazyllm": LazyLLM(keep=(0.5, 0.3, 0.2)),
+    "lazyllm": LazyLLM(budgets=(0.5, 0.3, 0.2)),
     "omnikv": OmniKV(budget=32),
     "sliminfer": SlimInfer(budgets=(96, 64, 48), block_size=16, unit_size=4, query_window=2),
     "snapkv": SnapKV(budget=40, window=8),
@@ -112,7 +112,7 @@ def selection_trace(engine: tokensieve.Engine, method, probe_layer: int) -> list
 
 # method -> (the layer whose q/k norms change, the layer where that layer's choice shows)
 SCORING = {
-    "lazyllm": (LazyLLM(prune_layers=(4,), keep=(0.3,)), 4, 5),  # rows entering the next layer
+    "lazyllm": (LazyLLM(prune_layers=(4,), budgets=(0.3,)), 4, 5),  # rows entering the next layer
     "sliminfer": (SlimInfer(prune_layers=(4,), budgets=(64,), block_size=16, unit_size=4), 4, 5),
     "omnikv": (OmniKV(filter_layers=(4,), budget=24, offload=False), 4, 6),  # the first sparse layer's keys
     "snapkv": (SnapKV(budget=40, window=8), 4, 4),  # the keys the layer keeps

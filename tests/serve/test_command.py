@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tokensieve.serve.command import byte_size
+from tokensieve.commands.serve import byte_size
 
 from .conftest import CHAT_TEMPLATE, MODEL, free_port
 

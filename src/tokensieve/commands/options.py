@@ -38,7 +38,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
         "--model",
         default=default_model,
         required=default_model is None,
-        help="a Hugging Face checkpoint directory, 'testbed' (the embedded model) or a preset name (random weights)",
+        help="a Hugging Face checkpoint directory, a .gguf file, 'smollm2' or 'testbed' (embedded models), "
+        "or a preset name (random weights)",
     )
     parser.add_argument(
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)"
@@ -49,6 +50,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
         type=positive_int,
         default=None,
         help="torch CPU threads (default: torch's own; 1 gives steadier timings on a busy machine)",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        default=None,
+        help="run each layer's prompt rows N at a time (flat peak memory, the same decisions; default: all at once)",
     )
 
 
@@ -92,11 +99,13 @@ def load_engine(args: argparse.Namespace, method: str = "dense"):
 
     if getattr(args, "threads", None) is not None:
         torch.set_num_threads(args.threads)
+    chunk = getattr(args, "prefill_chunk", None)
+    options = dict(method=method, device=args.device, dtype=args.dtype, prefill_chunk=chunk)
     if not Path(args.model).exists() and args.model in presets.PRESETS:
         # Built on the target device: an 8B preset initialised on the CPU would take minutes.
         model, tokenizer = presets.build(args.model, device=resolve_device(args.device))
-        return load(model, tokenizer=tokenizer, method=method, device=args.device, dtype=args.dtype)
-    return load(args.model, method=method, device=args.device, dtype=args.dtype)
+        return load(model, tokenizer=tokenizer, **options)
+    return load(args.model, **options)
 
 
 def format_stats(stats) -> str:

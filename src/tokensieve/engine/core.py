@@ -117,6 +117,11 @@ class Engine:
         """Token ids of a prompt (with the tokenizer's special tokens, or its chat template)."""
         inputs.check_prompt(prompt, chat)
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    "this engine has no tokenizer (the checkpoint came without tokenizer files), so it cannot "
+                    "encode text: pass token ids, or load with tokenizer=..."
+                )
             if chat:
                 return self.render_chat([{"role": "user", "content": prompt}])
             return list(self.tokenizer(prompt, add_special_tokens=special_tokens)["input_ids"])

@@ -58,7 +58,8 @@ class Compose(Method):
         return cls(Dense(), Dense())
 
     def settings(self) -> dict[str, Any]:
-        return {"name": self.spec_name, "prefill": self.prefill.settings(), "decode": self.decode.settings()}
+        # The settings each side runs with (e.g. SlimInfer's prefill side has kv_manager=False).
+        return {"name": self.spec_name, "prefill": self.prefill_side.settings(), "decode": self.decode_side.settings()}
 
 
 class ComposedPolicy(Policy):

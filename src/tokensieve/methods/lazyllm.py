@@ -31,9 +31,9 @@ PAPER_DEPTH = 32
 class LazyLLM(Method):
     """Progressive, dynamic token pruning with an aux cache of pruned hidden states.
 
-    - `prune_layers`: the layers *after which* the prompt is pruned (one per `keep` entry, increasing,
+    - `prune_layers`: the layers *after which* the prompt is pruned (one per `budgets` entry, increasing,
       each below the last layer). None: the paper's stages scaled by depth (8, 18, 27 for 32 layers).
-    - `keep`: per boundary, the prompt tokens still computed after it, as a fraction of the prompt
+    - `budgets`: per boundary, the prompt tokens still computed after it, as a fraction of the prompt
       (float in (0, 1]) or a token count (int); non-increasing. The paper illustrates pruning ~30% of the
       remaining tokens at each boundary (0.7, 0.49, 0.34 of the prompt); our default (0.7, 0.5, 0.3) is
       that rounded, and gives an ideal prefill speedup of about 1.7x at 8192 tokens on `cpu-prefill`.
@@ -51,25 +51,27 @@ class LazyLLM(Method):
 
     name: ClassVar[str] = "lazyllm"
     prune_layers: tuple[int, ...] | None = None
-    keep: tuple[int | float, ...] = (0.7, 0.5, 0.3)
+    budgets: tuple[int | float, ...] = (0.7, 0.5, 0.3)
     dynamic_decode: bool = True
     revive: bool = True
     revive_per_step: int | None = 1
 
     def __post_init__(self):
-        self.keep = tuple(self.keep)
-        if not self.keep:
-            raise ValueError("keep is empty: give one fraction or token count per pruning layer")
-        for budget in self.keep:
-            resolve_budget(budget, 1, "each keep entry")  # type and sign checks
-        same_kind = all(isinstance(b, float) for b in self.keep) or all(isinstance(b, int) for b in self.keep)
-        if same_kind and not _non_increasing(self.keep):
-            raise ValueError(f"keep {self.keep} must be non-increasing: token sets are nested, later stages keep fewer")
+        self.budgets = tuple(self.budgets)
+        if not self.budgets:
+            raise ValueError("budgets is empty: give one fraction or token count per pruning layer")
+        for budget in self.budgets:
+            resolve_budget(budget, 1, "LazyLLM budget")  # type and sign checks
+        same_kind = all(isinstance(b, float) for b in self.budgets) or all(isinstance(b, int) for b in self.budgets)
+        if same_kind and not _non_increasing(self.budgets):
+            raise ValueError(
+                f"budgets {self.budgets} must be non-increasing: token sets are nested, later stages keep fewer"
+            )
         if self.prune_layers is not None:
             self.prune_layers = tuple(self.prune_layers)
-            if len(self.prune_layers) != len(self.keep):
+            if len(self.prune_layers) != len(self.budgets):
                 raise ValueError(
-                    f"prune_layers {self.prune_layers} and keep {self.keep} differ in length: give one keep "
+                    f"prune_layers {self.prune_layers} and budgets {self.budgets} differ in length: give one budget "
                     "entry per pruning layer"
                 )
             if not all(isinstance(b, int) and not isinstance(b, bool) for b in self.prune_layers):
@@ -91,16 +93,16 @@ class LazyLLM(Method):
 
     @classmethod
     def keep_all(cls) -> LazyLLM:
-        return cls(keep=(1.0, 1.0, 1.0))
+        return cls(budgets=(1.0, 1.0, 1.0))
 
     def boundaries(self, num_layers: int) -> tuple[int, ...]:
         """The layers after which the prompt is pruned, for a model of `num_layers` layers."""
         if self.prune_layers is None:
             layers = tuple(start - 1 for start in scaled_layers(PAPER_STAGE_STARTS, PAPER_DEPTH, num_layers))
-            if len(layers) != len(self.keep) or layers[0] < 0:
+            if len(layers) != len(self.budgets) or layers[0] < 0:
                 raise ValueError(
-                    f"a {num_layers}-layer model is too shallow for {len(self.keep)} pruning layers placed by "
-                    "depth: pass prune_layers explicitly (and one keep entry per layer)"
+                    f"a {num_layers}-layer model is too shallow for {len(self.budgets)} pruning layers placed by "
+                    "depth: pass prune_layers explicitly (and one budget per layer)"
                 )
             return layers
         if self.prune_layers[0] < 0 or self.prune_layers[-1] >= num_layers - 1:
@@ -168,10 +170,10 @@ class LazyLLMPolicy(Policy):
         super().__init__(run)
         layers, prompt_len, device = run.spec.num_layers, run.prompt_len, run.device
         self.bounds = method.boundaries(layers)
-        self.keep = [resolve_budget(b, prompt_len, "keep") for b in method.keep]
+        self.keep = [resolve_budget(b, prompt_len, "LazyLLM budget") for b in method.budgets]
         if not _non_increasing(self.keep):
             raise ValueError(
-                f"keep {method.keep} resolves to {self.keep} tokens for a {prompt_len}-token prompt, which "
+                f"budgets {method.budgets} resolve to {self.keep} tokens for a {prompt_len}-token prompt, which "
                 "increases: give a non-increasing schedule"
             )
         self.dynamic = method.dynamic_decode and method.revive
@@ -272,9 +274,9 @@ class LazyLLMPolicy(Policy):
         return rows.select(torch.cat([continues.nonzero().squeeze(1), last]))
 
     def _select(self, boundary: int, scores: torch.Tensor, has_kv: torch.Tensor) -> torch.Tensor:
-        """Indices of the stage's `keep` best-scoring candidates. Under a revival budget, candidates with no
+        """Indices of the stage's budget of best-scoring candidates. Under a revival budget, candidates with no
         KV in the next stage compete only for `revive_per_step` places (the best of them); the other places
-        go to the best candidates that have KV, so the stage still attends to `keep` tokens."""
+        go to the best candidates that have KV, so the stage still attends to its budget of tokens."""
         keep = min(self.keep[boundary], len(scores))
         paper = scores.topk(keep).indices
         missing = int((~has_kv).sum())
@@ -300,7 +302,7 @@ class LazyLLMPolicy(Policy):
         steps = max(1, self.steps)
         return {
             "prune_after_layers": list(self.bounds),
-            "keep_tokens": self.keep,
+            "budget_tokens": self.keep,
             "decode_selection": "dynamic" if self.dynamic else "static",
             "prompt_computed_pct": round(100 * computed / (prompt_len * layers), 2),
             "revivals_deferred_per_step": round(self.deferred / steps, 2),

@@ -138,9 +138,9 @@ async def conversation(url: str, model: str, turns: list[str], max_tokens: int, 
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..commands.options import add_model_arguments, load_engine
     from ..methods import split_methods
     from .app import create_app
-    from .command import add_model_arguments, load_engine
     from .config import ServeConfig
     from .server import running
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from ..commands.options import add_model_arguments, positive_int
-    from .tasks import TASKS, VALUE_KINDS
+    from ..eval.tasks import TASKS, VALUE_KINDS
+    from .options import add_model_arguments, positive_int
 
     parser = sub.add_parser(
         "eval",
@@ -82,12 +82,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..commands.options import check_context, load_engine
+    from ..eval.longbench import TASK_METRICS, load_longbench
+    from ..eval.ruler import load_ruler
+    from ..eval.runner import JOURNAL, build_samples, parse_length, require_chat_template, run_eval
+    from ..eval.tasks import TASKS, Haystack, parse_task
     from ..methods import METHODS, resolve_method, split_methods
-    from .longbench import TASK_METRICS, load_longbench
-    from .ruler import load_ruler
-    from .runner import JOURNAL, build_samples, parse_length, require_chat_template, run_eval
-    from .tasks import TASKS, Haystack, parse_task
+    from .options import check_context, load_engine
 
     methods = split_methods(args.methods or "") or list(METHODS)
     for spec in methods:

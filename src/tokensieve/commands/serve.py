@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..commands.options import add_model_arguments, load_engine, positive_int  # what every command shares
 from ..methods import METHODS
-from .config import ServeConfig
+from ..serve.config import ServeConfig
+from .options import add_model_arguments, load_engine, positive_int  # what every command shares
 
 DEFAULTS = ServeConfig()
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -87,8 +87,8 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
 
 def run(args: argparse.Namespace) -> None:
     try:
-        from .app import create_app
-        from .server import GracefulServer
+        from ..serve.app import create_app
+        from ..serve.server import GracefulServer
     except ImportError as err:
         raise ValueError(f"tokensieve serve needs its extra: pip install 'tokensieve[serve]' ({err})") from err
 

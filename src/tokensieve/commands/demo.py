@@ -14,7 +14,7 @@ from fractions import Fraction
 
 from tqdm import tqdm
 
-from .methods import METHODS, Method
+from ..methods import METHODS, Method
 
 DEMO_MODELS = ("smollm2", "testbed")  # tried in this order when --model is left at its default
 TASK_FOR_MODEL = {"testbed": "niah_single:words"}  # the testbed answers word needles; others get 7-digit numbers
@@ -24,7 +24,7 @@ RANDOM_FALLBACK = "cpu-prefill"
 
 def demo_methods(prompt_tokens: int) -> dict[str, Method]:
     """Each registered method at settings that act on a prompt of this length (dense first)."""
-    from .methods import H2O, OmniKV, SlimInfer, SnapKV, StreamingLLM
+    from ..methods import H2O, OmniKV, SlimInfer, SnapKV, StreamingLLM
 
     budget = max(64, prompt_tokens // 8)  # KV-selection methods keep or attend one eighth of the prompt
     chosen = {
@@ -40,7 +40,7 @@ def demo_methods(prompt_tokens: int) -> dict[str, Method]:
 
 
 def register(sub) -> None:
-    from .commands.options import add_model_arguments, positive_int
+    from .options import add_model_arguments, positive_int
 
     parser = sub.add_parser("demo", help="a needle task on the embedded model: every method beside dense")
     add_model_arguments(parser, default_model=DEMO_MODELS[0])
@@ -68,9 +68,9 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .commands.options import check_context
-    from .eval.runner import chat_overhead
-    from .eval.tasks import Haystack, make_sample, parse_task
+    from ..eval.runner import chat_overhead
+    from ..eval.tasks import Haystack, make_sample, parse_task
+    from .options import check_context
 
     parse_task(args.task or DEFAULT_TASK)  # these checks before the model loads
     check_context(args.model, args.tokens, "--tokens")
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _load_with_fallback(args: argparse.Namespace):
     """`--model`; for an embedded model that is not installed, the next one, then random weights, with a note."""
-    from .commands.options import load_engine
+    from .options import load_engine
 
     if args.model not in DEMO_MODELS:
         return load_engine(args)
@@ -119,8 +119,6 @@ def budget_label(settings: dict) -> str:
     """What a method keeps, from its settings: fractions of the prompt, or token counts."""
     if "budgets" in settings:
         return "prompt x " + ",".join(str(Fraction(b).limit_denominator(64)) for b in settings["budgets"])
-    if "keep" in settings:
-        return "keep " + "/".join(f"{k:.0%}" if isinstance(k, float) else str(k) for k in settings["keep"])
     if "budget" in settings:
         return f"{settings['budget']} keys"
     if "sink" in settings and "window" in settings:
