@@ -81,7 +81,6 @@ def test_memory_mode_measures_each_prefill_in_its_own_process(tmp_path):
     ("argv", "message"),
     [
         (["--mode", "memory"], "give --prefill-chunk N"),
-        (["--mode", "memory", "--prefill-chunk", "0"], "give --prefill-chunk N"),
         (["--new-tokens", "1"], "--new-tokens must be >= 2 in --mode e2e"),
         (["--mode", "decode", "--new-tokens", "0"], "--new-tokens must be >= 1 in --mode decode"),
         (["--mode", "multi-turn", "--document", "/no/such/file"], "--document /no/such/file: no such file"),
@@ -103,6 +102,7 @@ def test_bad_settings_fail_before_the_model_loads(monkeypatch, capsys, argv, mes
         (["--mode", "fast"], "invalid choice: 'fast'"),
         (["--mode", "multi-turn", "--turns", "0"], "--turns: must be an int >= 1"),
         (["--repeats", "0"], "--repeats: must be an int >= 1"),
+        (["--mode", "memory", "--prefill-chunk", "0"], "--prefill-chunk: must be an int >= 1"),
     ],
 )
 def test_bad_values_are_argument_errors(capsys, argv, message):

@@ -42,7 +42,6 @@ def register(sub) -> None:
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs (decode: rounds) per setting")
     parser.add_argument("--turns", type=positive_int, default=4, help="multi-turn: turns of the conversation")
     parser.add_argument("--document", default=None, help="multi-turn: a text file or JSON {'text': ...} to talk about")
-    parser.add_argument("--prefill-chunk", type=int, default=None, help="memory: rows per chunk of the chunked run")
     parser.add_argument("--out", default="results/bench", help="folder for the JSON results and the plots")
     parser.add_argument("--accuracy", default=None, help="eval results JSON, to plot accuracy vs speedup (e2e)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

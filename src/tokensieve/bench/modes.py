@@ -31,7 +31,7 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--new-tokens must be >= {least} in --mode {args.mode}, got {args.new_tokens}")
     if args.document is not None and not Path(args.document).is_file():
         raise ValueError(f"--document {args.document}: no such file (give a text file or a JSON {{'text': ...}})")
-    if args.mode == "memory" and (args.prefill_chunk is None or args.prefill_chunk < 1):
+    if args.mode == "memory" and args.prefill_chunk is None:
         raise ValueError("--mode memory compares a prefill with and without chunks: give --prefill-chunk N (N >= 1)")
 
 
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace, methods: list[str], lengths: list[int], load_e
     from . import report
 
     config = {"mode": args.mode, "model": args.model, "methods": methods, "lengths": lengths}
-    config |= {"repeats": args.repeats, "threads": args.threads}
+    config |= {"repeats": args.repeats, "threads": args.threads, "prefill_chunk": args.prefill_chunk}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("bench.json" if args.mode == "e2e" else f"bench-{args.mode}.json")
@@ -49,7 +49,6 @@ def run(args: argparse.Namespace, methods: list[str], lengths: list[int], load_e
         from . import memory
 
         rows = memory.measure_memory(args, methods, lengths, args.prefill_chunk)
-        config |= {"prefill_chunk": args.prefill_chunk}
         _write(path, report.machine(_device(args.device), args.dtype or "default"), config, None, rows)
         return path, memory.memory_table(rows)
     engine = load_engine(args)
