@@ -108,6 +108,18 @@ DEEP = dict(
 )
 
 
+# Settings under which each method really prunes or drops at a few hundred tokens (the defaults are for long prompts).
+PRUNING = {
+    "dense": "dense",
+    "sliminfer": "sliminfer(budgets=(0.5, 0.25, 0.125))",
+    "lazyllm": "lazyllm",
+    "omnikv": "omnikv(budget=32)",
+    "snapkv": "snapkv(budget=64)",
+    "h2o": "h2o(budget=64)",
+    "streaming_llm": "streaming_llm(window=60)",
+}
+
+
 @pytest.fixture(scope="session")
 def deep_engine() -> tokensieve.Engine:
     """A 12-layer random Llama with GQA, for method tests."""

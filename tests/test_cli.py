@@ -106,6 +106,7 @@ def test_prompt_file_errors_name_the_file_and_the_option(no_loading, capsys, tmp
         (["eval", "--samples", "0"], "--samples: must be an int >= 1"),
         (["eval", "--max-new-tokens", "0"], "--max-new-tokens: must be an int >= 1"),
         (["eval", "--methods", "dense,omnikv("], "bad method spec 'omnikv('"),
+        (["eval", "--tasks", "narrativeqa"], "is a LongBench task, and no --longbench data holds it"),
         (["bench", "--model", "tiny", "--lengths", "200k"], "--lengths: 204800 tokens plus 32 new exceed"),
         (["bench", "--new-tokens", "1"], "--new-tokens must be >= 2"),
         (["bench", "--repeats", "0"], "--repeats: must be an int >= 1"),

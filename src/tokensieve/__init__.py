@@ -1,6 +1,6 @@
 """tokensieve: long-context LLM inference that computes only the tokens that matter."""
 
-from .engine import Engine, GenerationStream, Session, SessionStats
+from .engine import Engine, GenerationStream, Scheduler, Session, SessionStats
 from .generation import Generation, Stats
 from .loading import load
 from .methods import METHODS, Method
@@ -12,6 +12,7 @@ __all__ = [
     "Generation",
     "GenerationStream",
     "Method",
+    "Scheduler",
     "Session",
     "SessionStats",
     "Stats",

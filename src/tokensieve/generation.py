@@ -28,6 +28,7 @@ class Stats:
     decode_rows_per_layer: list[float] = field(default_factory=list)  # mean: the new token plus revived ones
     kv_bytes_device: int = 0
     kv_bytes_host: int = 0
+    host_is_device: bool = False  # on CPU "host" and "device" are one memory: the KV is held once, split between them
     kv_bytes_reserved: int = 0  # device bytes allocated for KV, spare capacity for later tokens included
     unseen_tokens_per_layer: list[int] = field(default_factory=list)  # a later turn: earlier tokens it could not see
     revived_tokens: int = 0  # token-layer computations in decode beyond the new token (LazyLLM's revival)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_prompt
+from conftest import PRUNING, random_prompt
 from tokensieve.methods import METHODS, Compose, OmniKV, SlimInfer, resolve_method, split_methods
 
 PROMPT = random_prompt(320, seed=11)
@@ -71,16 +71,6 @@ def test_bad_method_specs_are_clear_errors(spec, message):
 
 
 TURN_2 = random_prompt(60, seed=12)[1:]
-# Settings under which each method really prunes or drops at PROMPT's length (the defaults are for long prompts).
-PRUNING = {
-    "dense": "dense",
-    "sliminfer": "sliminfer(budgets=(0.5, 0.25, 0.125))",
-    "lazyllm": "lazyllm",
-    "omnikv": "omnikv(budget=32)",
-    "snapkv": "snapkv(budget=64)",
-    "h2o": "h2o(budget=64)",
-    "streaming_llm": "streaming_llm(window=60)",
-}
 
 
 def test_pruning_settings_cover_every_method_and_really_prune(deep_engine):

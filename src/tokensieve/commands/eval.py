@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> None:
     if ruler:
         tasks, lengths = sorted({task for task, _ in ruler}), sorted({length for _, length in ruler})
     for task in tasks:
-        if task not in longbench and task not in TASK_METRICS and task not in {t for t, _ in ruler}:
+        if task in TASK_METRICS and task not in longbench:
+            where = f"the data in {args.longbench}" if args.longbench else "no --longbench data"
+            raise ValueError(f"--tasks {task} is a LongBench task, and {where} holds it: pass --longbench DIR with it")
+        if task not in longbench and task not in {t for t, _ in ruler}:
             parse_task(task)  # LongBench and RULER names are checked with their data
     if args.depth is not None and not 0 <= args.depth <= 1:
         raise ValueError(f"--depth must be in [0, 1] (0 = start of the haystack), got {args.depth}")

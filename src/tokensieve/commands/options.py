@@ -121,7 +121,10 @@ def format_stats(stats) -> str:
         ("prefill computed vs dense", f"{stats.prefill_fraction:.1%}"),
         ("decode keys per layer (mean)", _compact([round(x, 1) for x in stats.decode_keys_per_layer])),
         ("KV on device", f"{stats.kv_bytes_device * mb:.2f} MiB"),
-        ("KV on host", f"{stats.kv_bytes_host * mb:.2f} MiB"),
+        (
+            "KV on host",
+            f"{stats.kv_bytes_host * mb:.2f} MiB" + (" (the same memory: CPU)" if stats.host_is_device else ""),
+        ),
         ("revived tokens", stats.revived_tokens),
     ]
     rows += [(key, value) for key, value in stats.method_stats.items()]

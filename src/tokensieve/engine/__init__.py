@@ -1,8 +1,9 @@
 """The engine: the layer loop (`loop`), sessions that keep a conversation's state (`session`), one generation
-call token by token (`stream`), and the `Engine` that starts them (`core`)."""
+call token by token (`stream`), continuous batching of many (`scheduler`), and the `Engine` (`core`)."""
 
 from .core import Engine
+from .scheduler import Scheduler
 from .session import Session, SessionStats
 from .stream import GenerationStream
 
-__all__ = ["Engine", "GenerationStream", "Session", "SessionStats"]
+__all__ = ["Engine", "GenerationStream", "Scheduler", "Session", "SessionStats"]

@@ -12,6 +12,7 @@ from ..generation import Generation, Sampling
 from ..methods import Method, resolve_method
 from ..model import DecoderModel
 from .loop import DecodeCounts
+from .scheduler import BatchStream, Scheduler
 from .session import Session
 from .stream import GenerationStream
 
@@ -62,8 +63,25 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         chat: bool = False,
         method: str | Method | None = None,
-    ) -> Generation:
-        """Generate up to `max_new_tokens` after `prompt` (text or token ids); greedy by default."""
+        max_batch: int = 8,
+        max_kv_bytes: int | None = None,
+    ) -> Generation | list[Generation]:
+        """Generate up to `max_new_tokens` after `prompt` (text or token ids); greedy by default.
+
+        A list of prompts (texts, or lists of token ids) runs as a batch with continuous batching (up to
+        `max_batch` sequences per decode step) and returns one `Generation` per prompt, each exactly what
+        that prompt gives alone. `max_new_tokens` and `seed` may then be lists (one per prompt), and so may
+        `stop`, as a list of per-prompt stop lists (a plain list of strings applies to every prompt).
+        `max_kv_bytes` bounds the device KV of the running sequences (a sequence waits for room).
+        """
+        if _is_batch(prompt):
+            stream = self._batch_stream(
+                list(prompt), max_batch, max_kv_bytes, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, seed=seed, stop=stop, chat=chat, method=method,
+            )  # fmt: skip
+            for _ in stream:
+                pass
+            return stream.generations
         stream = self.stream(
             prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
             chat=chat, method=method,
@@ -83,8 +101,19 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         chat: bool = False,
         method: str | Method | None = None,
-    ) -> GenerationStream:
-        """Like `generate`, as an iterator of text pieces; its `generation` holds the result once exhausted."""
+        max_batch: int = 8,
+        max_kv_bytes: int | None = None,
+    ) -> GenerationStream | BatchStream:
+        """Like `generate`, as an iterator of text pieces; its `generation` holds the result once exhausted.
+
+        For a list of prompts, an iterator of `(index, piece)` pairs as the batch decodes; its `generations`
+        (one per prompt) once exhausted.
+        """
+        if _is_batch(prompt):
+            return self._batch_stream(
+                list(prompt), max_batch, max_kv_bytes, max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, seed=seed, stop=stop, chat=chat, method=method,
+            )  # fmt: skip
         self.check_lengths(1, max_new_tokens)  # cheap checks before the prefill
         Sampling(temperature, top_p, seed)  # bad sampling settings or stop strings: refused before the prefill
         inputs.stop_strings(stop)
@@ -93,6 +122,18 @@ class Engine:
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
             close_session=True,
         )  # fmt: skip
+
+    def _batch_stream(self, prompts: list, max_batch: int, max_kv_bytes: int | None, **settings) -> BatchStream:
+        if not prompts:
+            raise ValueError("the batch of prompts is empty: pass at least one prompt")
+        per_prompt = {key: _per_prompt(key, settings[key], len(prompts)) for key in ("max_new_tokens", "seed", "stop")}
+        scheduler = Scheduler(self, max_batch=max_batch, max_kv_bytes=max_kv_bytes)
+        for i, prompt in enumerate(prompts):
+            try:
+                scheduler.submit(prompt, **{**settings, **{key: values[i] for key, values in per_prompt.items()}})
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"prompt {i} of the batch: {err}") from err
+        return BatchStream(scheduler)
 
     def next_token_logits(
         self, prompt: str | Sequence[int], continuation: Sequence[int], *, method: str | Method | None = None
@@ -157,3 +198,26 @@ def _check_chunk(chunk: int | None) -> int | None:
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"prefill_chunk must be None (no chunking) or an int >= 1 (rows per chunk), got {chunk!r}")
     return chunk
+
+
+def _is_batch(prompt) -> bool:
+    """A list of prompts (texts or token-id lists), as opposed to one token-id prompt (a list of ints)."""
+    return (
+        isinstance(prompt, (list, tuple))
+        and len(prompt) > 0
+        and all(isinstance(p, (str, list, tuple, torch.Tensor)) for p in prompt)
+    )
+
+
+def _per_prompt(name: str, value, count: int) -> list:
+    """A setting given once (the same for every prompt) or as a list with one entry per prompt."""
+    per_prompt = (
+        isinstance(value, list)
+        and len(value) > 0
+        and (name != "stop" or all(v is None or isinstance(v, list) for v in value))
+    )
+    if not per_prompt:
+        return [value] * count
+    if len(value) != count:
+        raise ValueError(f"{name} has {len(value)} entries for {count} prompts: give one per prompt, or one value")
+    return value

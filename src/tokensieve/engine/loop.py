@@ -102,26 +102,65 @@ def extend(
     return model.logits(rows.h[-1]), record
 
 
+@dataclass
+class DecodeRequest:
+    """One sequence's part of a decode step: its policy and KV, the token to compute and its position."""
+
+    policy: Policy
+    kv: list[LayerKV]
+    token: int
+    position: int
+    counts: DecodeCounts
+
+
 def decode_step(
     model: DecoderModel, policy: Policy, kv: list[LayerKV], token: int, position: int, counts: DecodeCounts
 ) -> torch.Tensor:
     """One decode step for `token` at `position`; returns the next-token logits."""
-    policy.decode_step_start(position)
-    rows = _embed(model, [token], position)
+    return decode_batch(model, [DecodeRequest(policy, kv, token, position, counts)])[0]
+
+
+def decode_batch(model: DecoderModel, batch: list[DecodeRequest]) -> torch.Tensor:
+    """One decode step of several sequences, each with its own policy and KV; returns logits `[batch, vocab]`.
+
+    The rows of every sequence go through the projections and the MLP together (one matmul per weight);
+    attention runs per sequence, over the context its own policy selects (ragged, never padded).
+    """
+    for seq in batch:
+        seq.policy.decode_step_start(seq.position)
+    rows = [_embed(model, [seq.token], seq.position) for seq in batch]
     for layer in range(model.spec.num_layers):
-        rows = policy.decode_rows(layer, rows)
-        counts.rows_per_layer[layer] += len(rows)
-        q, k, v = model.qkv(layer, rows.h, rows.pos)
-        kv[layer].append(k, v, rows.pos)
-        step = LayerStep(layer, rows, q, k, kv[layer])
-        context = policy.decode_context(step)
-        counts.keys_per_layer[layer] += len(context)
-        out = model.attend(layer, q, rows.pos, context.k, context.v, context.pos, context.hidden, newest=True)
-        rows = rows.with_h(model.mlp(layer, model.attention_output(layer, rows.h, out)))
-        rows = policy.decode_layer_done(step.with_rows(rows), context)
-    policy.decode_step_done()
-    counts.steps += 1
-    return model.logits(rows.h[-1])
+        rows = [seq.policy.decode_rows(layer, part) for seq, part in zip(batch, rows, strict=True)]
+        h, pos = _cat([part.h for part in rows]), _cat([part.pos for part in rows])
+        q, k, v = model.qkv(layer, h, pos)
+        steps, contexts, outputs, start = [], [], [], 0
+        for seq, part in zip(batch, rows, strict=True):
+            mine = slice(start, start + len(part))
+            start += len(part)
+            seq.kv[layer].append(k[:, mine], v[:, mine], part.pos)
+            step = LayerStep(layer, part, q[:, mine], k[:, mine], seq.kv[layer])
+            context = seq.policy.decode_context(step)
+            seq.counts.rows_per_layer[layer] += len(part)
+            seq.counts.keys_per_layer[layer] += len(context)
+            q_pos, ctx = part.pos, context
+            outputs.append(model.attend(layer, step.q, q_pos, ctx.k, ctx.v, ctx.pos, ctx.hidden, newest=True))
+            steps.append(step)
+            contexts.append(context)
+        h = model.mlp(layer, model.attention_output(layer, h, _cat(outputs, dim=1)))
+        rows, start = [], 0
+        for seq, step, context in zip(batch, steps, contexts, strict=True):
+            mine = slice(start, start + len(step.rows))
+            start += len(step.rows)
+            rows.append(seq.policy.decode_layer_done(step.with_rows(step.rows.with_h(h[mine])), context))
+    for seq in batch:
+        seq.policy.decode_step_done()
+        seq.counts.steps += 1
+    return model.logits(_cat([part.h[-1:] for part in rows]))
+
+
+def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """`torch.cat`, without a copy for a single part (a batch of one is the usual decode step)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _embed(model: DecoderModel, ids: list[int], start: int) -> Rows:

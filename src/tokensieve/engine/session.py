@@ -146,17 +146,36 @@ class Session:
     # -- for GenerationStream and the engine -----------------------------------------------------------
     def next_logits(self, counts: loop.DecodeCounts) -> torch.Tensor:
         """Logits after the last token, decoding it first if it has no KV yet."""
-        if self._logits is not None:
+        request = self.decode_request(counts)
+        if request is None:
             logits, self._logits = self._logits, None
             return logits
+        with self.engine.lock, torch.inference_mode():
+            logits = loop.decode_batch(self.engine.model, [request])[0]
+        self.decoded()
+        return logits
+
+    def decode_request(self, counts: loop.DecodeCounts) -> loop.DecodeRequest | None:
+        """The decode step the next logits need (the last token has no KV yet), or None when they are ready.
+
+        A scheduler runs the requests of many sessions as one batched step, then calls `decoded`.
+        """
+        if self._logits is not None:
+            return None
         self._check_open()
         if self.computed != len(self.tokens) - 1:
             raise RuntimeError(f"{len(self.tokens) - self.computed} tokens lack KV; a decode step computes one")
-        with self.engine.lock, torch.inference_mode():
-            logits = loop.decode_step(self.engine.model, self.policy, self.kv, self.tokens[-1], self.computed, counts)
+        return loop.DecodeRequest(self.policy, self.kv, self.tokens[-1], self.computed, counts)
+
+    def decoded(self) -> None:
+        """The request of `decode_request` ran: the last token has its KV."""
         self.computed += 1
         self._trim_windows()
-        return logits
+
+    @property
+    def device_bytes(self) -> int:
+        """KV (and policy state) this session holds on the device now: what memory admission counts."""
+        return 0 if self.kv is None else sum(layer.nbytes for layer in self.kv) + self.policy.device_bytes()
 
     def take_prompt_pass(self) -> loop.PromptPass | None:
         record, self._prompt_pass = self._prompt_pass, None
@@ -168,6 +187,7 @@ class Session:
         stats.kv_bytes_device = sum(layer.nbytes for layer in kv) + extra
         stats.kv_bytes_reserved = sum(layer.reserved_bytes for layer in kv) + extra
         stats.kv_bytes_host = policy.host_bytes()
+        stats.host_is_device = self.engine.model.device.type == "cpu"
         stats.method_stats = policy.stats()
 
     def call_done(self, generation: Generation) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from ..generation import Generation, Sampling, Stats, TextStream
 from ..methods import Method, Policy
-from .loop import DecodeCounts, PromptPass
+from .loop import DecodeCounts, DecodeRequest, PromptPass
 
 
 class StreamSource(Protocol):
@@ -22,6 +22,8 @@ class StreamSource(Protocol):
     tokens: list[int]
 
     def next_logits(self, counts: DecodeCounts) -> torch.Tensor: ...
+    def decode_request(self, counts: DecodeCounts) -> DecodeRequest | None: ...
+    def decoded(self) -> None: ...
     def take_prompt_pass(self) -> PromptPass | None: ...
     def fill_memory_stats(self, stats: Stats) -> None: ...
     def call_done(self, generation: Generation) -> None: ...
@@ -74,13 +76,30 @@ class GenerationStream(Iterator[str]):
         if self.generation is None:
             self._finish("cancelled")
 
+    def decode_request(self) -> DecodeRequest | None:
+        """The decode step this stream's next token needs (None: its logits are ready). A scheduler batches
+        the requests of many streams, then gives each its logits with `take`."""
+        return self.session.decode_request(self.counts)
+
+    def take(self, logits: torch.Tensor | None, seconds: float) -> str:
+        """Pick the next token from `logits` (None: the ready ones, after a prefill or extension), `seconds`
+        after the step began; returns the text it made final."""
+        start = _now(self.session.engine.model.device)
+        if logits is None:
+            logits = self.session.next_logits(self.counts)
+        else:
+            self.session.decoded()
+        return self._pick(logits, seconds + _now(self.session.engine.model.device) - start)
+
     def _advance(self) -> str:
         """Pick one token (decoding the previous one first); returns the text it made final."""
+        start = _now(self.session.engine.model.device)
+        logits = self.session.next_logits(self.counts)
+        return self._pick(logits, _now(self.session.engine.model.device) - start)
+
+    def _pick(self, logits: torch.Tensor, elapsed: float) -> str:
         session = self.session
-        start = _now(session.engine.model.device)
-        logits = session.next_logits(self.counts)
         token = self.sampling.pick(logits, self.generator)
-        elapsed = _now(session.engine.model.device) - start
         if self.new_ids:
             self.step_times.append(elapsed)
         else:

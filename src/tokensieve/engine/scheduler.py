@@ -1,0 +1,172 @@
+"""Continuous batching: many generations share each decode step; they join and leave between steps.
+
+`Scheduler.submit` queues a request; every `step()` first admits waiting requests while the batch has a
+place and the KV budget allows (admission prefills them, one by one), then runs one decode step for every
+running sequence at once (`loop.decode_batch`: one pass through the projections and the MLP, attention per
+sequence over its own selection) and retires the sequences that finished, freeing their place at once.
+
+Memory admission counts what each running session really holds on the device (`Session.device_bytes`)
+and charges a waiting request its prompt's dense KV (an upper bound for every method); a request whose
+prompt alone exceeds `max_kv_bytes` is refused at `submit`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..generation import Generation
+from . import loop
+from .stream import GenerationStream
+
+
+@dataclass
+class Request:
+    """One submitted generation: its prompt ids and settings, and its stream once admitted."""
+
+    index: int
+    ids: list[int]
+    start: dict[str, Any]
+    generate: dict[str, Any]
+    kv_bytes: int
+    stream: GenerationStream | None = None
+
+
+@dataclass
+class BatchStats:
+    """Batch-level figures: the batch size of each decode step and the tokens it produced per second."""
+
+    batch_sizes: list[int] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.batch_sizes) / max(1e-9, sum(self.step_seconds))
+
+
+class Scheduler:
+    """Continuous batching over one engine (see the module docstring). `max_batch`: sequences per decode
+    step; `max_kv_bytes`: device KV of all running sequences (None: no limit)."""
+
+    def __init__(self, engine, max_batch: int = 8, max_kv_bytes: int | None = None):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if max_kv_bytes is not None and (not isinstance(max_kv_bytes, int) or max_kv_bytes < 1):
+            raise ValueError(f"max_kv_bytes must be None or an int >= 1 (bytes), got {max_kv_bytes!r}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_kv_bytes = max_kv_bytes
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}
+        self.done: dict[int, Generation] = {}
+        self.stats = BatchStats()
+        self._next = 0
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        method=None,
+        chat: bool = False,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> int:
+        """Queue a generation; returns its index. Bad input is an error now, before any work."""
+        ids = self.engine.render_chat([{"role": "user", "content": prompt}]) if chat else self.engine.encode(prompt)
+        self.engine.check_lengths(len(ids), max_new_tokens)
+        spec = self.engine.model.spec
+        kv_bytes = len(ids) * spec.num_layers * spec.kv_bytes_per_token(self.engine.model.dtype)
+        if self.max_kv_bytes is not None and kv_bytes > self.max_kv_bytes:
+            raise ValueError(
+                f"its {len(ids)}-token prompt needs up to {kv_bytes} bytes of KV, more than "
+                f"max_kv_bytes={self.max_kv_bytes} even alone: shorten it or raise the budget"
+            )
+        sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+        request = Request(self._next, ids, {"method": method}, sampling, kv_bytes)
+        self.waiting.append(request)
+        self._next += 1
+        return request.index
+
+    def cancel(self, index: int) -> None:
+        """Stop request `index` now (waiting or running); its place and memory are freed."""
+        self.waiting = deque(r for r in self.waiting if r.index != index)
+        request = self.running.pop(index, None)
+        if request is not None:
+            request.stream.close()
+            self.done[index] = request.stream.generation
+
+    @property
+    def finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def step(self) -> list[tuple[int, str]]:
+        """Admit what fits, then one decode step for every running sequence; returns `(index, piece)` pairs."""
+        pieces = self._admit()
+        pending = [(r, r.stream.decode_request()) for r in self.running.values()]
+        ready = [r for r, request in pending if request is not None]
+        if ready:
+            start = time.perf_counter()
+            batch = [request for _, request in pending if request is not None]
+            with self.engine.lock, torch.inference_mode():
+                logits = loop.decode_batch(self.engine.model, batch)
+            seconds = time.perf_counter() - start
+            self.stats.batch_sizes.append(len(ready))
+            self.stats.step_seconds.append(seconds)
+            pieces += [(r.index, r.stream.take(row, seconds)) for r, row in zip(ready, logits, strict=True)]
+        self._retire()
+        return [(index, piece) for index, piece in pieces if piece]
+
+    def run(self) -> list[Generation]:
+        """Step until every request is done; the generations in submission order."""
+        while not self.finished:
+            self.step()
+        return [self.done[i] for i in sorted(self.done)]
+
+    def _admit(self) -> list[tuple[int, str]]:
+        pieces = []
+        while self.waiting and len(self.running) < self.max_batch and self._fits(self.waiting[0]):
+            request = self.waiting.popleft()
+            session = self.engine.start(request.ids, **request.start)
+            request.stream = session.stream(**request.generate, close_session=True)
+            self.running[request.index] = request
+            pieces.append((request.index, request.stream.take(None, 0.0)))  # the first token, from prefill
+        return pieces
+
+    def _fits(self, request: Request) -> bool:
+        if self.max_kv_bytes is None or not self.running:
+            return True
+        held = sum(r.stream.session.device_bytes for r in self.running.values())
+        return held + request.kv_bytes <= self.max_kv_bytes
+
+    def _retire(self) -> None:
+        for index in [i for i, r in self.running.items() if r.stream.generation is not None]:
+            self.done[index] = self.running.pop(index).stream.generation
+
+
+class BatchStream(Iterator[tuple[int, str]]):
+    """`(index, piece)` pairs of a batch as it decodes; `generations` (one per prompt, in order) once done."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.generations: list[Generation] | None = None
+        self._pieces: deque[tuple[int, str]] = deque()
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[int, str]:
+        while not self._pieces and not self.scheduler.finished:
+            self._pieces.extend(self.scheduler.step())
+        if self._pieces:
+            return self._pieces.popleft()
+        if self.generations is None:
+            self.generations = [self.scheduler.done[i] for i in sorted(self.scheduler.done)]
+        raise StopIteration

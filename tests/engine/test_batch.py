@@ -1,0 +1,122 @@
+"""Batching: every sequence of a batch generates exactly what it generates alone, joining and leaving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import PRUNING, random_prompt
+from tokensieve.engine.scheduler import Scheduler
+from tokensieve.methods import METHODS
+
+PROMPTS = [random_prompt(n, seed=60 + n) for n in (150, 320, 90, 260)]
+NEW = [12, 5, 9, 7]
+
+
+@pytest.mark.parametrize("spec", [*(PRUNING[name] for name in sorted(METHODS)), "sliminfer+omnikv(budget=32)"])
+def test_each_sequence_of_a_batch_equals_it_alone(deep_engine, spec):
+    """Two places for four sequences of different lengths and lengths of output: they join and leave."""
+    alone = [
+        deep_engine.generate(p, max_new_tokens=n, method=spec).token_ids for p, n in zip(PROMPTS, NEW, strict=True)
+    ]
+    batched = deep_engine.generate(PROMPTS, max_new_tokens=NEW, method=spec, max_batch=2)
+    assert [g.token_ids for g in batched] == alone
+    assert [g.stats.new_tokens for g in batched] == NEW
+
+
+def test_sequences_join_a_running_batch_between_steps(deep_engine):
+    scheduler = Scheduler(deep_engine, max_batch=4)
+    first = [scheduler.submit(p, max_new_tokens=10) for p in PROMPTS[:2]]
+    for _ in range(4):
+        scheduler.step()
+    later = [scheduler.submit(p, max_new_tokens=10) for p in PROMPTS[2:]]
+    generations = scheduler.run()
+    for index, prompt in zip(first + later, PROMPTS, strict=True):
+        assert generations[index].token_ids == deep_engine.generate(prompt, max_new_tokens=10).token_ids
+    assert max(scheduler.stats.batch_sizes) == 4 and scheduler.stats.tokens_per_s > 0
+
+
+def test_a_sequence_that_stops_early_leaves_the_others_untouched(deep_engine):
+    full = deep_engine.generate(PROMPTS[0], max_new_tokens=20)
+    stop = full.text[3:5]
+    batched = deep_engine.generate(PROMPTS[:2], max_new_tokens=20, stop=[[stop], None])
+    assert batched[0].finish_reason == "stop" and batched[0].text == full.text[: full.text.index(stop)]
+    assert batched[1].token_ids == deep_engine.generate(PROMPTS[1], max_new_tokens=20).token_ids
+
+
+def test_a_cancelled_sequence_frees_its_place_and_memory(deep_engine):
+    scheduler = Scheduler(deep_engine, max_batch=2)
+    a, b = (scheduler.submit(p, max_new_tokens=30) for p in PROMPTS[:2])
+    scheduler.step()
+    session = scheduler.running[a].stream.session
+    scheduler.cancel(a)
+    assert a not in scheduler.running and session.closed
+    assert scheduler.done[a].finish_reason == "cancelled"
+    assert scheduler.run()[1].token_ids == deep_engine.generate(PROMPTS[1], max_new_tokens=30).token_ids
+
+
+def test_memory_admission_waits_for_room_and_refuses_what_never_fits(deep_engine):
+    spec = deep_engine.model.spec
+    one = 320 * spec.num_layers * spec.kv_bytes_per_token(torch.float32)
+    scheduler = Scheduler(deep_engine, max_batch=4, max_kv_bytes=int(1.5 * one))
+    for prompt in (PROMPTS[1], PROMPTS[3]):  # 320 + 260 tokens: not both within 1.5 x 320
+        scheduler.submit(prompt, max_new_tokens=4)
+    scheduler.run()
+    assert scheduler.stats.batch_sizes and max(scheduler.stats.batch_sizes) == 1  # the second waited
+    with pytest.raises(ValueError, match="more than max_kv_bytes"):
+        Scheduler(deep_engine, max_kv_bytes=one // 2).submit(PROMPTS[1])
+
+
+@pytest.mark.parametrize(
+    ("prompts", "settings", "message"),
+    [
+        ([PROMPTS[0], PROMPTS[1], ""], {}, "prompt 2 of the batch: the prompt is empty"),
+        (PROMPTS[:2], {"max_new_tokens": [4, 5, 6]}, "max_new_tokens has 3 entries for 2 prompts"),
+        (PROMPTS[:2], {"seed": [1]}, "seed has 1 entries for 2 prompts"),
+        (PROMPTS[:2], {"max_new_tokens": [4, 0]}, "prompt 1 of the batch: max_new_tokens"),
+    ],
+)
+def test_bad_batch_input_names_the_prompt(deep_engine, prompts, settings, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        deep_engine.generate(prompts, **settings)
+
+
+def test_dense_batch_equals_transformers_batched_generate_with_left_padding(deep_engine):
+    prompts = [p[:n] for p, n in zip(PROMPTS, (40, 64, 25, 50), strict=True)]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = deep_engine.model.hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    theirs = out[:, width:].tolist()
+    ours = [g.token_ids for g in deep_engine.generate(prompts, max_new_tokens=8, stop=None)]
+    eos = deep_engine.eos_ids
+    for mine, hf in zip(ours, theirs, strict=True):
+        assert mine == hf[: len(mine)] and (len(mine) == 8 or mine[-1] in eos)
+
+
+def test_batch_stream_yields_indexed_pieces_then_the_generations(deep_engine):
+    stream = deep_engine.stream(PROMPTS[:3], max_new_tokens=NEW[:3], max_batch=2)
+    pieces: dict[int, str] = {}
+    for index, piece in stream:
+        pieces[index] = pieces.get(index, "") + piece
+    expected = deep_engine.generate(PROMPTS[:3], max_new_tokens=NEW[:3])
+    assert [g.token_ids for g in stream.generations] == [g.token_ids for g in expected]
+    assert [pieces.get(i, "") for i in range(3)] == [g.text for g in expected]
+
+
+def test_cli_generates_a_batch_from_prompt_files_and_jsonl(tmp_path, capsys):
+    from tokensieve.cli import main
+
+    (tmp_path / "a.txt").write_text("first prompt")
+    (tmp_path / "b.txt").write_text("second prompt")
+    (tmp_path / "p.jsonl").write_text('"one"\n{"prompt": "two"}\n{"prompt_ids": [1, 2, 3]}\n')
+    files = ["--prompt-file", str(tmp_path / "a.txt"), "--prompt-file", str(tmp_path / "b.txt")]
+    assert main(["generate", "--model", "tiny", *files, "--max-new-tokens", "3", "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert "--- prompt 0" in out and "--- prompt 1" in out and out.count("prompt tokens") == 2
+    assert main(["generate", "--model", "tiny", "--prompts", str(tmp_path / "p.jsonl"), "--max-new-tokens", "2"]) == 0
+    assert "--- prompt 2" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text('"fine"\n{"nope": 1}\n')
+    assert main(["generate", "--model", "tiny", "--prompts", str(tmp_path / "bad.jsonl")]) == 2
+    assert "line 2" in capsys.readouterr().err
