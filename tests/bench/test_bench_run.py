@@ -65,7 +65,7 @@ def test_bench_writes_json_with_every_field(bench_run):
         else:
             assert r["stats"]["prompt_tokens"] == r["length"] and r["memory"]["kv_bytes_device"] > 0
         if r["method"] in ("transformers", "dense"):
-            assert r["ideal_speedup"] == {"prefill": 1.0, "decode": pytest.approx(1.0)}
+            assert r["ideal_speedup"] == {"prefill": 1.0, "decode": pytest.approx(1.0), "e2e": pytest.approx(1.0)}
         if r["method"] == "dense":
             assert r["speedup_vs_dense"]["ttft"] == 1.0
             dense_ttft = r["ttft_s"]["median"]

@@ -111,3 +111,21 @@ def test_a_schedule_of_the_wrong_depth_is_an_error():
         costs.prefill_flops(SMALL, [4, 4, 4])
     with pytest.raises(ValueError, match="1 entries for a 2-layer model"):
         costs.decode_bytes(SMALL, torch.float32, [4])
+
+
+def test_extend_flops_by_hand_and_from_an_empty_session():
+    # 3 new tokens after 5: per layer 2*3*576 projections/MLP + 2*8*3*(2*5+3) attention = 3456 + 624;
+    # two layers and the LM head (2*8*10).
+    assert costs.extend_flops(SMALL, 5, 3) == 2 * (3456 + 624) + 160
+    assert costs.extend_flops(SMALL, 0, 7) == costs.prefill_flops(SMALL, [7, 7])
+
+
+def test_end_to_end_ideal_combines_the_phases():
+    # 1 s prefill at an ideal 2x, 3 s decode at an ideal 1.5x: 0.5 + 2 = 2.5 s of 4 s.
+    assert costs.ideal_e2e_speedup(1.0, 3.0, 2.0, 1.5) == pytest.approx(4 / 2.5)
+    assert costs.ideal_e2e_speedup(1.0, 3.0, 2.0, None) == pytest.approx(4 / 3.5)  # no decode ideal: as measured
+
+
+def test_dense_decode_keys_of_a_later_call_count_the_session():
+    later = Stats(method={}, prompt_tokens=0, context_tokens=100, new_tokens=8)
+    assert costs.dense_decode_keys(later) == 103.5  # 8 steps attending 100 .. 107 keys

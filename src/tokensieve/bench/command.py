@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..methods import METHODS, split_methods
+from .modes import MODES
 
 
 def register(sub) -> None:
@@ -13,21 +14,36 @@ def register(sub) -> None:
 
     parser = sub.add_parser(
         "bench",
-        help="time methods against transformers and our dense path (TTFT, TPOT, memory) beside the ideal",
+        help="time methods against transformers and our dense path (TTFT, TPOT, multi-turn, memory) beside the ideal",
     )
     add_model_arguments(parser, default_model="cpu-prefill")
     parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="e2e",
+        help="e2e: whole generations; ttft: prefill only; decode: TPOT after an untimed prefill; "
+        "multi-turn: session.extend vs recomputing each turn; memory: peak memory of a prefill, chunked or not",
+    )
+    parser.add_argument(
         "--methods",
         default="all",
-        help=f"comma-separated methods or specs like 'omnikv(budget=256)', or 'all' "
+        help=f"comma-separated methods or specs like 'omnikv(budget=256)' or 'sliminfer+omnikv', or 'all' "
         f"(registered: {', '.join(sorted(METHODS))}); "
         "transformers and our dense path always run",
     )
     parser.add_argument("--lengths", default="4k", help="comma-separated context lengths in tokens, e.g. 4k,8k,16384")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (>= 2)")
-    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per method and length (medians)")
-    parser.add_argument("--out", default="results/bench", help="folder for bench.json and the plots")
-    parser.add_argument("--accuracy", default=None, help="eval results JSON, to plot accuracy vs speedup")
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=None,
+        help="tokens generated per run (e2e: default 32, >= 2), decode steps per round (decode: 16), "
+        "answer tokens per turn (multi-turn: 16)",
+    )
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs (decode: rounds) per setting")
+    parser.add_argument("--turns", type=positive_int, default=4, help="multi-turn: turns of the conversation")
+    parser.add_argument("--document", default=None, help="multi-turn: a text file or JSON {'text': ...} to talk about")
+    parser.add_argument("--out", default="results/bench", help="folder for the JSON results and the plots")
+    parser.add_argument("--accuracy", default=None, help="eval results JSON, to plot accuracy vs speedup (e2e)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -47,44 +63,46 @@ def parse_lengths(text: str) -> list[int]:
     return sorted(set(lengths))
 
 
-def run(args: argparse.Namespace) -> None:
+def load_engine(args: argparse.Namespace):
+    """The engine for `--model` and the shared model options."""
+    from ..commands.options import load_engine
 
-    from ..commands.options import check_context, load_engine
-    from . import report, runner
+    return load_engine(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..commands.options import check_context
+    from . import modes, report, runner
 
     methods, lengths = split_methods(args.methods), parse_lengths(args.lengths)
     runner.contestants(methods)  # unknown names fail before the model loads
-    if args.new_tokens < 2:
-        raise ValueError(f"--new-tokens must be >= 2 so that time per output token is defined, got {args.new_tokens}")
-    check_context(args.model, max(lengths), "--lengths", args.new_tokens)
+    modes.check(args)
+    check_context(args.model, max(lengths), "--lengths", modes.new_tokens(args))
     accuracy = report.load_accuracy(Path(args.accuracy)) if args.accuracy else None
-    engine = load_engine(args)
-    series = runner.measure(
-        engine, methods, lengths, new_tokens=args.new_tokens, repeats=args.repeats, progress=not args.no_progress
-    )
-    rows = report.records(series, engine)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model": args.model,
-        "methods": methods,
-        "lengths": lengths,
-        "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
-        "prompt": "haystack sentences then a question, tokenized to each length",
-    }
-    report.write_json(out / "bench.json", engine, config, rows)
-    print(report.table(rows))
-    written = [out / "bench.json"]
+    path, text = modes.run(args, methods, lengths, load_engine)
+    print(text)
+    written = [path]
+    if args.mode == "e2e":
+        written += _plots(path, accuracy, args.accuracy)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+
+
+def _plots(path: Path, accuracy: dict[str, float] | None, accuracy_file: str | None) -> list[Path]:
+    import json
+
+    from . import plots, runner
+
+    rows = json.loads(path.read_text())["results"]
+    written = []
     try:
-        report.plot_speedups(rows, out / "speedup.png")
-        written.append(out / "speedup.png")
+        plots.plot_speedups(rows, path.parent / "speedup.png")
+        written.append(path.parent / "speedup.png")
         if accuracy is not None:
-            drawn = report.plot_accuracy(rows, accuracy, out / "accuracy_vs_speedup.png")
-            written.append(out / "accuracy_vs_speedup.png")
+            drawn = plots.plot_accuracy(rows, accuracy, path.parent / "accuracy_vs_speedup.png")
+            written.append(path.parent / "accuracy_vs_speedup.png")
             missing = sorted({r["method"] for r in rows} - set(drawn) - {runner.TRANSFORMERS})
             if missing:
-                print(f"no accuracy in {args.accuracy} for: {', '.join(missing)}")
+                print(f"no accuracy in {accuracy_file} for: {', '.join(missing)}")
     except ImportError:
         print("matplotlib is not installed (pip install 'tokensieve[plot]'): no plots written")
-    print("\nwrote " + ", ".join(str(p) for p in written))
+    return written

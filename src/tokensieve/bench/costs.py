@@ -55,6 +55,14 @@ def prefill_flops(
     return float(flops)
 
 
+def extend_flops(spec: ModelSpec, context: int, new: int) -> float:
+    """FLOPs of extending a session of `context` tokens by `new` dense tokens: projections and MLP on the
+    new tokens, attention of each to the context and, causally, to the new tokens before it (c = 0: a prefill)."""
+    d = spec.num_heads * spec.head_dim
+    per_layer = 2 * new * layer_params(spec) + 2 * d * new * (2 * context + new)
+    return float(2 * spec.hidden_size * spec.vocab_size + spec.num_layers * per_layer)
+
+
 def weight_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
     """Bytes of weights one decode step reads: every layer, the LM head and one embedding row."""
     params = spec.num_layers * layer_params(spec) + spec.vocab_size * spec.hidden_size + spec.hidden_size
@@ -75,9 +83,13 @@ def decode_bytes(
 def dense_decode_keys(stats: Stats) -> float:
     """Keys the dense model attends to per layer, averaged over the decode steps of `stats`' generation.
 
-    Step k (k = 1 .. T-1) attends to the prompt and k generated tokens, so the mean is prompt + T/2.
+    After a prefill (or extension) of the context, the first token comes from it and step k (k = 1 .. T-1)
+    attends to the context and k generated tokens: the mean is context + T/2. A call on a session with
+    nothing to prefill decodes its first token too (k = 0 .. T-1): context + (T-1)/2.
     """
-    return stats.prompt_tokens + stats.new_tokens / 2
+    if stats.prompt_tokens:
+        return max(stats.prompt_tokens, stats.context_tokens) + stats.new_tokens / 2
+    return stats.context_tokens + (stats.new_tokens - 1) / 2
 
 
 def ideal_prefill_speedup(spec: ModelSpec, stats: Stats) -> float:
@@ -93,6 +105,13 @@ def ideal_decode_speedup(spec: ModelSpec, dtype: torch.dtype, stats: Stats) -> f
         return None
     dense = decode_bytes(spec, dtype, [dense_decode_keys(stats)] * spec.num_layers)
     return dense / decode_bytes(spec, dtype, stats.decode_keys_per_layer, stats.host_bytes_loaded_per_step)
+
+
+def ideal_e2e_speedup(prefill_s: float, decode_s: float, prefill_speedup: float, decode_speedup: float | None) -> float:
+    """A whole generation's ideal speedup: a baseline's measured prefill and decode seconds, each divided by
+    its phase's ideal speedup (no decode steps: the prefill alone)."""
+    ideal_s = prefill_s / prefill_speedup + (decode_s / decode_speedup if decode_speedup else decode_s)
+    return (prefill_s + decode_s) / ideal_s
 
 
 def _element_size(dtype: torch.dtype) -> int:

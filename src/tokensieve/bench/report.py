@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 from collections.abc import Sequence
@@ -30,12 +31,16 @@ def records(series: Sequence[Series], engine: Engine) -> list[dict[str, Any]]:
     medians = {(s.method, s.length): {t: _median(s, t) for t in TIMES} for s in series}
     out = []
     for s in series:
-        own = medians[s.method, s.length]
-        vs_hf = {t: medians[TRANSFORMERS, s.length][t] / own[t] for t in TIMES}
-        vs_dense = {t: medians[DENSE, s.length][t] / own[t] for t in TIMES}
+        own, hf = medians[s.method, s.length], medians[TRANSFORMERS, s.length]
+        vs_hf = {t: _ratio(hf[t], own[t]) for t in TIMES}
+        vs_dense = {t: _ratio(medians[DENSE, s.length][t], own[t]) for t in TIMES}
         stats = s.samples[0].stats
-        ideal_prefill = costs.ideal_prefill_speedup(spec, stats) if stats else 1.0
-        ideal_decode = costs.ideal_decode_speedup(spec, dtype, stats) if stats else 1.0
+        ideal = {
+            "prefill": costs.ideal_prefill_speedup(spec, stats) if stats else 1.0,
+            "decode": costs.ideal_decode_speedup(spec, dtype, stats) if stats else 1.0,
+        }
+        hf_decode_s = hf["e2e_s"] - hf["ttft_s"]
+        ideal["e2e"] = costs.ideal_e2e_speedup(hf["ttft_s"], hf_decode_s, ideal["prefill"], ideal["decode"])
         last = s.samples[-1]
         out.append(
             {
@@ -46,10 +51,10 @@ def records(series: Sequence[Series], engine: Engine) -> list[dict[str, Any]]:
                 **{t: _spread(s, t) for t in TIMES},
                 "speedup_vs_transformers": {t[:-2]: vs_hf[t] for t in TIMES},
                 "speedup_vs_dense": {t[:-2]: vs_dense[t] for t in TIMES},
-                "ideal_speedup": {"prefill": ideal_prefill, "decode": ideal_decode},
+                "ideal_speedup": ideal,
                 "of_ideal": {
-                    "prefill": vs_hf["ttft_s"] / ideal_prefill,
-                    "decode": vs_hf["tpot_s"] / ideal_decode if ideal_decode else None,
+                    phase: _ratio(vs_hf[time], ideal[phase])
+                    for phase, time in (("prefill", "ttft_s"), ("decode", "tpot_s"), ("e2e", "e2e_s"))
                 },
                 "memory": {
                     "peak_device_bytes": max((x.peak_device_bytes or 0) for x in s.samples) or None,
@@ -63,15 +68,15 @@ def records(series: Sequence[Series], engine: Engine) -> list[dict[str, Any]]:
     return out
 
 
-def machine(engine: Engine) -> dict[str, Any]:
-    """Where and with what the numbers were taken."""
+def machine(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Where and with what the numbers were taken (the load average: how busy the machine was at the end)."""
     import transformers
 
     from .. import __version__
 
-    device = engine.model.device
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "python": platform.python_version(),
@@ -81,35 +86,33 @@ def machine(engine: Engine) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
     }
 
 
-def write_json(path: Path, engine: Engine, config: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    from dataclasses import asdict
-
-    document = {"machine": machine(engine), "config": config, "model": asdict(engine.model.spec), "results": rows}
-    path.write_text(json.dumps(document, indent=2) + "\n")
-
-
-def table(rows: Sequence[dict[str, Any]]) -> str:
-    """Two plain-text tables: prefill (TTFT) and decode (TPOT), end-to-end and memory."""
+def table(rows: Sequence[dict[str, Any]], prefill_only: bool = False) -> str:
+    """Plain-text tables: prefill (TTFT), then (unless `prefill_only`) decode (TPOT), end-to-end and memory."""
     prefill = [("method", "tokens", "TTFT ms [min-max]", "x HF", "x dense", "ideal", "of ideal")]
-    decode = [("method", "tokens", "TPOT ms [min-max]", "x HF", "x dense", "ideal", "of ideal", "e2e ms", "x HF")]
+    decode = [("method", "tokens", "TPOT ms [min-max]", "x HF", "x dense", "ideal", "of ideal")]
+    decode[0] += ("e2e ms", "x HF", "x dense", "ideal", "of ideal")
     on_device = any(r["memory"]["peak_device_bytes"] for r in rows)
     decode[0] += ("peak alloc MiB" if on_device else "peak RSS MiB", "KV dev/host MiB")
     for r in rows:
-        hf, dense, ideal, of = r["speedup_vs_transformers"], r["speedup_vs_dense"], r["ideal_speedup"], r["of_ideal"]
-        prefill.append(
-            (r["method"], r["length"], _ms(r["ttft_s"]), _x(hf["ttft"]), _x(dense["ttft"]))
-            + (_x(ideal["prefill"]), _pct(of["prefill"]))
-        )
+        prefill.append((r["method"], r["length"], ms(r["ttft_s"]), *_versus(r, "ttft", "prefill")))
         decode.append(
-            (r["method"], r["length"], _ms(r["tpot_s"]), _x(hf["tpot"]), _x(dense["tpot"]))
-            + (_x(ideal["decode"]), _pct(of["decode"]), f"{r['e2e_s']['median'] * 1e3:.0f}", _x(hf["e2e"]))
+            (r["method"], r["length"], ms(r["tpot_s"]), *_versus(r, "tpot", "decode"))
+            + (f"{r['e2e_s']['median'] * 1e3:.0f}", *_versus(r, "e2e", "e2e"))
             + (_memory(r["memory"]), _kv(r["memory"]))
         )
-    return f"Prefill\n{_render(prefill)}\n\nDecode, end-to-end, memory\n{_render(decode)}"
+    if prefill_only:
+        return f"Prefill\n{render(prefill)}"
+    return f"Prefill\n{render(prefill)}\n\nDecode, end-to-end, memory\n{render(decode)}"
+
+
+def _versus(r: dict[str, Any], time: str, phase: str) -> tuple[str, str, str, str]:
+    """x HF, x dense, ideal and of-ideal cells of one timing."""
+    hf, dense = r["speedup_vs_transformers"][time], r["speedup_vs_dense"][time]
+    return x(hf), x(dense), x(r["ideal_speedup"][phase]), _pct(r["of_ideal"][phase])
 
 
 def load_accuracy(path: Path) -> dict[str, float]:
@@ -137,69 +140,22 @@ def load_accuracy(path: Path) -> dict[str, float]:
     )
 
 
-def plot_speedups(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """TTFT and TPOT speedup vs `transformers` against context length, one line per method, the ideal dotted
-    (where it is not simply 1)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, time, phase in zip(axes, ("ttft", "tpot"), ("prefill", "decode"), strict=True):
-        for i, name in enumerate(_methods(rows)):
-            mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["length"])
-            lengths = [r["length"] for r in mine]
-            color = f"C{i}"
-            ax.plot(lengths, [r["speedup_vs_transformers"][time] for r in mine], "o-", color=color, label=name)
-            ideal = [r["ideal_speedup"][phase] for r in mine]
-            if all(v is not None for v in ideal) and any(abs(v - 1) > 1e-3 for v in ideal):  # 1.0 = the axis line
-                ax.plot(lengths, ideal, ":", color=color, label=f"{name} ideal")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(f"{time.upper()} speedup vs transformers")
-        ax.set_title(f"{phase}: {time.upper()}")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_accuracy(rows: Sequence[dict[str, Any]], accuracy: dict[str, float], path: Path) -> list[str]:
-    """Accuracy against end-to-end speedup vs `transformers` at the longest length; returns the methods drawn."""
-    longest = max(r["length"] for r in rows)
-    points = [(r["method"], r["speedup_vs_transformers"]["e2e"]) for r in rows if r["length"] == longest]
-    points = [(name, speed, accuracy[name]) for name, speed in points if name in accuracy]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for name, speed, acc in points:
-        ax.scatter(speed, acc)
-        ax.annotate(name, (speed, acc), textcoords="offset points", xytext=(4, 4), fontsize=9)
-    ax.set_xlabel(f"end-to-end speedup vs transformers at {longest} tokens")
-    ax.set_ylabel("accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [name for name, _, _ in points]
-
-
-def _methods(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return [name for name in dict.fromkeys(r["method"] for r in rows) if name != TRANSFORMERS]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _median(s: Series, time: str) -> float:
     return statistics.median(getattr(x, time) for x in s.samples)
 
 
 def _spread(s: Series, time: str) -> dict[str, float]:
-    values = [getattr(x, time) for x in s.samples]
+    return spread([getattr(x, time) for x in s.samples])
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _ratio(baseline: float, contestant: float) -> float | None:
+    """baseline / contestant, None where either is not a time (TPOT of a one-token run)."""
+    return baseline / contestant if baseline and contestant else None
 
 
 def _cpu_name() -> str:
@@ -212,7 +168,8 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _render(rows: list[tuple]) -> str:
+def render(rows: list[tuple]) -> str:
+    """Rows as aligned columns: the first left-aligned, the rest right-aligned."""
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     cells = (
         (str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True)))
@@ -221,12 +178,13 @@ def _render(rows: list[tuple]) -> str:
     return "\n".join("  ".join(row) for row in cells)
 
 
-def _ms(spread: dict[str, float]) -> str:
-    scale = 1e3
-    return f"{spread['median'] * scale:.1f} [{spread['min'] * scale:.1f}-{spread['max'] * scale:.1f}]"
+def ms(times: dict[str, float]) -> str:
+    """`median [min-max]` in milliseconds."""
+    return f"{times['median'] * 1e3:.1f} [{times['min'] * 1e3:.1f}-{times['max'] * 1e3:.1f}]"
 
 
-def _x(value: float | None) -> str:
+def x(value: float | None) -> str:
+    """A speedup as `1.23x`, `-` where undefined."""
     return "-" if value is None else f"{value:.2f}x"
 
 

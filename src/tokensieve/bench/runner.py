@@ -83,9 +83,21 @@ def measure(
     repeats: int = 3,
     progress: bool = True,
 ) -> list[Series]:
-    """Time every contestant at every length, `repeats` times, alternating order; one series per pair."""
+    """Time every contestant's whole generation at every length, `repeats` times, alternating order."""
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 so that time per output token is defined, got {new_tokens}")
+    return _alternate(engine, methods, lengths, new_tokens, repeats, progress)
+
+
+def measure_ttft(
+    engine: Engine, methods: Sequence[str], lengths: Sequence[int], *, repeats: int = 3, progress: bool = True
+) -> list[Series]:
+    """Time to first token only: each run generates one token, so it is the prefill and the first pick."""
+    return _alternate(engine, methods, lengths, 1, repeats, progress)
+
+
+def check_lengths(engine: Engine, lengths: Sequence[int], new_tokens: int, repeats: int) -> None:
+    """Clear errors for settings no run can satisfy."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if not lengths:
@@ -93,21 +105,30 @@ def measure(
     limit = engine.model.spec.max_positions
     if max(lengths) + new_tokens > limit:
         raise ValueError(f"{max(lengths)} tokens plus {new_tokens} new ones exceed the model's {limit} positions")
+
+
+def _alternate(engine: Engine, methods, lengths, new_tokens: int, repeats: int, progress: bool) -> list[Series]:
+    check_lengths(engine, lengths, new_tokens, repeats)
     names = contestants(methods)
     prompts = {length: build_prompt(engine.tokenizer, length) for length in lengths}
     warmup = build_prompt(engine.tokenizer, min(256, min(lengths)))
     for name in names:
-        run_once(engine, name, warmup, 2)
+        run_once(engine, name, warmup, min(2, new_tokens))
     series = {(name, length): Series(name, length) for length in lengths for name in names}
     bar = tqdm(total=len(series) * repeats, desc="bench", unit="run", disable=not progress)
     for length in lengths:
-        for repeat in range(repeats):
-            for name in names if repeat % 2 == 0 else reversed(names):
-                bar.set_postfix_str(f"{name} @ {length}")
-                series[name, length].samples.append(run_once(engine, name, prompts[length], new_tokens))
-                bar.update()
+        for name in alternating(names, repeats):
+            bar.set_postfix_str(f"{name} @ {length}")
+            series[name, length].samples.append(run_once(engine, name, prompts[length], new_tokens))
+            bar.update()
     bar.close()
     return list(series.values())
+
+
+def alternating(names: Sequence[str], repeats: int):
+    """Every name once per repeat, in order, then in reverse order on the next repeat, and so on."""
+    for repeat in range(repeats):
+        yield from names if repeat % 2 == 0 else reversed(names)
 
 
 def run_once(engine: Engine, name: str, prompt: list[int], new_tokens: int) -> Sample:
@@ -116,18 +137,18 @@ def run_once(engine: Engine, name: str, prompt: list[int], new_tokens: int) -> S
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if name == TRANSFORMERS:
-        e2e, (ttft, generated) = _time(engine, lambda: _hf_generate(engine, prompt, new_tokens))
-        tpot = (e2e - ttft) / max(1, generated - 1)
+        e2e, (ttft, generated) = timed(engine, lambda: hf_generate(engine, prompt, new_tokens))
+        tpot = (e2e - ttft) / (generated - 1) if generated > 1 else 0.0
         stats = None
     else:
-        e2e, gen = _time(engine, lambda: engine.generate(prompt, max_new_tokens=new_tokens, method=name))
+        e2e, gen = timed(engine, lambda: engine.generate(prompt, max_new_tokens=new_tokens, method=name))
         stats, generated = gen.stats, gen.stats.new_tokens
         ttft, tpot = stats.ttft_s, stats.tpot_s
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return Sample(ttft, tpot, e2e, generated, peak, _peak_rss_bytes(), stats)
+    return Sample(ttft, tpot, e2e, generated, peak, peak_rss_bytes(), stats)
 
 
-def _hf_generate(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[float, int]:
+def hf_generate(engine: Engine, prompt: list[int], new_tokens: int) -> tuple[float, int]:
     """`transformers`' own greedy generation with SDPA; returns its time to first token and new tokens."""
     hf = engine.model.hf
     ids = torch.tensor([prompt], device=engine.model.device)
@@ -166,7 +187,8 @@ class _TokenClock:
         pass
 
 
-def _time(engine: Engine, fn):
+def timed(engine: Engine, fn):
+    """Seconds `fn()` took (the device synchronised on both sides) and its result."""
     sync = engine.model.device.type == "cuda"
     if sync:
         torch.cuda.synchronize(engine.model.device)
@@ -177,7 +199,7 @@ def _time(engine: Engine, fn):
     return time.perf_counter() - start, result
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """The process's peak resident memory so far (a high-water mark: it never goes down)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
