@@ -54,7 +54,7 @@ def probe(request: dict[str, Any]) -> dict[str, Any]:
     """In a fresh process: the peak memory before and after one prefill."""
     import torch
 
-    from .command import load_engine
+    from ..commands.options import load_engine
 
     engine = load_engine(argparse.Namespace(**{key: request[key] for key in MODEL_OPTIONS}))
     device = engine.model.device
