@@ -109,3 +109,23 @@ def test_bad_values_are_argument_errors(capsys, argv, message):
     with pytest.raises(SystemExit):
         cli.main(["bench", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_batch_mode_measures_decode_throughput_at_each_batch_size(tmp_path):
+    spec = "omnikv(budget=16, filter_layers=(0,))"
+    argv = ("--mode", "batch", "--methods", spec, "--lengths", "96", "--batch", "1,3", "--new-tokens", "6")
+    document, printed = bench(tmp_path, *argv)
+    rows = document["results"]
+    assert {(r["batch"], r["method"]) for r in rows} == {
+        (b, m) for b in (1, 3) for m in ("transformers", "dense", spec)
+    }
+    assert all(r["tokens_per_s"] > 0 and r["tpot_s"] > 0 for r in rows)
+    assert all(r["vs_dense"] == pytest.approx(1) for r in rows if r["method"] == "dense")
+    assert document["config"]["batch"] == [1, 3] and "decode tokens/s" in printed
+
+
+@pytest.mark.parametrize("batch", ["0,4", "four", ""])
+def test_bad_batch_sizes_fail_before_loading(tmp_path, batch, monkeypatch, capsys):
+    monkeypatch.setattr(command, "load_engine", lambda args: pytest.fail("loaded the model"))
+    assert cli.main(["bench", *TINY, "--mode", "batch", "--batch", batch, "--out", str(tmp_path)]) == 2
+    assert "--batch" in capsys.readouterr().err

@@ -22,8 +22,10 @@ def register(sub) -> None:
         choices=MODES,
         default="e2e",
         help="e2e: whole generations; ttft: prefill only; decode: TPOT after an untimed prefill; "
-        "multi-turn: session.extend vs recomputing each turn; memory: peak memory of a prefill, chunked or not",
+        "multi-turn: session.extend vs recomputing each turn; memory: peak memory of a prefill, chunked or not; "
+        "batch: decode throughput at the --batch sizes (continuous batching vs transformers' batched generate)",
     )
+    parser.add_argument("--batch", default="1,4", help="batch: comma-separated batch sizes, e.g. 1,4,16")
     parser.add_argument(
         "--methods",
         default="all",

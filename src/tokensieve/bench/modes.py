@@ -5,6 +5,7 @@
 - `decode`: TPOT at each length after an untimed prefill, against the byte ideal (`decode.py`).
 - `multi-turn`: each turn of a conversation by `session.extend` vs recomputed (`turns.py`).
 - `memory`: peak memory of one prefill with and without `--prefill-chunk`, fresh processes (`memory.py`).
+- `batch`: decode throughput and TPOT per sequence at each `--batch` size (`batch.py`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-MODES = ("e2e", "ttft", "decode", "multi-turn", "memory")
-DEFAULT_NEW_TOKENS = {"e2e": 32, "decode": 16, "multi-turn": 16}  # ttft and memory generate no more than one
+MODES = ("e2e", "ttft", "decode", "multi-turn", "memory", "batch")
+DEFAULT_NEW_TOKENS = {
+    "e2e": 32,
+    "decode": 16,
+    "multi-turn": 16,
+    "batch": 16,
+}  # ttft and memory generate no more than one
 
 
 def new_tokens(args: argparse.Namespace) -> int:
@@ -26,13 +32,26 @@ def new_tokens(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> None:
     """Settings a mode cannot use are an error naming the option, before the model loads (argparse has
     already refused non-positive `--repeats` and `--turns`)."""
-    least = {"e2e": 2, "decode": 1, "multi-turn": 1}.get(args.mode, 0)
+    least = {"e2e": 2, "decode": 1, "multi-turn": 1, "batch": 2}.get(args.mode, 0)
     if args.new_tokens is not None and args.new_tokens < least:
         raise ValueError(f"--new-tokens must be >= {least} in --mode {args.mode}, got {args.new_tokens}")
     if args.document is not None and not Path(args.document).is_file():
         raise ValueError(f"--document {args.document}: no such file (give a text file or a JSON {{'text': ...}})")
+    if args.mode == "batch":
+        batch_sizes(args)
     if args.mode == "memory" and args.prefill_chunk is None:
         raise ValueError("--mode memory compares a prefill with and without chunks: give --prefill-chunk N (N >= 1)")
+
+
+def batch_sizes(args: argparse.Namespace) -> list[int]:
+    """`--batch 1,4,16` as sizes, each an int >= 1."""
+    try:
+        sizes = sorted({int(item) for item in args.batch.split(",") if item.strip()})
+    except ValueError:
+        raise ValueError(f"--batch takes batch sizes like 1,4,16, got {args.batch!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"--batch sizes must be ints >= 1, got {args.batch!r}")
+    return sizes
 
 
 def run(args: argparse.Namespace, methods: list[str], lengths: list[int], load_engine) -> tuple[Path, str]:
@@ -63,6 +82,12 @@ def _measure(engine, args: argparse.Namespace, methods: list[str], lengths: list
     from . import report, runner
 
     progress = not args.no_progress
+    if args.mode == "batch":
+        from .batch import batch_table, measure_batch
+
+        sizes, generated = batch_sizes(args), new_tokens(args)
+        rows = measure_batch(engine, methods, lengths, sizes, generated, args.repeats)
+        return rows, batch_table(rows), {"batch": sizes, "new_tokens": generated}
     if args.mode == "decode":
         from .decode import decode_table, measure_decode
 
