@@ -4,8 +4,8 @@ Every sequence of a batch has its own prompt of the context length (the haystack
 second token, so that each sequence's selections differ). Our dense path and each method run through the
 engine's continuous-batching `Scheduler`: the decode time is the sum of its batched decode steps (the
 prefills are not counted), the throughput is the tokens those steps produced over that time, and TPOT per
-sequence is that time over the number of steps. `transformers` runs its batched `generate` on the same
-prompts (equal lengths: no padding), timed with `max_new_tokens` = 1 and = T, the difference over T - 1 steps.
+sequence is that time over the number of steps. `transformers` runs batched forward passes on the same
+prompts (equal lengths: no padding) on its own `DynamicCache`: the prefill untimed, then T - 1 timed steps.
 Contestants alternate their order from one repeat to the next; medians of the repeats.
 """
 
@@ -39,20 +39,23 @@ def ours(engine: Engine, method: str, prompts: list[list[int]], new_tokens: int)
 
 
 def theirs(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """The same for `transformers`' batched `generate` (greedy, exactly `new_tokens` tokens)."""
-    ids = torch.tensor(prompts, device=engine.model.device)
+    """The same for `transformers`: one batched forward pass over the prompts into a `DynamicCache`
+    (untimed), then `new_tokens - 1` timed batched decode steps (greedy)."""
+    from transformers import DynamicCache
 
-    def generate(tokens: int):
-        with torch.inference_mode():
-            engine.model.hf.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                do_sample=False, pad_token_id=0,
-            )  # fmt: skip
+    hf = engine.model.hf
+    cache = DynamicCache(config=hf.config)
+    with torch.inference_mode():
+        logits = hf(torch.tensor(prompts, device=engine.model.device), past_key_values=cache, use_cache=True).logits
 
-    per_step = (timed(engine, lambda: generate(new_tokens))[0] - timed(engine, lambda: generate(1))[0]) / (
-        new_tokens - 1
-    )
-    per_step = max(per_step, 1e-9)
+        def decode():
+            nonlocal logits
+            for _ in range(new_tokens - 1):
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                logits = hf(token, past_key_values=cache, use_cache=True).logits
+
+        seconds = timed(engine, decode)[0]
+    per_step = seconds / (new_tokens - 1)
     return len(prompts) / per_step, per_step
 
 
