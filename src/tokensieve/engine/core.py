@@ -74,21 +74,13 @@ class Engine:
         `stop`, as a list of per-prompt stop lists (a plain list of strings applies to every prompt).
         `max_kv_bytes` bounds the device KV of the running sequences (a sequence waits for room).
         """
-        if _is_batch(prompt):
-            stream = self._batch_stream(
-                list(prompt), max_batch, max_kv_bytes, max_new_tokens=max_new_tokens, temperature=temperature,
-                top_p=top_p, seed=seed, stop=stop, chat=chat, method=method,
-            )  # fmt: skip
-            for _ in stream:
-                pass
-            return stream.generations
         stream = self.stream(
             prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-            chat=chat, method=method,
+            chat=chat, method=method, max_batch=max_batch, max_kv_bytes=max_kv_bytes,
         )  # fmt: skip
         for _ in stream:
             pass
-        return stream.generation
+        return stream.generations if isinstance(stream, BatchStream) else stream.generation
 
     def stream(
         self,
