@@ -73,7 +73,16 @@ class OracleEngine:
 
     tokenizer = presets.byte_tokenizer()
 
+    def __init__(self):
+        self.warm_ups = []
+
+    def encode(self, prompt):
+        return list(prompt.encode())
+
     def generate(self, prompt, *, max_new_tokens, method):
+        if not isinstance(prompt, str):  # the short warm-up, given ids
+            self.warm_ups.append((len(prompt), method))
+            return Generation(text="", token_ids=[], stats=Stats(method={"name": method}), finish_reason="length")
         key = re.findall(r"special magic \w+ for (\S+)\?", prompt)[-1]
         value = re.search(rf"for {re.escape(key)} is: (\S+)\.", prompt).group(1)
         stats = Stats(method={"name": method}, prompt_tokens=len(prompt), ttft_s=0.01 if method == "dense" else 0.005)
@@ -89,6 +98,7 @@ def test_runner_scores_a_perfect_model_and_pairs_speedups():
     assert all(r.accuracy == 1.0 and r.agreement == 1.0 for r in report.rows)
     assert rows["multi_turn", "fast"].speedup == pytest.approx(2.0) and rows["mean", "dense"].speedup == 1.0
     assert len(report.records) == 2 * 2 * 2 and report.config["methods"] == ["dense", "fast"]
+    assert engine.warm_ups == [(runner.WARM_UP_TOKENS, "dense")]  # one short warm-up, not a prefill per method
 
 
 def test_eval_kl_column(tmp_path):
@@ -174,7 +184,7 @@ def test_run_eval_with_chat_gives_the_model_templated_ids_on_every_turn(monkeypa
     turns = [
         template(sample.messages(record.outputs[:i]), add_generation_prompt=True, return_dict=False) for i in range(3)
     ]
-    assert seen == [turns[0], *turns]  # the warm-up, then each of the 3 turns, all as templated ids
+    assert seen == [turns[0][: runner.WARM_UP_TOKENS], *turns]  # short warm-up, then the 3 turns, as templated ids
     assert turns[0] == engine.encode(sample.prompt(), chat=True)  # turn 1: one user message
     # later turns: a conversation, the model's own answers as assistant messages, not pasted into the question
     third = engine.tokenizer.decode(turns[2])
