@@ -31,6 +31,7 @@ from .tasks import Haystack, Sample, make_samples
 
 MEAN = "mean"  # the task name of the rows that average every task
 JOURNAL = "eval.records.jsonl"  # in the output directory: every record as its sample finishes (for --resume)
+WARM_UP_TOKENS = 128  # the one short dense call before the timed runs
 
 
 def parse_length(text: str) -> int:
@@ -255,20 +256,21 @@ def run_eval(
     report = Report(config={**(config or {}), "methods": methods, "chat": chat})
     done = _open_journal(Path(journal), report.config, resume) if journal else {}
     total = sum(len(samples) for samples in suite.values()) * len(methods)
-    pending = [
+    pending = (
         s
         for (task, length), samples in suite.items()
         for i, s in enumerate(samples)
-        if not all((task, length, i, m) in done for m in methods)
-    ]
-    if pending:
-        _warm_up(engine, _model_input(engine, pending[0], (), chat))
+        if _resumed(done, task, length, i, methods) is None
+    )
+    first = next(pending, None)
+    if first is not None:
+        _warm_up(engine, _model_input(engine, first, (), chat))
     with tqdm(total=total, desc="eval", unit="run", disable=not progress) as bar:
         for (task, length), samples in suite.items():
             bar.set_postfix_str(f"{task} @ {length}")
             for index, sample in enumerate(samples):
-                finished = [done.get((task, length, index, method)) for method in methods]
-                if all(finished):
+                finished = _resumed(done, task, length, index, methods)
+                if finished is not None:
                     report.records.extend(finished)
                     bar.update(len(methods))
                     continue
@@ -292,7 +294,12 @@ def run_eval(
     return report
 
 
-WARM_UP_TOKENS = 128
+def _resumed(
+    done: dict[tuple, Record], task: str, length: int, index: int, methods: Sequence[str]
+) -> list[Record] | None:
+    """The journaled records of one sample, every method's, or None when some method still has to run it."""
+    records = [done.get((task, length, index, method)) for method in methods]
+    return records if all(records) else None
 
 
 def _warm_up(engine, prompt) -> None:
