@@ -57,6 +57,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
         default=None,
         help="run each layer's prompt rows N at a time (flat peak memory, the same decisions; default: all at once)",
     )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        help="split the heads and the MLP over N ranks (worker processes started here; on CUDA one device each; "
+        "under torchrun, its ranks); see docs/distributed.md",
+    )
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
@@ -91,21 +98,22 @@ def check_context(model: str, tokens: int, option: str, new_tokens: int = 1) -> 
 
 
 def load_engine(args: argparse.Namespace, method: str = "dense"):
-    """An engine for `--model`: a checkpoint directory, or a preset name from `tokensieve.presets`."""
+    """An engine for `--model` (see `tokensieve.load`: a preset is built on the target device, where an 8B
+    one initialised on the CPU would take minutes)."""
     import torch
 
-    from .. import load, presets
-    from ..loading import resolve_device
+    from .. import load
 
     if getattr(args, "threads", None) is not None:
         torch.set_num_threads(args.threads)
-    chunk = getattr(args, "prefill_chunk", None)
-    options = dict(method=method, device=args.device, dtype=args.dtype, prefill_chunk=chunk)
-    if not Path(args.model).exists() and args.model in presets.PRESETS:
-        # Built on the target device: an 8B preset initialised on the CPU would take minutes.
-        model, tokenizer = presets.build(args.model, device=resolve_device(args.device))
-        return load(model, tokenizer=tokenizer, **options)
-    return load(args.model, **options)
+    return load(
+        args.model,
+        method=method,
+        device=args.device,
+        dtype=args.dtype,
+        prefill_chunk=getattr(args, "prefill_chunk", None),
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+    )
 
 
 def format_stats(stats) -> str:

@@ -8,6 +8,7 @@ not a rendezvous that waits forever. gloo carries the collectives on CPU, NCCL o
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import shutil
@@ -57,7 +58,9 @@ def start(model: DecoderModel, build: Builder, size: int, device: torch.device) 
 
     group = join(0, size, f"file://{rendezvous}/store", _backend(device))
     shard(model, 0, size)
-    return Leader(model, group, describe_failure=lambda: _describe_dead(workers), on_close=stop)
+    leader = Leader(model, group, describe_failure=lambda: _describe_dead(workers), on_close=stop)
+    leader.processes = workers
+    return _stopped_at_exit(leader)
 
 
 def _spawn(build: Builder, size: int, device: torch.device, init_method: str, threads: int) -> list:
@@ -113,7 +116,13 @@ def _join_torchrun(model: DecoderModel, size: int, device: torch.device) -> Lead
         follow(model, group)
         leave()
         sys.exit(0)
-    return Leader(model, group)
+    return _stopped_at_exit(Leader(model, group))
+
+
+def _stopped_at_exit(leader: Leader) -> Leader:
+    """The followers are told to stop when this process exits, even if the caller never closes the engine."""
+    atexit.register(leader.close)
+    return leader
 
 
 def _backend(device: torch.device) -> str:

@@ -13,6 +13,7 @@ session closed or garbage-collected): a finalizer queues the key, and the next c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import traceback
 import weakref
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class Leader(Executor):
         self.describe_failure = describe_failure
         self.on_close = on_close
         self.failure: str | None = None
+        self.processes: list = []  # the spawned ranks 1..N-1 (none under torchrun)
         self._dropped: list[int] = []  # keys whose followers' state can go; appended by finalizers
 
     def open(self, method: Method, prompt_len: int) -> SequenceState:
@@ -66,6 +68,15 @@ class Leader(Executor):
         with self.lock:
             self._send("decode", [(r.key, r.token, r.position) for r in batch])
             return self._guarded(super().decode, batch)
+
+    def digests(self, seq: SequenceLike) -> list[str]:
+        """Every rank's `selection_digest` of a sequence, rank 0 first: all equal when the ranks agree on
+        every whole-sequence decision (per-KV-head evictions, SnapKV's and H2O's, are each rank's own)."""
+        with self.lock:
+            self._send("digest", seq.key)
+            gathered = [None] * self.group.size
+            dist.gather_object(selection_digest(seq.policy, seq.kv), gathered, dst=0, group=self.group.control)
+        return gathered
 
     def close(self) -> None:
         """Stop the followers and leave the group (idempotent)."""
@@ -132,6 +143,9 @@ def _run(executor: Executor, model: DecoderModel, states: dict[int, SequenceStat
         executor.extend(states[key], ids, start, chunk)
     elif kind == "decode":
         executor.decode([_request(states[key], token, position) for key, token, position in args[0]])
+    elif kind == "digest":
+        state = states[args[0]]
+        dist.gather_object(selection_digest(state.policy, state.kv), None, dst=0, group=executor.group.control)
     else:
         raise RuntimeError(f"unknown tensor-parallel command {kind!r}")
 
@@ -139,3 +153,28 @@ def _run(executor: Executor, model: DecoderModel, states: dict[int, SequenceStat
 def _request(state: SequenceState, token: int, position: int) -> loop.DecodeRequest:
     counts = loop.DecodeCounts.zeros(len(state.kv))  # the leader keeps the counts that stats report
     return loop.DecodeRequest(state.key, state.policy, state.kv, token, position, counts)
+
+
+def selection_digest(policy, kv) -> str:
+    """A hash of what a sequence's policy has selected: each layer's KV positions, and every integer or
+    boolean tensor the policy holds (kept blocks, selected indices, masks of present tokens)."""
+    digest = hashlib.sha1()
+    for layer in kv:
+        digest.update(layer.positions.cpu().numpy().tobytes())
+    for tensor in _integer_tensors(vars(policy), depth=3):
+        digest.update(tensor.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _integer_tensors(value, depth: int):
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            yield value
+    elif depth > 0 and isinstance(value, dict):
+        for item in value.values():
+            yield from _integer_tensors(item, depth - 1)
+    elif depth > 0 and isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _integer_tensors(item, depth - 1)
+    elif depth > 0 and hasattr(value, "__dict__") and not isinstance(value, type):
+        yield from _integer_tensors(vars(value), depth - 1)
