@@ -62,6 +62,28 @@ def load(
     return Engine(DecoderModel(hf_model), tokenizer, method, prefill_chunk=prefill_chunk)
 
 
+def load_engine(
+    model: str | Path,
+    *,
+    method: str = "dense",
+    device: str | None = None,
+    dtype: str | None = None,
+    threads: int | None = None,
+    prefill_chunk: int | None = None,
+) -> Engine:
+    """`load` as the commands call it, from their model options (plain values, so that a process started by
+    a command, such as a server replica, loads the same engine from the same options): `threads` sets torch's
+    CPU threads first, and a preset's weights are drawn on the target device (an 8B preset initialised on
+    the CPU would take minutes)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    options = dict(method=method, device=device, dtype=dtype, prefill_chunk=prefill_chunk)
+    if _is_preset(model):
+        hf_model, tokenizer = presets.build(str(model), device=resolve_device(device))
+        return load(hf_model, tokenizer=tokenizer, **options)
+    return load(model, **options)
+
+
 def resolve_model_path(model: str | Path) -> Path:
     """Where `model` is: a checkpoint directory or a `.gguf` file (not converted here), or an embedded model's.
 

@@ -90,22 +90,23 @@ def check_context(model: str, tokens: int, option: str, new_tokens: int = 1) -> 
         )
 
 
+def model_options(args: argparse.Namespace, method: str = "dense") -> dict:
+    """The model options of `args` as `loading.load_engine`'s keywords (plain values: JSON can carry them)."""
+    return dict(
+        model=str(args.model),
+        method=method,
+        device=args.device,
+        dtype=args.dtype,
+        threads=getattr(args, "threads", None),
+        prefill_chunk=getattr(args, "prefill_chunk", None),
+    )
+
+
 def load_engine(args: argparse.Namespace, method: str = "dense"):
-    """An engine for `--model`: a checkpoint directory, or a preset name from `tokensieve.presets`."""
-    import torch
+    """An engine for `--model`: a checkpoint directory, a .gguf file, an embedded model or a preset name."""
+    from ..loading import load_engine
 
-    from .. import load, presets
-    from ..loading import resolve_device
-
-    if getattr(args, "threads", None) is not None:
-        torch.set_num_threads(args.threads)
-    chunk = getattr(args, "prefill_chunk", None)
-    options = dict(method=method, device=args.device, dtype=args.dtype, prefill_chunk=chunk)
-    if not Path(args.model).exists() and args.model in presets.PRESETS:
-        # Built on the target device: an 8B preset initialised on the CPU would take minutes.
-        model, tokenizer = presets.build(args.model, device=resolve_device(args.device))
-        return load(model, tokenizer=tokenizer, **options)
-    return load(args.model, **options)
+    return load_engine(**model_options(args, method))
 
 
 def format_stats(stats) -> str:
