@@ -244,3 +244,16 @@ def test_a_replica_closes_its_queue_on_the_signal_that_stops_its_server():
         signal.signal(signal.SIGTERM, original)
     assert seen["before"] == server.handle_exit  # uvicorn's handler was there to chain onto
     assert closed == [True] and server.should_exit
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="accepted sockets inherit TCP_NODELAY from the listener on Linux")
+def test_the_shared_socket_gives_its_connections_tcp_nodelay():
+    """Without it a stream's chunks wait for delayed ACKs (about 40 ms each) in every replica."""
+    import uvicorn
+
+    listener = replicas.listening_socket(uvicorn.Config(replicas.FACTORY, port=free_port()))
+    listener.listen()  # each replica's server does, on this socket
+    with listener, socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from dataclasses import asdict
@@ -45,6 +46,7 @@ def serve(
     """Run `replicas` server processes on `host:port` until SIGINT/SIGTERM. `engine_options` are
     `loading.load_engine`'s keywords; a replica that fails to load makes this raise `ValueError` with why."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     if port == 0:
         raise ValueError("--replicas needs a fixed --port: the replicas share one socket, bound before they start")
@@ -57,7 +59,8 @@ def serve(
     os.environ[SPEC] = json.dumps(spec)
     os.environ[MULTIPROC_DIR] = str(metrics_dir)
     try:
-        uvicorn.run(
+        # What `uvicorn.run(..., workers=N)` does, but for the socket's TCP_NODELAY (`listening_socket`).
+        settings = uvicorn.Config(
             FACTORY,
             factory=True,
             workers=replicas,
@@ -66,6 +69,8 @@ def serve(
             log_level=log_level,
             timeout_graceful_shutdown=config.shutdown_grace_s,
         )
+        with listening_socket(settings) as sock, contextlib.suppress(KeyboardInterrupt):
+            Multiprocess(settings, sockets=[sock]).run()
         failed = run_dir / FAILED
         if failed.exists():  # uvicorn's supervisor stops when a worker fails before serving
             raise ValueError(f"a replica failed to start: {failed.read_text()}")
@@ -76,6 +81,17 @@ def serve(
             else:
                 os.environ[name] = value
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def listening_socket(settings) -> socket.socket:
+    """The port's socket, bound by uvicorn, with TCP_NODELAY, which the connections accepted on it inherit
+    (Linux). uvicorn binds it with protocol number 0, and asyncio turns Nagle's algorithm off only on the
+    connections of a socket that says IPPROTO_TCP (uvicorn issue 3149), so a stream's small chunks would each
+    wait for the client's delayed ACK, about 40 ms. One server binds through asyncio and is not affected."""
+    sock = settings.bind_socket()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def replica_app():
