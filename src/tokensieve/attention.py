@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .parallel.group import heads_max, heads_mean
+
 # Prefill with a window or a soft-cap runs in blocks of queries: at most this many logits per block.
 BLOCK_LOGITS = 1 << 24
 
@@ -138,12 +140,12 @@ def last_query_probs(
     logits = grouped_logits(q_last[:, None], k, scale)
     if hidden is not None:
         logits = logits.masked_fill(hidden, float("-inf"))
-    return logits.softmax(-1).mean(0)[0]
+    return heads_mean(logits.softmax(-1).mean(0)[0])
 
 
 def max_head_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """OmniKV's "last" selector: pre-softmax logit of one query `[heads, d]` per key, max over heads."""
-    return grouped_logits(q[:, None], k, scale).amax(0)[0]
+    return heads_max(grouped_logits(q[:, None], k, scale).amax(0)[0])
 
 
 # Query rows scored at once by `attention_received`: at most this many rows, and about this many fp32 logits.

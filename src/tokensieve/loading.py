@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +15,8 @@ from .gguf import gguf_checkpoint, is_gguf
 from .methods import Method
 from .model import DecoderModel, check_supported
 from .models.families import hf_attention_implementation
+from .parallel import launch
+from .parallel.shard import check_size
 
 TESTBED = "testbed"
 DTYPES = {
@@ -33,6 +37,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     prefill_chunk: int | None = None,
+    tensor_parallel_size: int = 1,
 ) -> Engine:
     """An engine for `model`: a checkpoint directory, a `.gguf` file, a model name or an already loaded model.
 
@@ -42,24 +47,44 @@ def load(
     else CPU; `dtype` to float32 on CPU and bfloat16 on CUDA. Nothing is downloaded. A checkpoint directory
     without tokenizer files loads with `engine.tokenizer = None` (pass `tokenizer=...` for text).
     `prefill_chunk=N` runs each layer's rows through attention and the MLP N at a time (flat peak memory).
+    `tensor_parallel_size=N` splits the heads and the MLP over N ranks (`tokensieve.parallel`): this process
+    becomes rank 0 and starts the other N - 1 itself (on CUDA, one device each), or joins the ranks of
+    `torchrun`; `engine.close()` stops them.
     """
+    check_size(tensor_parallel_size)
     device = resolve_device(device)
+    if launch.under_torchrun() and device.type == "cuda":
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
     dtype = resolve_dtype(dtype, device)
     if isinstance(model, nn.Module):
-        hf_model = model.to(device=device, dtype=dtype)
         if tokenizer is None:
             raise ValueError("no tokenizer: pass tokenizer=... (the model was not loaded from a local directory)")
+        source: nn.Module | str | Path = model
     elif _is_preset(model):
-        hf_model, preset_tokenizer = presets.build(str(model), dtype=dtype, device=device)
-        tokenizer = tokenizer or preset_tokenizer
+        source = str(model)
+        tokenizer = tokenizer or presets.byte_tokenizer()
     else:
-        path = resolve_model_path(model)
-        if is_gguf(path):
-            path = gguf_checkpoint(path, dtype)
-        hf_model = _load_checkpoint(path, device, dtype)
+        source = resolve_model_path(model)
+        if is_gguf(source):
+            source = gguf_checkpoint(source, dtype)
         if tokenizer is None:
-            tokenizer = _load_tokenizer(path)
-    return Engine(DecoderModel(hf_model), tokenizer, method, prefill_chunk=prefill_chunk)
+            tokenizer = _load_tokenizer(source)
+    build = functools.partial(build_model, source, dtype=dtype)
+    decoder = DecoderModel(build(device))
+    if tensor_parallel_size == 1:
+        return Engine(decoder, tokenizer, method, prefill_chunk=prefill_chunk)
+    executor = launch.start(decoder, build, tensor_parallel_size, device)
+    return Engine(decoder, tokenizer, method, prefill_chunk=prefill_chunk, executor=executor)
+
+
+def build_model(source: nn.Module | str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The Hugging Face model of `source` (a loaded model, a preset name or a checkpoint directory) on
+    `device` in `dtype`: what `load` and every tensor-parallel rank build."""
+    if isinstance(source, nn.Module):
+        return source.to(device=device, dtype=dtype)
+    if _is_preset(source):
+        return presets.build(source, dtype=dtype, device=device)[0]
+    return _load_checkpoint(Path(source), device, dtype)
 
 
 def load_engine(

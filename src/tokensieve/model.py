@@ -7,7 +7,8 @@ families is named once, in `models.families.FAMILIES`; per-layer facts (sliding 
 soft-capping) are read from the Hugging Face modules and config, so each layer runs as its model says.
 
 Shapes: hidden states are `[n, hidden]` (batch size 1, rows = tokens); queries `[heads, n, head_dim]`;
-keys and values `[kv_heads, n, head_dim]`.
+keys and values `[kv_heads, n, head_dim]`. Under tensor parallelism (`parallel.shard`) the heads are this
+rank's, and the output projection and the MLP sum their partial outputs over the ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from .attention import attend, causal_attention
 from .models.families import FAMILIES, SUPPORTED_ARCHITECTURES, check_supported, layer_window
 from .models.rope import apply_rope, layer_rotaries
+from .parallel.group import sum_partials
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "DecoderModel", "ModelSpec", "check_supported"]
 
@@ -39,6 +41,8 @@ class ModelSpec:
     model_type: str
     layer_windows: tuple[int | None, ...] = field(default=())
     """Each layer's sliding window in tokens, None for a global (full-attention) layer; () means all global."""
+    tensor_parallel_size: int = 1
+    """Ranks the heads and MLP columns are split over; the head and MLP counts above are one rank's."""
 
     def __post_init__(self):
         if not self.layer_windows:
@@ -171,7 +175,7 @@ class DecoderModel:
     def attention_output(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual add of the output projection of `attn` `[heads, n, head_dim]` (Gemma normalises it first)."""
         block = self.layers[layer]
-        out = block.self_attn.o_proj(attn.transpose(0, 1).reshape(attn.shape[1], -1))
+        out = sum_partials(block.self_attn.o_proj(attn.transpose(0, 1).reshape(attn.shape[1], -1)))
         if self.family.sandwich_norms:
             out = block.post_attention_layernorm(out)
         return h + out
@@ -179,8 +183,8 @@ class DecoderModel:
     def mlp(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         block = self.layers[layer]
         if self.family.sandwich_norms:
-            return h + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(h)))
-        return h + block.mlp(block.post_attention_layernorm(h))
+            return h + block.post_feedforward_layernorm(sum_partials(block.mlp(block.pre_feedforward_layernorm(h))))
+        return h + sum_partials(block.mlp(block.post_attention_layernorm(h)))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, in fp32 (callers pass only the rows they need); Gemma 2 soft-caps them."""

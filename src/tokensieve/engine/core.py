@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +10,7 @@ from .. import inputs
 from ..generation import Generation, Sampling
 from ..methods import Method, resolve_method
 from ..model import DecoderModel
+from .executor import Executor
 from .loop import DecodeCounts
 from .scheduler import BatchStream, Scheduler
 from .session import Session
@@ -21,18 +21,35 @@ class Engine:
     """Generation with one model, one tokenizer and a default method (overridable per call).
 
     Sessions of one engine may live at once and be used from several threads: their forward passes are
-    serialized by the engine's lock (correct, not parallel), and each session keeps its own state.
+    serialized by the executor's lock (correct, not parallel), and each session keeps its own state.
+    `executor` runs the layer loop (default: here, on `model`; a tensor-parallel leader also drives the
+    other ranks).
     """
 
     def __init__(
-        self, model: DecoderModel, tokenizer, method: str | Method = "dense", prefill_chunk: int | None = None
+        self,
+        model: DecoderModel,
+        tokenizer,
+        method: str | Method = "dense",
+        prefill_chunk: int | None = None,
+        executor: Executor | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.method = resolve_method(method)
         self.prefill_chunk = _check_chunk(prefill_chunk)
-        self.lock = threading.RLock()
+        self.executor = executor or Executor(model)
         self.eos_ids = self._eos_ids()
+
+    def close(self) -> None:
+        """Release the engine's workers (the other ranks of a tensor-parallel engine); sessions end with it."""
+        self.executor.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- public API ------------------------------------------------------------------------------------
     def start(

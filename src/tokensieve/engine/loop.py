@@ -7,7 +7,8 @@ Plain functions over a session's state (the model, the policy, the per-layer KV)
   decisions are taken after the layer has seen every row, so chunking never changes a decision.
 - `extend`: a later turn over a retained cache. Its rows attend to what the policy exposes of each
   layer's cache (`Policy.extend_context`) and to each other; nothing of the turn is pruned.
-- `decode_step`: one new token through every layer, the policy choosing rows and context per layer.
+- `decode_batch`: one new token of each sequence through every layer, each policy choosing its rows and
+  context per layer.
 """
 
 from __future__ import annotations
@@ -104,20 +105,14 @@ def extend(
 
 @dataclass
 class DecodeRequest:
-    """One sequence's part of a decode step: its policy and KV, the token to compute and its position."""
+    """One sequence's part of a decode step: its key, policy and KV, the token to compute and its position."""
 
+    key: int
     policy: Policy
     kv: list[LayerKV]
     token: int
     position: int
     counts: DecodeCounts
-
-
-def decode_step(
-    model: DecoderModel, policy: Policy, kv: list[LayerKV], token: int, position: int, counts: DecodeCounts
-) -> torch.Tensor:
-    """One decode step for `token` at `position`; returns the next-token logits."""
-    return decode_batch(model, [DecodeRequest(policy, kv, token, position, counts)])[0]
 
 
 def decode_batch(model: DecoderModel, batch: list[DecodeRequest]) -> torch.Tensor:

@@ -18,10 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ..generation import Generation
-from . import loop
 from .stream import GenerationStream
 
 
@@ -125,8 +122,7 @@ class Scheduler:
         if ready:
             start = time.perf_counter()
             batch = [request for _, request in pending if request is not None]
-            with self.engine.lock, torch.inference_mode():
-                logits = loop.decode_batch(self.engine.model, batch)
+            logits = self.engine.executor.decode(batch)
             seconds = time.perf_counter() - start
             self.stats.batch_sizes.append(len(ready))
             self.stats.step_seconds.append(seconds)

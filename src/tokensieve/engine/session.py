@@ -19,9 +19,10 @@ import torch
 from .. import inputs
 from ..cache import LayerKV
 from ..generation import Generation, Sampling, Stats
-from ..methods import Method, Run
+from ..methods import Method
 from ..model import DecoderModel
 from . import loop
+from .executor import Executor
 from .stream import GenerationStream
 
 
@@ -30,7 +31,7 @@ class SessionHost(Protocol):
 
     model: DecoderModel
     tokenizer: Any
-    lock: Any  # a re-entrant lock that serializes forward passes
+    executor: Executor  # runs every forward pass, under its lock
     eos_ids: set[int]
 
     def check_lengths(self, context_len: int, max_new_tokens: int) -> None: ...
@@ -60,19 +61,16 @@ class Session:
         self.chunk = chunk
         self.tokens: list[int] = list(ids)
         self.messages = chat_messages  # the conversation as chat messages, for chat=True sessions
-        model = engine.model
-        spec = model.spec
-        self.policy = method.start(Run(spec, len(ids), model.device, model.dtype, model.scale))
-        self.kv: list[LayerKV] | None = [
-            LayerKV(spec.num_kv_heads, spec.head_dim, model.dtype, model.device) for _ in range(spec.num_layers)
-        ]
+        state = engine.executor.open(method, len(ids))
+        self.key, self.policy = state.key, state.policy
+        self.kv: list[LayerKV] | None = state.kv
         self.computed = 0  # tokens[:computed] have KV (or were seen and dropped by the method)
         self.calls: list[Stats] = []
         self._logits: torch.Tensor | None = None  # after tokens[computed - 1], when every token is computed
         self._prompt_pass: loop.PromptPass | None = None  # computed, not yet reported by a generation
         self._active: GenerationStream | None = None  # the unfinished stream of this session, if any
         self._active_thread: int | None = None
-        self._run_prompt(lambda: loop.prefill(model, self.policy, self.kv, ids, chunk), len(ids))
+        self._run_prompt(lambda: engine.executor.prefill(self, ids, chunk), len(ids))
 
     # -- public API ------------------------------------------------------------------------------------
     def generate(
@@ -121,8 +119,7 @@ class Session:
         ids = self.tokens[self.computed :] + new
         start = self.computed
         self.tokens.extend(new)
-        model = self.engine.model
-        self._run_prompt(lambda: loop.extend(model, self.policy, self.kv, ids, start, self.chunk), len(ids))
+        self._run_prompt(lambda: self.engine.executor.extend(self, ids, start, self.chunk), len(ids))
 
     @property
     def stats(self) -> SessionStats:
@@ -150,8 +147,7 @@ class Session:
         if request is None:
             logits, self._logits = self._logits, None
             return logits
-        with self.engine.lock, torch.inference_mode():
-            logits = loop.decode_batch(self.engine.model, [request])[0]
+        logits = self.engine.executor.decode([request])[0]
         self.decoded()
         return logits
 
@@ -165,12 +161,11 @@ class Session:
         self._check_open()
         if self.computed != len(self.tokens) - 1:
             raise RuntimeError(f"{len(self.tokens) - self.computed} tokens lack KV; a decode step computes one")
-        return loop.DecodeRequest(self.policy, self.kv, self.tokens[-1], self.computed, counts)
+        return loop.DecodeRequest(self.key, self.policy, self.kv, self.tokens[-1], self.computed, counts)
 
     def decoded(self) -> None:
         """The request of `decode_request` ran: the last token has its KV."""
         self.computed += 1
-        self._trim_windows()
 
     @property
     def device_bytes(self) -> int:
@@ -200,25 +195,14 @@ class Session:
     def _run_prompt(self, compute, tokens: int) -> None:
         self._check_open()
         start = time.perf_counter()
-        with self.engine.lock, torch.inference_mode():
-            logits, record = compute()
-            if self.engine.model.device.type == "cuda":
-                torch.cuda.synchronize(self.engine.model.device)
+        logits, record = compute()
+        if self.engine.model.device.type == "cuda":
+            torch.cuda.synchronize(self.engine.model.device)
         record.seconds = time.perf_counter() - start
         if self._prompt_pass is not None:  # two turns with no generation between them: report both
             record = self._prompt_pass.then(record)
         self._logits, self._prompt_pass = logits, record
         self.computed += tokens
-        self._trim_windows()
-
-    def _trim_windows(self) -> None:
-        """Free a windowed layer's KV that no later query can see (under policies that allow it), once the
-        excess is an eighth of the window, so the copy is amortised over many steps."""
-        if not self.policy.trims_windows:
-            return
-        for layer, window in enumerate(self.engine.model.spec.layer_windows):
-            if window is not None and len(self.kv[layer]) > window + max(16, window // 8):
-                self.kv[layer].drop_older_than(self.computed - window + 1)
 
     def _turn_ids(self, more: str | Sequence[int], chat: bool) -> list[int]:
         if not chat:

@@ -25,6 +25,7 @@ from ..attention import grouped_logits, max_head_logits
 from ..cache import LayerKV
 from ..model import ModelSpec
 from ..offload import Pending
+from ..parallel.group import heads_max
 from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 from .omnikv_store import PackedSegment
 
@@ -80,7 +81,7 @@ def score_prompt(selector: str, queries: torch.Tensor, keys: torch.Tensor, scale
         return max_head_logits(queries[:, -1], keys, scale)
     if selector == "softmax_last":
         queries = queries[:, -1:]
-    probs = grouped_logits(queries, keys, scale).softmax(-1).amax(0)  # [m, t]
+    probs = heads_max(grouped_logits(queries, keys, scale).softmax(-1).amax(0))  # [m, t]
     if selector == "softmax_last":
         return probs[0]
     age = torch.arange(probs.shape[0] - 1, -1, -1, device=probs.device, dtype=probs.dtype)

@@ -41,6 +41,7 @@ from ..attention import grouped_logits
 from ..cache import LayerKV
 from ..model import ModelSpec
 from ..offload import HostRows, Pending
+from ..parallel.group import heads_mean
 from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 
 PAPER_LAYERS = (10, 20, 30)  # Llama-3.1-8B's pruning layers ...
@@ -56,7 +57,7 @@ def block_scores(query: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     """Score `[blocks]` of each block for one query `[heads, d]`: max over units of mean over heads of |q.k|."""
     kv_heads, blocks, per_block, d = units.shape
     logits = grouped_logits(query[:, None], units.reshape(kv_heads, blocks * per_block, d), 1.0)
-    return logits.abs().mean(0).view(blocks, per_block).amax(-1)
+    return heads_mean(logits.abs().mean(0)).view(blocks, per_block).amax(-1)
 
 
 def top_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""What runs the layer loop for an engine's sessions: `Executor` runs it here, in this process.
+
+Every forward pass of every session goes through one executor (prefill, extension, batched decode), under
+its lock. The tensor-parallel leader (`parallel.leader`) is an executor that first tells the other ranks to
+run the same step on their share of the heads; nothing above the executor knows how many ranks there are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..cache import LayerKV
+from ..methods import Method, Policy, Run
+from ..model import DecoderModel
+from ..parallel.group import TensorParallelGroup, using
+from . import loop
+
+
+class SequenceLike(Protocol):
+    """A sequence as the executor sees it: its key, policy and per-layer KV (a `Session` is one)."""
+
+    key: int
+    policy: Policy
+    kv: list[LayerKV]
+
+
+@dataclass
+class SequenceState:
+    """The policy and KV of one sequence, under the key its executor gave it."""
+
+    key: int
+    policy: Policy
+    kv: list[LayerKV]
+
+    @staticmethod
+    def new(model: DecoderModel, method: Method, prompt_len: int, key: int) -> SequenceState:
+        spec = model.spec
+        policy = method.start(Run(spec, prompt_len, model.device, model.dtype, model.scale))
+        kv = [LayerKV(spec.num_kv_heads, spec.head_dim, model.dtype, model.device) for _ in range(spec.num_layers)]
+        return SequenceState(key, policy, kv)
+
+
+class Executor:
+    """Runs the layer loop on this process's model. `lock` serializes forward passes (re-entrant);
+    `group` is the tensor-parallel group the passes' collectives act on (None: a single device)."""
+
+    def __init__(self, model: DecoderModel, group: TensorParallelGroup | None = None):
+        self.model = model
+        self.group = group
+        self.lock = threading.RLock()
+        self._keys = itertools.count()
+
+    def open(self, method: Method, prompt_len: int) -> SequenceState:
+        """A new sequence's policy and empty KV."""
+        return SequenceState.new(self.model, method, prompt_len, next(self._keys))
+
+    def prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> tuple[torch.Tensor, loop.PromptPass]:
+        with self.lock, using(self.group), torch.inference_mode():
+            result = loop.prefill(self.model, seq.policy, seq.kv, ids, chunk)
+            trim_windows(self.model, seq.policy, seq.kv, len(ids))
+        return result
+
+    def extend(
+        self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None
+    ) -> tuple[torch.Tensor, loop.PromptPass]:
+        with self.lock, using(self.group), torch.inference_mode():
+            result = loop.extend(self.model, seq.policy, seq.kv, ids, start, chunk)
+            trim_windows(self.model, seq.policy, seq.kv, start + len(ids))
+        return result
+
+    def decode(self, batch: list[loop.DecodeRequest]) -> torch.Tensor:
+        """One decode step of every request; logits `[len(batch), vocab]`."""
+        with self.lock, using(self.group), torch.inference_mode():
+            logits = loop.decode_batch(self.model, batch)
+            for request in batch:
+                trim_windows(self.model, request.policy, request.kv, request.position + 1)
+        return logits
+
+    def close(self) -> None:
+        """Release what the executor holds beyond the sessions (nothing here; the other ranks for a leader)."""
+
+
+def trim_windows(model: DecoderModel, policy: Policy, kv: list[LayerKV], computed: int) -> None:
+    """Free a windowed layer's KV that no later query can see (under policies that allow it), once the
+    excess is an eighth of the window, so the copy is amortised over many steps. `computed`: tokens with KV."""
+    if not policy.trims_windows:
+        return
+    for layer, window in enumerate(model.spec.layer_windows):
+        if window is not None and len(kv[layer]) > window + max(16, window // 8):
+            kv[layer].drop_older_than(computed - window + 1)

@@ -1,0 +1,141 @@
+"""The leader (rank 0) runs the engine; the other ranks follow it step by step on their share of the heads.
+
+Rank 0 is an ordinary `Engine` whose executor is a `Leader`: before each forward pass it broadcasts one
+command (open a sequence, prefill, extend, decode a batch) on the group's control channel, then runs the
+pass itself. The followers (`follow`) run the same pass on their shard, so every collective inside it
+(the model's partial sums, the methods' score reductions) meets its peers in the same order. Only the
+leader samples: the followers are given the token ids, so they never need the leader's random state.
+
+A sequence's state on the followers is dropped when the leader's policy object for it goes away (a
+session closed or garbage-collected): a finalizer queues the key, and the next command carries it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..engine import loop
+from ..engine.executor import Executor, SequenceLike, SequenceState
+from ..methods import Method
+from ..model import DecoderModel
+from .group import RankFailure, TensorParallelGroup, leave
+
+
+class Leader(Executor):
+    """Rank 0's executor. `describe_failure` names what stopped (e.g. a worker's exit code), or None."""
+
+    def __init__(
+        self,
+        model: DecoderModel,
+        group: TensorParallelGroup,
+        describe_failure: Callable[[], str | None] = lambda: None,
+        on_close: Callable[[], None] = lambda: None,
+    ):
+        super().__init__(model, group)
+        self.describe_failure = describe_failure
+        self.on_close = on_close
+        self.failure: str | None = None
+        self._dropped: list[int] = []  # keys whose followers' state can go; appended by finalizers
+
+    def open(self, method: Method, prompt_len: int) -> SequenceState:
+        state = super().open(method, prompt_len)
+        with self.lock:
+            self._send("open", state.key, method, prompt_len)
+        weakref.finalize(state.policy, self._dropped.append, state.key)
+        return state
+
+    def prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> tuple[torch.Tensor, loop.PromptPass]:
+        with self.lock:
+            self._send("prefill", seq.key, ids, chunk)
+            return self._guarded(super().prefill, seq, ids, chunk)
+
+    def extend(
+        self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None
+    ) -> tuple[torch.Tensor, loop.PromptPass]:
+        with self.lock:
+            self._send("extend", seq.key, ids, start, chunk)
+            return self._guarded(super().extend, seq, ids, start, chunk)
+
+    def decode(self, batch: list[loop.DecodeRequest]) -> torch.Tensor:
+        with self.lock:
+            self._send("decode", [(r.key, r.token, r.position) for r in batch])
+            return self._guarded(super().decode, batch)
+
+    def close(self) -> None:
+        """Stop the followers and leave the group (idempotent)."""
+        with self.lock:
+            if self.failure is None:
+                with contextlib.suppress(RankFailure):  # a follower already gone needs no stop
+                    self._send("stop")
+                self.failure = "the engine was closed"
+            self.on_close()
+            leave()
+
+    def _send(self, *command) -> None:
+        self._check_usable()
+        dropped, self._dropped = self._dropped, []
+        try:
+            dist.broadcast_object_list([(dropped, command)], src=0, group=self.group.control)
+        except RuntimeError as err:
+            raise self._failed(err) from err
+
+    def _guarded(self, run, *args):
+        try:
+            return run(*args)
+        except RankFailure as err:
+            raise self._failed(err) from err
+
+    def _check_usable(self) -> None:
+        if self.failure is None:
+            self.failure = self.describe_failure()
+        if self.failure is not None:
+            raise RankFailure(f"this tensor-parallel engine cannot run: {self.failure}; load it again")
+
+    def _failed(self, err: Exception) -> RankFailure:
+        self.failure = self.describe_failure() or f"a rank stopped or is unreachable ({err})"
+        return RankFailure(f"tensor-parallel engine failed: {self.failure}; load it again")
+
+
+def follow(model: DecoderModel, group: TensorParallelGroup) -> None:
+    """A follower's life: run the leader's commands on this rank's shard until it says stop."""
+    executor = Executor(model, group)
+    states: dict[int, SequenceState] = {}
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=group.control)
+        dropped, (kind, *args) = box[0]
+        for key in dropped:
+            states.pop(key, None)
+        if kind == "stop":
+            return
+        try:
+            _run(executor, model, states, kind, args)
+        except Exception:  # the leader met the same error at the same point and reports it to its caller
+            traceback.print_exc()
+
+
+def _run(executor: Executor, model: DecoderModel, states: dict[int, SequenceState], kind: str, args: list) -> None:
+    if kind == "open":
+        key, method, prompt_len = args
+        states[key] = SequenceState.new(model, method, prompt_len, key)
+    elif kind == "prefill":
+        key, ids, chunk = args
+        executor.prefill(states[key], ids, chunk)
+    elif kind == "extend":
+        key, ids, start, chunk = args
+        executor.extend(states[key], ids, start, chunk)
+    elif kind == "decode":
+        executor.decode([_request(states[key], token, position) for key, token, position in args[0]])
+    else:
+        raise RuntimeError(f"unknown tensor-parallel command {kind!r}")
+
+
+def _request(state: SequenceState, token: int, position: int) -> loop.DecodeRequest:
+    counts = loop.DecodeCounts.zeros(len(state.kv))  # the leader keeps the counts that stats report
+    return loop.DecodeRequest(state.key, state.policy, state.kv, token, position, counts)
