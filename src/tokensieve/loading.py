@@ -87,6 +87,31 @@ def build_model(source: nn.Module | str | Path, device: torch.device, dtype: tor
     return _load_checkpoint(Path(source), device, dtype)
 
 
+def load_engine(
+    model: str | Path,
+    *,
+    method: str = "dense",
+    device: str | None = None,
+    dtype: str | None = None,
+    threads: int | None = None,
+    prefill_chunk: int | None = None,
+    tensor_parallel_size: int = 1,
+) -> Engine:
+    """`load` as the commands call it, from their model options (plain values, so that a process started by
+    a command, such as a server replica, loads the same engine from the same options): `threads` sets torch's
+    CPU threads first (a tensor-parallel rank takes as many)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return load(
+        model,
+        method=method,
+        device=device,
+        dtype=dtype,
+        prefill_chunk=prefill_chunk,
+        tensor_parallel_size=tensor_parallel_size,
+    )
+
+
 def resolve_model_path(model: str | Path) -> Path:
     """Where `model` is: a checkpoint directory or a `.gguf` file (not converted here), or an embedded model's.
 

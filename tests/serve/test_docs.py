@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 from pathlib import Path
@@ -48,3 +49,12 @@ def test_the_documented_chat_template_is_the_tested_one():
 
 def test_examples_exist():
     assert len(PYTHON) >= 2 and CURL
+
+
+def test_every_serve_flag_is_in_the_flag_table():
+    from tokensieve.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flags = [a.option_strings[-1] for a in sub.choices["serve"]._actions if a.option_strings and a.dest != "help"]
+    table = DOC.split("## Flags", 1)[1].split("\n## ", 1)[0]
+    assert [flag for flag in flags if f"`{flag}" not in table] == []

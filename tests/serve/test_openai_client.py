@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import pytest
@@ -16,8 +17,10 @@ def test_models_lists_the_served_model(live):
     assert [m.id for m in live.client().models.list().data] == [MODEL]
 
 
-def test_health(live):
-    assert httpx.get(f"{live.url}/health").json() == {"status": "ok", "model": MODEL}
+def test_health_names_the_process_that_answered(live):
+    reply = httpx.get(f"{live.url}/health")
+    assert reply.json() == {"status": "ok", "model": MODEL, "pid": os.getpid()}  # served from a thread here
+    assert reply.headers["x-tokensieve-pid"] == str(os.getpid())
 
 
 @pytest.mark.parametrize(

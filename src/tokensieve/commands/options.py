@@ -97,23 +97,24 @@ def check_context(model: str, tokens: int, option: str, new_tokens: int = 1) -> 
         )
 
 
-def load_engine(args: argparse.Namespace, method: str = "dense"):
-    """An engine for `--model` (see `tokensieve.load`: a preset is built on the target device, where an 8B
-    one initialised on the CPU would take minutes)."""
-    import torch
-
-    from .. import load
-
-    if getattr(args, "threads", None) is not None:
-        torch.set_num_threads(args.threads)
-    return load(
-        args.model,
+def model_options(args: argparse.Namespace, method: str = "dense") -> dict:
+    """The model options of `args` as `loading.load_engine`'s keywords (plain values: JSON can carry them)."""
+    return dict(
+        model=str(args.model),
         method=method,
         device=args.device,
         dtype=args.dtype,
+        threads=getattr(args, "threads", None),
         prefill_chunk=getattr(args, "prefill_chunk", None),
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
     )
+
+
+def load_engine(args: argparse.Namespace, method: str = "dense"):
+    """An engine for `--model`: a checkpoint directory, a .gguf file, an embedded model or a preset name."""
+    from ..loading import load_engine
+
+    return load_engine(**model_options(args, method))
 
 
 def format_stats(stats) -> str:

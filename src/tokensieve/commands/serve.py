@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..methods import METHODS
 from ..serve.config import ServeConfig
-from .options import add_model_arguments, load_engine, positive_int  # what every command shares
+from .options import add_model_arguments, load_engine, model_options, positive_int  # what every command shares
 
 DEFAULTS = ServeConfig()
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -36,6 +36,12 @@ def register(sub) -> None:
     parser.add_argument("--port", type=int, default=8000, help="the port to listen on")
     parser.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: --model)")
     parser.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file to use")
+    parser.add_argument(
+        "--replicas",
+        type=positive_int,
+        default=1,
+        help="server processes behind the one port (uvicorn workers), each with its own copy of the model",
+    )
     limits = parser.add_argument_group("limits")
     limits.add_argument(
         "--max-running",
@@ -100,7 +106,22 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"tokensieve serve needs its extra: pip install 'tokensieve[serve]' ({err})") from err
 
     config = config_from(args)
+    chat_template = None if args.chat_template is None else args.chat_template.read_text()
+    if args.replicas > 1:
+        from ..serve import replicas
+
+        options = model_options(args, method=args.method)
+        replicas.serve(
+            options,
+            config,
+            replicas=args.replicas,
+            host=args.host,
+            port=args.port,
+            chat_template=chat_template,
+            log_level=args.log_level,
+        )
+        return
     engine = load_engine(args, method=args.method)
-    if args.chat_template is not None:
-        engine.tokenizer.chat_template = args.chat_template.read_text()
+    if chat_template is not None:
+        engine.tokenizer.chat_template = chat_template
     GracefulServer.of(create_app(engine, config), args.host, args.port, log_level=args.log_level).run()

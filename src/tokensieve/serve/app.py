@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,12 +28,14 @@ SETTING_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 CLIENT_GONE = 499  # the status logged for a request whose client left (nobody receives it)
 DISCONNECT_POLL_S = 0.25  # how often a request waiting for its next event checks that its client is still there
+PID_HEADER = "x-tokensieve-pid"  # on every response: the process that answered (with --replicas, which replica)
 
 
-def create_app(engine, config: ServeConfig | None = None) -> FastAPI:
-    """An ASGI app serving `engine` (run it with uvicorn); the worker thread lives as long as the app."""
+def create_app(engine, config: ServeConfig | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """An ASGI app serving `engine` (run it with uvicorn); the worker thread lives as long as the app.
+    `metrics` defaults to this app's own (`Metrics()`); a replica passes `Metrics(multiprocess=True)`."""
     config = config or ServeConfig()
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     worker = Worker(engine, config, metrics)
 
     @asynccontextmanager
@@ -45,6 +48,7 @@ def create_app(engine, config: ServeConfig | None = None) -> FastAPI:
     app.state.worker = worker
     app.state.metrics = metrics
     app.add_middleware(_CountResponses, metrics=metrics)
+    app.add_middleware(_NameProcess)
     _add_error_handlers(app)
     created = int(time.time())
 
@@ -52,7 +56,7 @@ def create_app(engine, config: ServeConfig | None = None) -> FastAPI:
     async def health() -> JSONResponse:
         if worker.closing:
             return _error(ServeError(503, "the server is shutting down"))
-        return JSONResponse({"status": "ok", "model": config.model_name})
+        return JSONResponse({"status": "ok", "model": config.model_name, "pid": os.getpid()})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -197,3 +201,23 @@ class _CountResponses:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+class _NameProcess:
+    """ASGI middleware adding the answering process's pid to every response (`x-tokensieve-pid`): with
+    several replicas behind one port, it says which one answered."""
+
+    def __init__(self, app):
+        self.app = app
+        self.header = (PID_HEADER.encode(), str(os.getpid()).encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def naming_send(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, naming_send)
