@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
     path, text = modes.run(args, methods, lengths, load_engine)
     print(text)
     written = [path]
-    if args.mode == "e2e":
+    if args.mode == "e2e" and args.tensor_parallel_size == 1:
         written += _plots(path, accuracy, args.accuracy)
     print("\nwrote " + ", ".join(str(p) for p in written))
 

@@ -6,6 +6,7 @@
 - `multi-turn`: each turn of a conversation by `session.extend` vs recomputed (`turns.py`).
 - `memory`: peak memory of one prefill with and without `--prefill-chunk`, fresh processes (`memory.py`).
 - `batch`: decode throughput and TPOT per sequence at each `--batch` size (`batch.py`).
+With `--tensor-parallel-size N`, e2e compares each method on N ranks with 1 rank instead (`parallel.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--document {args.document}: no such file (give a text file or a JSON {{'text': ...}})")
     if args.mode == "batch":
         batch_sizes(args)
+    if getattr(args, "tensor_parallel_size", 1) > 1 and args.mode != "e2e":
+        raise ValueError(
+            "--tensor-parallel-size compares N ranks with 1 in whole generations (--mode e2e), "
+            f"not in --mode {args.mode}"
+        )
     if args.mode == "memory" and args.prefill_chunk is None:
         raise ValueError("--mode memory compares a prefill with and without chunks: give --prefill-chunk N (N >= 1)")
 
@@ -70,6 +76,13 @@ def run(args: argparse.Namespace, methods: list[str], lengths: list[int], load_e
         rows = memory.measure_memory(args, methods, lengths, args.prefill_chunk)
         _write(path, report.machine(_device(args.device), args.dtype or "default"), config, None, rows)
         return path, memory.memory_table(rows)
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        from .parallel import measure_parallel, parallel_table
+
+        rows, settings = measure_parallel(args, load_engine, methods, lengths, new_tokens(args))
+        _write(path.with_name("bench-parallel.json"), report.machine(_device(args.device), args.dtype or "default"),
+               config | settings, None, rows)  # fmt: skip
+        return path.with_name("bench-parallel.json"), parallel_table(rows)
     engine = load_engine(args)
     rows, text, settings = _measure(engine, args, methods, lengths)
     about = report.machine(engine.model.device, engine.model.dtype)
