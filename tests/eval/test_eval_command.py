@@ -200,17 +200,17 @@ def test_run_eval_with_chat_gives_the_model_templated_ids_on_every_turn(monkeypa
 
 
 def test_eval_cli_chat(tmp_path, monkeypatch, capsys):
-    build = presets.build
+    byte_tokenizer = presets.byte_tokenizer
 
-    def build_with_template(name, **options):
-        model, tokenizer = build(name, **options)
+    def with_template():
+        tokenizer = byte_tokenizer()
         tokenizer.chat_template = TEMPLATE
-        return model, tokenizer
+        return tokenizer
 
     base = ["--methods", "dense", "--tasks", "niah_single", "--lengths", "400"]
     assert eval_cli(tmp_path, *base)["config"]["chat"] is False
     with monkeypatch.context() as m:
-        m.setattr(presets, "build", build_with_template)
+        m.setattr(presets, "byte_tokenizer", with_template)
         data = eval_cli(tmp_path, *base, "--chat")
     assert data["config"]["chat"] is True
     assert all(abs(r["prompt_tokens"] - 400) <= 9 for r in data["records"])
