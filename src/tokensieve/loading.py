@@ -70,9 +70,9 @@ def load(
         if tokenizer is None:
             tokenizer = _load_tokenizer(source)
     build = functools.partial(build_model, source, dtype=dtype)
-    decoder = DecoderModel(build(device))
     if tensor_parallel_size == 1:
-        return Engine(decoder, tokenizer, method, prefill_chunk=prefill_chunk)
+        return Engine(DecoderModel(build(device)), tokenizer, method, prefill_chunk=prefill_chunk)
+    decoder = DecoderModel(build(torch.device("cpu")))  # each rank moves only its shard to its device
     executor = launch.start(decoder, build, tensor_parallel_size, device)
     return Engine(decoder, tokenizer, method, prefill_chunk=prefill_chunk, executor=executor)
 

@@ -36,8 +36,9 @@ def under_torchrun() -> bool:
 
 
 def start(model: DecoderModel, build: Builder, size: int, device: torch.device) -> Leader:
-    """Make `model` (the full model, on `device`) rank 0 of `size` ranks; returns its executor. Under
-    `torchrun` on a rank other than 0 this does not return: the rank follows, then the process exits."""
+    """Make `model` (the full model, on the CPU) rank 0 of `size` ranks, its shard on `device`; returns its
+    executor. Under `torchrun` on a rank other than 0 this does not return: the rank follows, then the
+    process exits. Every rank builds the whole model on the CPU and moves only its shard to its device."""
     check_divisible(model.spec, size)
     if under_torchrun():
         return _join_torchrun(model, size, device)
@@ -57,7 +58,7 @@ def start(model: DecoderModel, build: Builder, size: int, device: torch.device) 
         shutil.rmtree(rendezvous, ignore_errors=True)
 
     group = join(0, size, f"file://{rendezvous}/store", _backend(device))
-    shard(model, 0, size)
+    _place(shard(model, 0, size), device)
     leader = Leader(model, group, describe_failure=lambda: _describe_dead(workers), on_close=stop)
     leader.processes = workers
     return _stopped_at_exit(leader)
@@ -93,13 +94,13 @@ def _worker(rank: int, size: int, init_method: str, build: Builder, device_type:
     torch.set_num_threads(threads)
     device = torch.device(f"cuda:{rank}") if device_type == "cuda" else torch.device("cpu")
     try:
-        model = DecoderModel(build(device))
+        model = DecoderModel(build(torch.device("cpu")))
     except Exception as err:  # reported to the parent, which raises it
         pipe.send(f"{type(err).__name__}: {err}")
         return
     pipe.send("loaded")
     group = join(rank, size, init_method, _backend(device))
-    follow(shard(model, rank, size), group)
+    follow(_place(shard(model, rank, size), device), group)
     leave()
 
 
@@ -111,7 +112,7 @@ def _join_torchrun(model: DecoderModel, size: int, device: torch.device) -> Lead
             f"--nproc-per-node {size}, or pass tensor_parallel_size={world}"
         )
     group = join(rank, size, "env://", _backend(device))
-    shard(model, rank, size)
+    _place(shard(model, rank, size), device)
     if rank != 0:
         follow(model, group)
         leave()
@@ -123,6 +124,12 @@ def _stopped_at_exit(leader: Leader) -> Leader:
     """The followers are told to stop when this process exits, even if the caller never closes the engine."""
     atexit.register(leader.close)
     return leader
+
+
+def _place(model: DecoderModel, device: torch.device) -> DecoderModel:
+    """Move a rank's shard to its device (in place: the adapter holds the Hugging Face modules themselves)."""
+    model.hf.to(device)
+    return model
 
 
 def _backend(device: torch.device) -> str:
