@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .parallel.group import heads_max, heads_mean
+from .collectives import heads_max, heads_mean
 
 # Prefill with a window or a soft-cap runs in blocks of queries: at most this many logits per block.
 BLOCK_LOGITS = 1 << 24

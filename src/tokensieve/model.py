@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .attention import attend, causal_attention
+from .collectives import sum_partials
 from .models.families import FAMILIES, SUPPORTED_ARCHITECTURES, check_supported, layer_window
 from .models.rope import apply_rope, layer_rotaries
-from .parallel.group import sum_partials
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "DecoderModel", "ModelSpec", "check_supported"]
 

@@ -8,7 +8,7 @@ import signal
 import pytest
 
 import tokensieve
-from tokensieve.parallel.group import RankFailure
+from tokensieve.collectives import RankFailure
 
 
 def test_a_killed_rank_is_a_clear_error_not_a_hang():

@@ -4,7 +4,7 @@ Both engines live in this process at once (the N-rank one with N - 1 spawned wor
 prompt and method alternately, repeated; medians. The 1-rank engine gets N times the threads of one rank,
 so both sides use the same cores: on a CPU the ideal is therefore 1.00x (the same work, split), and what
 the ratio shows is what splitting costs (the all-reduces) or saves (smaller per-rank matmuls, caches).
-The bytes each rank sends into all-reduces are counted where they happen (`parallel.group.Traffic`): the
+The bytes each rank sends into all-reduces are counted where they happen (`collectives.Traffic`): the
 model's partial sums and the methods' score reductions, per prefill and per decode step.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..collectives import Traffic
 from ..engine import Engine
-from ..parallel.group import Traffic
 from . import report, runner
 
 

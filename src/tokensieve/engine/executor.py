@@ -15,9 +15,9 @@ from typing import Protocol
 import torch
 
 from ..cache import LayerKV
+from ..collectives import TensorParallelGroup, using
 from ..methods import Method, Policy, Run
 from ..model import DecoderModel
-from ..parallel.group import TensorParallelGroup, using
 from . import loop
 
 

@@ -23,9 +23,9 @@ import torch
 
 from ..attention import grouped_logits, max_head_logits
 from ..cache import LayerKV
+from ..collectives import heads_max
 from ..model import ModelSpec
 from ..offload import Pending
-from ..parallel.group import heads_max
 from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 from .omnikv_store import PackedSegment
 

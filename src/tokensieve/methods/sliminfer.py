@@ -39,9 +39,9 @@ import torch
 
 from ..attention import grouped_logits
 from ..cache import LayerKV
+from ..collectives import heads_mean
 from ..model import ModelSpec
 from ..offload import HostRows, Pending
-from ..parallel.group import heads_mean
 from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 
 PAPER_LAYERS = (10, 20, 30)  # Llama-3.1-8B's pruning layers ...

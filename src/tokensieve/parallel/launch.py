@@ -19,8 +19,8 @@ from multiprocessing.connection import wait
 
 import torch
 
+from ..collectives import join, leave
 from ..model import DecoderModel
-from .group import join, leave
 from .leader import Leader, follow
 from .shard import check_divisible, shard
 

@@ -21,11 +21,11 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ..collectives import RankFailure, TensorParallelGroup, leave
 from ..engine import loop
 from ..engine.executor import Executor, SequenceLike, SequenceState
 from ..methods import Method
 from ..model import DecoderModel
-from .group import RankFailure, TensorParallelGroup, leave
 
 
 class Leader(Executor):
