@@ -36,6 +36,29 @@ def test_sequences_join_a_running_batch_between_steps(deep_engine):
     assert max(scheduler.stats.batch_sizes) == 4 and scheduler.stats.tokens_per_s > 0
 
 
+@pytest.mark.parametrize("spec", ["dense", PRUNING["sliminfer"], PRUNING["lazyllm"], PRUNING["omnikv"]])
+def test_a_long_prefill_runs_between_decode_steps_and_changes_nothing(deep_engine, spec):
+    scheduler = Scheduler(deep_engine, max_batch=2, prefill_tokens=64)
+    short = scheduler.submit(PROMPTS[2], max_new_tokens=24, method=spec)
+    scheduler.step()  # nothing decodes yet: its whole prefill runs at once
+    assert short in scheduler.running
+    long_prompt = random_prompt(600, seed=9)
+    late = scheduler.submit(long_prompt, max_new_tokens=6, method=spec)
+    steps_while_prefilling = 0
+    scheduler.step()  # admits it: one layer (64 tokens' worth of a 600-token prompt) per step
+    while late in scheduler.prefilling:
+        before = len(scheduler.stats.batch_sizes)
+        scheduler.step()
+        steps_while_prefilling += len(scheduler.stats.batch_sizes) - before
+    layers = deep_engine.model.spec.num_layers
+    assert steps_while_prefilling >= layers - 2  # the short one decoded between the long one's layers
+    generations = scheduler.run()
+    assert generations[short].token_ids == deep_engine.generate(PROMPTS[2], max_new_tokens=24, method=spec).token_ids
+    alone = deep_engine.generate(long_prompt, max_new_tokens=6, method=spec)
+    assert generations[late].token_ids == alone.token_ids
+    assert generations[late].stats.prefill_tokens_per_layer == alone.stats.prefill_tokens_per_layer
+
+
 def test_a_sequence_that_stops_early_leaves_the_others_untouched(deep_engine):
     full = deep_engine.generate(PROMPTS[0], max_new_tokens=20)
     stop = full.text[3:5]

@@ -210,3 +210,19 @@ def test_windowed_layers_keep_only_their_window_under_dense():
     kept_all = engine.start(prompt, method="snapkv(budget=1.0)")
     assert kept_all.generate(max_new_tokens=3 * window).token_ids == tokens  # a policy that trims nothing
     assert len(kept_all.kv[0]) == len(prompt) + len(tokens) - 1
+
+
+def test_a_deferred_prefill_runs_a_few_layers_at_a_time_to_the_same_result(deep_engine):
+    prompt = random_prompt(200, seed=4)
+    session = deep_engine.start(prompt, method="omnikv(budget=32)", defer_prefill=True)
+    assert session.prefilling
+    with pytest.raises(RuntimeError, match="prefill is still under way"):
+        session.generate(max_new_tokens=2)
+    calls = 1
+    while not session.advance_prefill(5):  # 12 layers: 5, 5, then the last 2
+        calls += 1
+    assert calls == 3 and not session.prefilling
+    expected = deep_engine.start(prompt, method="omnikv(budget=32)").generate(max_new_tokens=8)
+    got = session.generate(max_new_tokens=8)
+    assert got.token_ids == expected.token_ids
+    assert got.stats.prefill_tokens_per_layer == expected.stats.prefill_tokens_per_layer and got.stats.ttft_s > 0

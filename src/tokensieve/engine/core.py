@@ -59,15 +59,20 @@ class Engine:
         method: str | Method | None = None,
         chat: bool = False,
         prefill_chunk: int | None = None,
+        defer_prefill: bool = False,
     ) -> Session:
-        """A session over `prompt` (text or token ids), prefilled now; continue it with `generate`/`extend`."""
+        """A session over `prompt` (text or token ids), prefilled now; continue it with `generate`/`extend`.
+
+        `defer_prefill=True` only sets the prefill up: `session.advance_prefill(layers)` runs it a few layers
+        at a time (what the scheduler does between decode steps); the result is the same.
+        """
         method = self.method if method is None else resolve_method(method)
         chunk = self.prefill_chunk if prefill_chunk is None else _check_chunk(prefill_chunk)
         inputs.check_prompt(prompt, chat)
         messages = [{"role": "user", "content": prompt}] if chat else None
         ids = self.render_chat(messages) if chat else self.encode(prompt)
         self.check_lengths(len(ids), 1)
-        return Session(self, ids, method, messages, chunk)
+        return Session(self, ids, method, messages, chunk, defer_prefill)
 
     def generate(
         self,

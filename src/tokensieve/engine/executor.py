@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,6 +46,17 @@ class SequenceState:
         return SequenceState(key, policy, kv)
 
 
+@dataclass
+class PrefillTask:
+    """A prefill under way: its sequence, the layers still to run, and (once done) logits and record."""
+
+    seq: SequenceLike
+    layers: Iterator[int]
+    tokens: int
+    layers_done: int = 0
+    result: tuple[torch.Tensor, loop.PromptPass] | None = None
+
+
 class Executor:
     """Runs the layer loop on this process's model. `lock` serializes forward passes (re-entrant);
     `group` is the tensor-parallel group the passes' collectives act on (None: a single device)."""
@@ -60,10 +72,25 @@ class Executor:
         return SequenceState.new(self.model, method, prompt_len, next(self._keys))
 
     def prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> tuple[torch.Tensor, loop.PromptPass]:
+        task = self.start_prefill(seq, ids, chunk)
+        self.advance(task, self.model.spec.num_layers)
+        return task.result
+
+    def start_prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> PrefillTask:
+        """A prefill of `seq` that runs when `advance` is called, a few layers at a time (nothing runs yet)."""
+        return PrefillTask(seq, loop.prefill(self.model, seq.policy, seq.kv, ids, chunk), len(ids))
+
+    def advance(self, task: PrefillTask, layers: int) -> bool:
+        """Run up to `layers` more layers of `task`; True once every layer ran (then `task.result` is set)."""
+        total = self.model.spec.num_layers
         with self.lock, using(self.group), torch.inference_mode():
-            result = loop.prefill(self.model, seq.policy, seq.kv, ids, chunk)
-            trim_windows(self.model, seq.policy, seq.kv, len(ids))
-        return result
+            for _ in range(min(layers, total - task.layers_done)):
+                next(task.layers)
+                task.layers_done += 1
+            if task.layers_done == total and task.result is None:
+                task.result = _returned(task.layers)
+                trim_windows(self.model, task.seq.policy, task.seq.kv, task.tokens)
+        return task.result is not None
 
     def extend(
         self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None
@@ -93,3 +120,12 @@ def trim_windows(model: DecoderModel, policy: Policy, kv: list[LayerKV], compute
     for layer, window in enumerate(model.spec.layer_windows):
         if window is not None and len(kv[layer]) > window + max(16, window // 8):
             kv[layer].drop_older_than(computed - window + 1)
+
+
+def _returned(generator: Iterator):
+    """The value a generator returns at its end (it has nothing left to yield)."""
+    try:
+        next(generator)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("the prefill yielded more layers than the model has")

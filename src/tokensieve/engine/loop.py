@@ -2,8 +2,8 @@
 
 Plain functions over a session's state (the model, the policy, the per-layer KV), as readable steps:
 
-- `prefill`: the first prompt. At each layer its rows go through q/k/v, attention and the MLP in chunks
-  of at most `chunk` rows, so peak activation memory stays flat as the prompt grows; the policy's keep
+- `prefill`: the first prompt, a layer at a time. At each layer its rows go through q/k/v, attention and
+  the MLP in chunks of at most `chunk` rows, so peak activation memory stays flat as the prompt grows; the policy's keep
   decisions are taken after the layer has seen every row, so chunking never changes a decision.
 - `extend`: a later turn over a retained cache. Its rows attend to what the policy exposes of each
   layer's cache (`Policy.extend_context`) and to each other; nothing of the turn is pruned.
@@ -13,6 +13,7 @@ Plain functions over a session's state (the model, the policy, the per-layer KV)
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -59,9 +60,11 @@ class DecodeCounts:
 
 def prefill(
     model: DecoderModel, policy: Policy, kv: list[LayerKV], ids: list[int], chunk: int | None
-) -> tuple[torch.Tensor, PromptPass]:
-    """The first prompt `ids` (positions 0..n-1) through every layer; returns the last position's logits
-    and what was computed (the tokens entering each layer)."""
+) -> Generator[int, None, tuple[torch.Tensor, PromptPass]]:
+    """The first prompt `ids` (positions 0..n-1) through every layer, one layer per `next()` (it yields the
+    layer just done), so that a scheduler can run other sequences' decode steps between layers; returns
+    the last position's logits and what was computed (the tokens entering each layer). Running the layers
+    at any pace changes no decision: a layer's decisions depend only on this sequence's rows."""
     rows = _embed(model, ids, 0)
     record = PromptPass(len(ids))
     for layer in range(model.spec.num_layers):
@@ -81,6 +84,7 @@ def prefill(
         step = step.select(policy.prefill_keep_after_layer(step))
         policy.prefill_layer_done(step)
         rows = step.rows
+        yield layer
     return model.logits(rows.h[-1]), record
 
 

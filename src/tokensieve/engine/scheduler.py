@@ -1,9 +1,12 @@
 """Continuous batching: many generations share each decode step; they join and leave between steps.
 
 `Scheduler.submit` queues a request; every `step()` first admits waiting requests while the batch has a
-place and the KV budget allows (admission prefills them, one by one), then runs one decode step for every
-running sequence at once (`loop.decode_batch`: one pass through the projections and the MLP, attention per
-sequence over its own selection) and retires the sequences that finished, freeing their place at once.
+place and the KV budget allows, advances the prefill of the oldest admitted one by a quantum of layers
+(about `prefill_tokens` prompt tokens through every layer; the whole prefill when no sequence is decoding),
+so that a long prompt does not stall the running sequences for its whole prefill, then runs one decode
+step for every running sequence at once (`loop.decode_batch`: one pass through the projections and the
+MLP, attention per sequence over its own selection) and retires the sequences that finished, freeing
+their place at once.
 
 Memory admission counts what each running session really holds on the device (`Session.device_bytes`)
 and charges a waiting request its prompt's dense KV (an upper bound for every method); a request whose
@@ -21,6 +24,8 @@ from typing import Any
 from ..generation import Generation
 from .stream import GenerationStream
 
+PREFILL_TOKENS = 2048  # prefill work between two decode steps: about this many prompt tokens through every layer
+
 
 @dataclass
 class Request:
@@ -31,6 +36,7 @@ class Request:
     start: dict[str, Any]
     generate: dict[str, Any]
     kv_bytes: int
+    session: Any = None  # once admitted
     stream: GenerationStream | None = None
 
 
@@ -48,17 +54,23 @@ class BatchStats:
 
 class Scheduler:
     """Continuous batching over one engine (see the module docstring). `max_batch`: sequences per decode
-    step; `max_kv_bytes`: device KV of all running sequences (None: no limit)."""
+    step (those prefilling count); `max_kv_bytes`: device KV of all running sequences (None: no limit);
+    `prefill_tokens`: the prefill work done between two decode steps, in prompt tokens through every layer."""
 
-    def __init__(self, engine, max_batch: int = 8, max_kv_bytes: int | None = None):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    def __init__(
+        self, engine, max_batch: int = 8, max_kv_bytes: int | None = None, prefill_tokens: int = PREFILL_TOKENS
+    ):
+        for name, value in (("max_batch", max_batch), ("prefill_tokens", prefill_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if max_kv_bytes is not None and (not isinstance(max_kv_bytes, int) or max_kv_bytes < 1):
             raise ValueError(f"max_kv_bytes must be None or an int >= 1 (bytes), got {max_kv_bytes!r}")
         self.engine = engine
         self.max_batch = max_batch
         self.max_kv_bytes = max_kv_bytes
+        self.prefill_tokens = prefill_tokens
         self.waiting: deque[Request] = deque()
+        self.prefilling: dict[int, Request] = {}  # admitted, prefill under way (oldest first)
         self.running: dict[int, Request] = {}
         self.done: dict[int, Generation] = {}
         self.stats = BatchStats()
@@ -103,6 +115,9 @@ class Scheduler:
     def cancel(self, index: int) -> None:
         """Stop request `index` now (waiting or running); its place and memory are freed."""
         self.waiting = deque(r for r in self.waiting if r.index != index)
+        prefilling = self.prefilling.pop(index, None)
+        if prefilling is not None:  # like a waiting one, it ends with no generation
+            prefilling.session.close()
         request = self.running.pop(index, None)
         if request is not None:
             request.stream.close()
@@ -110,11 +125,13 @@ class Scheduler:
 
     @property
     def finished(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.prefilling and not self.running
 
     def step(self) -> list[tuple[int, str]]:
-        """Admit what fits, then one decode step for every running sequence; returns `(index, piece)` pairs."""
+        """Admit what fits, advance a prefill, then one decode step for every running sequence; returns
+        `(index, piece)` pairs."""
         self._admit()
+        self._advance_prefill()
         pending = [(r, r.stream.decode_request()) for r in self.running.values()]
         # A stream just admitted has its first logits from the prefill: it takes them, no decode needed.
         pieces = [(r.index, r.stream.take(None, 0.0)) for r, request in pending if request is None]
@@ -137,16 +154,31 @@ class Scheduler:
         return [self.done[i] for i in sorted(self.done)]
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch and self._fits(self.waiting[0]):
+        while self.waiting and self._places_taken() < self.max_batch and self._fits(self.waiting[0]):
             request = self.waiting.popleft()
-            session = self.engine.start(request.ids, **request.start)
-            request.stream = session.stream(**request.generate, close_session=True)
-            self.running[request.index] = request
+            request.session = self.engine.start(request.ids, defer_prefill=True, **request.start)
+            self.prefilling[request.index] = request
+
+    def _advance_prefill(self) -> None:
+        """The oldest prefill by a quantum of layers (all of them when nothing decodes); done, it runs."""
+        if not self.prefilling:
+            return
+        index, request = next(iter(self.prefilling.items()))
+        layers = self.engine.model.spec.num_layers
+        quantum = max(1, self.prefill_tokens * layers // len(request.ids)) if self.running else layers
+        if request.session.advance_prefill(quantum):
+            del self.prefilling[index]
+            request.stream = request.session.stream(**request.generate, close_session=True)
+            self.running[index] = request
+
+    def _places_taken(self) -> int:
+        return len(self.running) + len(self.prefilling)
 
     def _fits(self, request: Request) -> bool:
-        if self.max_kv_bytes is None or not self.running:
+        if self.max_kv_bytes is None or not self._places_taken():
             return True
         held = sum(r.stream.session.device_bytes for r in self.running.values())
+        held += sum(r.kv_bytes for r in self.prefilling.values())  # charged their dense KV until they run
         return held + request.kv_bytes <= self.max_kv_bytes
 
     def _retire(self) -> None:

@@ -22,7 +22,7 @@ from ..generation import Generation, Sampling, Stats
 from ..methods import Method
 from ..model import DecoderModel
 from . import loop
-from .executor import Executor
+from .executor import Executor, PrefillTask
 from .stream import GenerationStream
 
 
@@ -54,7 +54,13 @@ class Session:
     """One conversation with one method; see the module docstring. Made by `Engine.start`."""
 
     def __init__(
-        self, engine: SessionHost, ids: list[int], method: Method, chat_messages: list[dict] | None, chunk: int | None
+        self,
+        engine: SessionHost,
+        ids: list[int],
+        method: Method,
+        chat_messages: list[dict] | None,
+        chunk: int | None,
+        defer_prefill: bool = False,
     ):
         self.engine = engine
         self.method = method
@@ -70,7 +76,12 @@ class Session:
         self._prompt_pass: loop.PromptPass | None = None  # computed, not yet reported by a generation
         self._active: GenerationStream | None = None  # the unfinished stream of this session, if any
         self._active_thread: int | None = None
-        self._run_prompt(lambda: engine.executor.prefill(self, ids, chunk), len(ids))
+        self._prefill: PrefillTask | None = None  # a deferred prefill under way (`advance_prefill`)
+        self._prefill_seconds = 0.0
+        if defer_prefill:
+            self._prefill = engine.executor.start_prefill(self, ids, chunk)
+        else:
+            self._run_prompt(lambda: engine.executor.prefill(self, ids, chunk), len(ids))
 
     # -- public API ------------------------------------------------------------------------------------
     def generate(
@@ -120,6 +131,29 @@ class Session:
         start = self.computed
         self.tokens.extend(new)
         self._run_prompt(lambda: self.engine.executor.extend(self, ids, start, self.chunk), len(ids))
+
+    def advance_prefill(self, layers: int) -> bool:
+        """Run up to `layers` more layers of a prefill deferred by `Engine.start(..., defer_prefill=True)`;
+        True once it is done (then the session is ready to generate). A scheduler calls this between decode
+        steps, so that a long prompt does not stall the sequences already decoding."""
+        self._check_open()
+        if self._prefill is None:
+            return True
+        start = time.perf_counter()
+        done = self.engine.executor.advance(self._prefill, layers)
+        self._synchronize()
+        self._prefill_seconds += time.perf_counter() - start
+        if done:
+            (logits, record), tokens = self._prefill.result, self._prefill.tokens
+            self._prefill = None
+            record.seconds = self._prefill_seconds
+            self._prompt_done(logits, record, tokens)
+        return done
+
+    @property
+    def prefilling(self) -> bool:
+        """A deferred prefill is still under way."""
+        return self._prefill is not None
 
     @property
     def stats(self) -> SessionStats:
@@ -196,9 +230,16 @@ class Session:
         self._check_open()
         start = time.perf_counter()
         logits, record = compute()
+        self._synchronize()
+        record.seconds = time.perf_counter() - start
+        self._prompt_done(logits, record, tokens)
+
+    def _synchronize(self) -> None:
+        """Wait for the device, so that a prompt's time is its compute (CUDA runs asynchronously)."""
         if self.engine.model.device.type == "cuda":
             torch.cuda.synchronize(self.engine.model.device)
-        record.seconds = time.perf_counter() - start
+
+    def _prompt_done(self, logits: torch.Tensor, record: loop.PromptPass, tokens: int) -> None:
         if self._prompt_pass is not None:  # two turns with no generation between them: report both
             record = self._prompt_pass.then(record)
         self._logits, self._prompt_pass = logits, record
@@ -224,6 +265,8 @@ class Session:
     def _claim(self) -> None:
         """A new call cancels this thread's unfinished stream of the session; another thread's is an error."""
         self._check_open()
+        if self._prefill is not None:
+            raise RuntimeError("this session's prefill is still under way: finish it with advance_prefill first")
         active = self._active
         if active is None:
             return

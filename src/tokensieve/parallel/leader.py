@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..collectives import RankFailure, TensorParallelGroup, leave
 from ..engine import loop
-from ..engine.executor import Executor, SequenceLike, SequenceState
+from ..engine.executor import Executor, PrefillTask, SequenceLike, SequenceState
 from ..methods import Method
 from ..model import DecoderModel
 
@@ -52,10 +52,15 @@ class Leader(Executor):
         weakref.finalize(state.policy, self._dropped.append, state.key)
         return state
 
-    def prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> tuple[torch.Tensor, loop.PromptPass]:
+    def start_prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> PrefillTask:
         with self.lock:
             self._send("prefill", seq.key, ids, chunk)
-            return self._guarded(super().prefill, seq, ids, chunk)
+            return super().start_prefill(seq, ids, chunk)
+
+    def advance(self, task: PrefillTask, layers: int) -> bool:
+        with self.lock:
+            self._send("advance", task.seq.key, layers)
+            return self._guarded(super().advance, task, layers)
 
     def extend(
         self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None
@@ -117,27 +122,40 @@ def follow(model: DecoderModel, group: TensorParallelGroup) -> None:
     """A follower's life: run the leader's commands on this rank's shard until it says stop."""
     executor = Executor(model, group)
     states: dict[int, SequenceState] = {}
+    prefills: dict[int, PrefillTask] = {}  # prefills under way, advanced a few layers at a time
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0, group=group.control)
         dropped, (kind, *args) = box[0]
         for key in dropped:
             states.pop(key, None)
+            prefills.pop(key, None)
         if kind == "stop":
             return
         try:
-            _run(executor, model, states, kind, args)
+            _run(executor, model, states, prefills, kind, args)
         except Exception:  # the leader met the same error at the same point and reports it to its caller
             traceback.print_exc()
 
 
-def _run(executor: Executor, model: DecoderModel, states: dict[int, SequenceState], kind: str, args: list) -> None:
+def _run(
+    executor: Executor,
+    model: DecoderModel,
+    states: dict[int, SequenceState],
+    prefills: dict[int, PrefillTask],
+    kind: str,
+    args: list,
+) -> None:
     if kind == "open":
         key, method, prompt_len = args
         states[key] = SequenceState.new(model, method, prompt_len, key)
     elif kind == "prefill":
         key, ids, chunk = args
-        executor.prefill(states[key], ids, chunk)
+        prefills[key] = executor.start_prefill(states[key], ids, chunk)
+    elif kind == "advance":
+        key, layers = args
+        if executor.advance(prefills[key], layers):
+            del prefills[key]
     elif kind == "extend":
         key, ids, start, chunk = args
         executor.extend(states[key], ids, start, chunk)
