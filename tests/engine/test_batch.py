@@ -143,3 +143,22 @@ def test_cli_generates_a_batch_from_prompt_files_and_jsonl(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('"fine"\n{"nope": 1}\n')
     assert main(["generate", "--model", "tiny", "--prompts", str(tmp_path / "bad.jsonl")]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+def test_a_session_added_with_a_deferred_prefill_joins_between_layers_and_stays_open(deep_engine):
+    """What the server does: it opens the session (a fresh one deferred, or a retained one) and adds it."""
+    scheduler = Scheduler(deep_engine, max_batch=2, prefill_tokens=64)
+    running = scheduler.submit(PROMPTS[2], max_new_tokens=24)
+    scheduler.step()
+    session = deep_engine.start(PROMPTS[1], defer_prefill=True)
+    added = scheduler.add(session, max_new_tokens=6)
+    assert added in scheduler.prefilling
+    while added in scheduler.prefilling:
+        scheduler.step()
+    assert len(scheduler.stats.batch_sizes) > 4  # the running sequence decoded between the added one's layers
+    generations = scheduler.run()
+    assert generations[added].token_ids == deep_engine.generate(PROMPTS[1], max_new_tokens=6).token_ids
+    assert generations[running].token_ids == deep_engine.generate(PROMPTS[2], max_new_tokens=24).token_ids
+    assert not session.closed  # its caller keeps it (e.g. for the next turn)
+    with pytest.raises(ValueError, match="temperature"):
+        scheduler.add(deep_engine.start(PROMPTS[0]), max_new_tokens=2, temperature=-1.0)

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..generation import Generation
+from ..generation import Generation, Sampling
 from .stream import GenerationStream
 
 PREFILL_TOKENS = 2048  # prefill work between two decode steps: about this many prompt tokens through every layer
@@ -38,6 +38,7 @@ class Request:
     kv_bytes: int
     session: Any = None  # once admitted
     stream: GenerationStream | None = None
+    owned: bool = True  # the scheduler started the session, and closes it when the generation ends
 
 
 @dataclass
@@ -104,12 +105,18 @@ class Scheduler:
         self._next += 1
         return request.index
 
-    def add(self, stream: GenerationStream) -> int:
-        """Run a stream its caller started (a session it keeps, e.g. a server's retained conversation) in the
-        batch from the next step, outside the admission queue; returns its index."""
-        request = Request(self._next, [], {}, {}, 0, stream)
-        self.running[request.index] = request
+    def add(self, session, **generate) -> int:
+        """Generate on a session its caller opened (e.g. a server's retained conversation, or a fresh one
+        started with `defer_prefill=True`, whose prefill then runs between decode steps) from the next step,
+        outside the admission queue; `generate`: `session.stream`'s settings. Returns its index."""
+        Sampling(generate.get("temperature", 0.0), generate.get("top_p", 1.0), generate.get("seed"))
+        request = Request(self._next, list(session.tokens), {}, generate, 0, session, owned=False)
         self._next += 1
+        if session.prefilling:
+            self.prefilling[request.index] = request
+        else:
+            request.stream = session.stream(**generate)
+            self.running[request.index] = request
         return request.index
 
     def cancel(self, index: int) -> None:
@@ -168,7 +175,7 @@ class Scheduler:
         quantum = max(1, self.prefill_tokens * layers // len(request.ids)) if self.running else layers
         if request.session.advance_prefill(quantum):
             del self.prefilling[index]
-            request.stream = request.session.stream(**request.generate, close_session=True)
+            request.stream = request.session.stream(**request.generate, close_session=request.owned)
             self.running[index] = request
 
     def _places_taken(self) -> int:

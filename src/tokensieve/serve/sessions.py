@@ -41,7 +41,7 @@ class SessionPool:
         found = self._take(prompt, method) if reuse else None
         if found is None:
             self.metrics.reuse.labels("miss").inc()
-            return self.engine.start(prompt.ids, method=method)
+            return self.engine.start(prompt.ids, method=method, defer_prefill=True)  # the scheduler runs it
         retained, suffix = found
         try:
             if suffix:

@@ -45,7 +45,6 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     stop_error: ServeError | None = None  # why the server (not the client) stopped it
     session: Any = field(default=None, repr=False)  # once admitted: its session and stream
-    stream: Any = field(default=None, repr=False)
 
     def emit(self, kind: str, value: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the event loop is gone (server stopped): nobody listens
@@ -173,14 +172,14 @@ class Worker:
             return
         try:  # the prefill runs here: a method whose settings do not fit this prompt fails now
             job.session = self.sessions.open(job.prompt, job.method, job.reuse)
-            job.stream = job.session.stream(max_new_tokens=job.max_tokens, **job.sampling)
+            index = self._scheduler.add(job.session, max_new_tokens=job.max_tokens, **job.sampling)
         except (ValueError, TypeError) as err:
             if job.session is not None:
                 job.session.close()
             job.emit("error", ServeError(422, f"bad settings: {err}", "tokensieve.method"))
             return
         with self._cond:
-            self._running[self._scheduler.add(job.stream)] = job
+            self._running[index] = job
 
     def _interrupt(self) -> None:
         """Stop the running requests whose client left, whose timeout passed, or that the shutdown ends."""
