@@ -11,6 +11,7 @@ import pytest
 from conftest import STORIES, needs_stories
 from tokensieve import presets
 from tokensieve.cli import main
+from tokensieve.engine.session import Session
 from tokensieve.eval import runner
 from tokensieve.eval.runner import MEAN, build_samples, chat_overhead, parse_length, run_eval
 from tokensieve.eval.tasks import TASKS
@@ -69,25 +70,48 @@ def test_eval_adds_dense_and_takes_longbench_data(tmp_path):
 
 
 class OracleEngine:
-    """A stand-in engine that reads the asked key's value off the prompt; "fast" reports half dense's TTFT."""
+    """A stand-in engine that reads the asked key's value off the prompt; "fast" reports half dense's TTFT.
+    Its tokens are the prompt's UTF-8 bytes; a session's later turns are `extend`ed, as the runner does."""
 
     tokenizer = presets.byte_tokenizer()
 
     def __init__(self):
         self.warm_ups = []
+        self.extended = []
 
     def encode(self, prompt):
-        return list(prompt.encode())
+        return list(prompt.encode()) if isinstance(prompt, str) else list(prompt)
 
-    def generate(self, prompt, *, max_new_tokens, method):
-        if not isinstance(prompt, str):  # the short warm-up, given ids
-            self.warm_ups.append((len(prompt), method))
-            return Generation(text="", token_ids=[], stats=Stats(method={"name": method}), finish_reason="length")
+    def generate(self, prompt, *, max_new_tokens, method):  # only the short warm-up calls it
+        self.warm_ups.append((len(prompt), method))
+        return Generation(text="", token_ids=[], stats=Stats(method={"name": method}), finish_reason="length")
+
+    def start(self, ids, *, method):
+        return OracleSession(self, list(ids), method)
+
+
+class OracleSession:
+    def __init__(self, engine, tokens, method):
+        self.engine, self.tokens, self.method, self.computed = engine, tokens, method, len(tokens)
+
+    def extend(self, ids):
+        self.engine.extended.append(len(ids))
+        self.tokens += ids
+        self.computed = len(ids)
+
+    def generate(self, *, max_new_tokens):
+        prompt = bytes(self.tokens).decode()
         key = re.findall(r"special magic \w+ for (\S+)\?", prompt)[-1]
         value = re.search(rf"for {re.escape(key)} is: (\S+)\.", prompt).group(1)
-        stats = Stats(method={"name": method}, prompt_tokens=len(prompt), ttft_s=0.01 if method == "dense" else 0.005)
-        stats.prefill_tokens_per_layer = [len(prompt)] * 2
-        return Generation(text=f" {value}.", token_ids=[1, 2], stats=stats, finish_reason="length")
+        ttft = 0.01 if self.method == "dense" else 0.005
+        stats = Stats(method={"name": self.method}, prompt_tokens=self.computed, ttft_s=ttft)
+        stats.prefill_tokens_per_layer = [self.computed] * 2
+        answer = list(f" {value}.".encode())
+        self.tokens += answer
+        return Generation(text=f" {value}.", token_ids=answer, stats=stats, finish_reason="length")
+
+    def close(self):
+        pass
 
 
 def test_runner_scores_a_perfect_model_and_pairs_speedups():
@@ -99,6 +123,12 @@ def test_runner_scores_a_perfect_model_and_pairs_speedups():
     assert rows["multi_turn", "fast"].speedup == pytest.approx(2.0) and rows["mean", "dense"].speedup == 1.0
     assert len(report.records) == 2 * 2 * 2 and report.config["methods"] == ["dense", "fast"]
     assert engine.warm_ups == [(runner.WARM_UP_TOKENS, "dense")]  # one short warm-up, not a prefill per method
+    # multi_turn's later turns continue the session: 2 turns after the first, per sample and method
+    turns = {(r.task, r.method): r.reused_turns for r in report.records}
+    assert turns["multi_turn", "fast"] == 2 and turns["niah_single", "fast"] == 0
+    assert len(engine.extended) == 2 * 2 * 2 and all(
+        0 < n < 200 for n in engine.extended
+    )  # the new turn only (of a 700-token prompt)
 
 
 def test_eval_kl_column(tmp_path):
@@ -171,9 +201,12 @@ def test_chat_overhead_counts_the_template_tokens():
 
 def test_run_eval_with_chat_gives_the_model_templated_ids_on_every_turn(monkeypatch):
     engine = chat_engine()
-    seen, logits_seen = [], []
+    seen, logits_seen, warm_ups = [], [], []
     generate, next_token_logits = engine.generate, engine.next_token_logits
-    monkeypatch.setattr(engine, "generate", lambda prompt, **kw: seen.append(prompt) or generate(prompt, **kw))
+    monkeypatch.setattr(engine, "generate", lambda prompt, **kw: warm_ups.append(prompt) or generate(prompt, **kw))
+    session_generate = Session.generate
+    # what each turn's generation continues: the whole conversation so far, whether extended or started anew
+    monkeypatch.setattr(Session, "generate", lambda s, **kw: seen.append(list(s.tokens)) or session_generate(s, **kw))
     monkeypatch.setattr(
         engine, "next_token_logits", lambda p, c, **kw: logits_seen.append(p) or next_token_logits(p, c, **kw)
     )
@@ -184,7 +217,8 @@ def test_run_eval_with_chat_gives_the_model_templated_ids_on_every_turn(monkeypa
     turns = [
         template(sample.messages(record.outputs[:i]), add_generation_prompt=True, return_dict=False) for i in range(3)
     ]
-    assert seen == [turns[0][: runner.WARM_UP_TOKENS], *turns]  # short warm-up, then the 3 turns, as templated ids
+    assert warm_ups == [turns[0][: runner.WARM_UP_TOKENS]]  # one short warm-up
+    assert seen == turns  # then the 3 turns, as templated ids
     assert turns[0] == engine.encode(sample.prompt(), chat=True)  # turn 1: one user message
     # later turns: a conversation, the model's own answers as assistant messages, not pasted into the question
     third = engine.tokenizer.decode(turns[2])
@@ -195,7 +229,10 @@ def test_run_eval_with_chat_gives_the_model_templated_ids_on_every_turn(monkeypa
     text = engine.tokenizer.decode(turns[0])
     assert text.startswith("<|user|>Some special magic") and text.endswith(" is<|assistant|>")
     assert abs(len(turns[0]) - 500) <= 0.02 * 500 + 1  # sized to the asked length with the template
-    assert record.prompt_tokens == pytest.approx(sum(map(len, turns)) / 3)
+    if record.reused_turns:  # a continued turn computes only its new tokens
+        assert record.prompt_tokens < sum(map(len, turns)) / 3
+    else:
+        assert record.prompt_tokens == pytest.approx(sum(map(len, turns)) / 3)
     assert report.config["chat"] is True
 
 

@@ -62,6 +62,7 @@ class Record:
     outputs: list[str]
     expected: list[list[str]]
     kl: float | None = None  # mean KL(dense || method), teacher-forced along dense's first answer (if asked)
+    reused_turns: int = 0  # later turns that continued the session (`extend`) rather than recomputing
 
 
 @dataclass
@@ -354,14 +355,30 @@ def _model_input(engine, sample: Sample, outputs: Sequence[str], chat: bool):
 
 def _run_sample(engine, sample: Sample, method: str, length: int, index: int, cap: int | None, chat: bool = False):
     """Every turn of `sample` with `method`, each answer fed back into the next turn's prompt; the record
-    and each turn's token ids."""
-    outputs, gens = [], []
+    and each turn's token ids.
+
+    The turns are one engine session, as a conversation is served: a later turn whose prompt ids continue
+    the session's tokens (the earlier prompt, the model's answer, the new question) is appended with
+    `extend`, so only its new tokens are computed and it sees what the method kept of the earlier turns (a
+    dropper's evictions stay evicted; OmniKV can still select any earlier token). A turn whose ids do not
+    continue them (a tokenizer that merges across the answer's end differently) starts a new session.
+    """
+    outputs, gens, reused = [], [], 0
     new_tokens = min(sample.max_new_tokens, cap or sample.max_new_tokens)
+    session = None
     for _ in sample.turns:
-        prompt = _model_input(engine, sample, outputs, chat)
-        gen = engine.generate(prompt, max_new_tokens=new_tokens, method=method)
+        ids = engine.encode(_model_input(engine, sample, outputs, chat))
+        if session is not None and ids[: len(session.tokens)] == session.tokens and len(ids) > len(session.tokens):
+            session.extend(ids[len(session.tokens) :])
+            reused += 1
+        else:
+            if session is not None:
+                session.close()
+            session = engine.start(ids, method=method)
+        gen = session.generate(max_new_tokens=new_tokens)
         outputs.append(gen.text)
         gens.append(gen)
+    session.close()
     scores = [sample.score(turn, text) for turn, text in enumerate(outputs)]
     record = Record(
         task=sample.task,
@@ -375,6 +392,7 @@ def _run_sample(engine, sample: Sample, method: str, length: int, index: int, ca
         agreement=1.0,
         outputs=outputs,
         expected=[list(turn.answers) for turn in sample.turns],
+        reused_turns=reused,
     )
     return record, [g.token_ids for g in gens]
 
