@@ -12,6 +12,7 @@ session closed or garbage-collected): a finalizer queues the key, and the next c
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import traceback
@@ -92,6 +93,7 @@ class Leader(Executor):
                 self.failure = "the engine was closed"
             self.on_close()
             leave()
+        atexit.unregister(self.close)  # registered by `launch`; once closed, nothing is left to stop at exit
 
     def _send(self, *command) -> None:
         self._check_usable()
