@@ -104,6 +104,16 @@ class LayerKV:
         pos[: self.length] = self.positions
         self._k, self._v, self._pos = k, v, pos
 
+    def move_to(self, device: torch.device) -> None:
+        """Move the entries (not the spare capacity) to `device`: a retained session parked in host memory,
+        and back before it computes again."""
+        if self._k.device != device:
+            self._k, self._v, self._pos = (t.to(device) for t in (self.keys, self.values, self.positions))
+
+    @property
+    def device(self) -> torch.device:
+        return self._k.device
+
     @property
     def nbytes(self) -> int:
         """Bytes of the keys and values held (not the spare capacity)."""

@@ -128,6 +128,46 @@ def test_the_memory_cap_drops_the_least_recently_used_session(live):
         assert continued(0) is False
 
 
+def test_past_the_device_cap_sessions_park_in_host_memory_and_are_still_reused(live):
+    prompts = [live.reference.encode(f"conversation {i} " * 4) for i in range(4)]
+    probe = live.reference.start(prompts[0])
+    probe.generate(max_new_tokens=4)
+    one = probe.stats.kv_bytes_device + probe.stats.kv_bytes_host
+    probe.close()
+    # room for one conversation on the device and two parked in host memory (a CPU: the same memory, so
+    # the default host cap is 0; this sets it to show the tiers)
+    with live_server(session_bytes=int(one * 1.5), session_host_bytes=int(one * 2.5)) as server:
+        client = server.client()
+        for ids in prompts:
+            client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0)
+        assert server.metric("tokensieve_sessions_parked_total") == 3
+        assert server.metric("tokensieve_sessions_evicted_total") == 1  # the oldest, past the host cap
+        assert server.metric("tokensieve_sessions_retained") == 3
+        assert 0 < server.metric('tokensieve_kv_bytes{location="host"}') <= one * 2.5
+
+        def continued(i: int) -> tuple[bool, list[int]]:
+            follow = prompts[i] + live.reference.generate(prompts[i], max_new_tokens=4).token_ids + [33]
+            reply = client.completions.create(model=MODEL, prompt=follow, max_tokens=3, temperature=0)
+            expected = live.reference.generate(follow, max_new_tokens=3).text
+            return reply.model_extra["tokensieve"]["prefix_reused"], reply.choices[0].text == expected
+
+        assert continued(1) == (True, True)  # parked, brought back, continued: the same text as recomputed
+        assert continued(0) == (False, True)  # dropped past the host cap
+
+
+def test_a_parked_session_continues_exactly_as_if_it_had_stayed(live):
+    engine = live.reference
+    session = engine.start(engine.encode("a parked conversation " * 6), method="omnikv(budget=16)")
+    first = session.generate(max_new_tokens=5)
+    device = session.stats.kv_bytes_device
+    session.park()
+    assert session.stats.kv_bytes_device < device or engine.model.device.type == "cpu"
+    session.extend(engine.encode(" and on", special_tokens=False))
+    again = session.generate(max_new_tokens=5)
+    ids = engine.encode("a parked conversation " * 6) + first.token_ids + engine.encode(" and on", special_tokens=False)
+    assert again.token_ids == engine.start(ids, method="omnikv(budget=16)").generate(max_new_tokens=5).token_ids
+
+
 def test_session_bytes_zero_turns_reuse_off():
     with live_server(session_bytes=0) as server:
         turns = _chat(server.client(), "dense")

@@ -74,6 +74,13 @@ def register(sub) -> None:
         help="KV memory retained sessions may hold for multi-turn reuse, e.g. 512M (0: no reuse; default 1G)",
     )
     limits.add_argument(
+        "--session-host-bytes",
+        type=byte_size,
+        default=None,
+        help="host memory for the KV of retained sessions parked past --session-bytes, e.g. 4G (0: drop them; "
+        "default 4G on CUDA, 0 on a CPU)",
+    )
+    limits.add_argument(
         "--shutdown-grace",
         type=float,
         default=DEFAULTS.shutdown_grace_s,
@@ -94,6 +101,7 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         max_tokens=args.max_tokens,
         request_timeout_s=args.request_timeout,
         session_bytes=args.session_bytes,
+        session_host_bytes=args.session_host_bytes,
         shutdown_grace_s=args.shutdown_grace,
     )
 

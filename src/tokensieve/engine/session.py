@@ -150,6 +150,13 @@ class Session:
             self._prompt_done(logits, record, tokens)
         return done
 
+    def park(self) -> None:
+        """Move this session's KV to host memory (its policy's small state stays); the next call brings it
+        back by itself. What a server does with a conversation it keeps but has no room for on the device."""
+        self._check_open()
+        for layer in self.kv:
+            layer.move_to(torch.device("cpu"))
+
     @property
     def prefilling(self) -> bool:
         """A deferred prefill is still under way."""
@@ -204,7 +211,7 @@ class Session:
     @property
     def device_bytes(self) -> int:
         """KV (and policy state) this session holds on the device now: what memory admission counts."""
-        return 0 if self.kv is None else sum(layer.nbytes for layer in self.kv) + self.policy.device_bytes()
+        return 0 if self.kv is None else self._kv_bytes(on_device=True) + self.policy.device_bytes()
 
     def take_prompt_pass(self) -> loop.PromptPass | None:
         record, self._prompt_pass = self._prompt_pass, None
@@ -213,9 +220,9 @@ class Session:
     def fill_memory_stats(self, stats: Stats) -> None:
         kv, policy = self.kv, self.policy
         extra = policy.device_bytes()
-        stats.kv_bytes_device = sum(layer.nbytes for layer in kv) + extra
+        stats.kv_bytes_device = self._kv_bytes(on_device=True) + extra
         stats.kv_bytes_reserved = sum(layer.reserved_bytes for layer in kv) + extra
-        stats.kv_bytes_host = policy.host_bytes()
+        stats.kv_bytes_host = policy.host_bytes() + self._kv_bytes(on_device=False)
         stats.host_is_device = self.engine.model.device.type == "cpu"
         stats.method_stats = policy.stats()
 
@@ -233,6 +240,11 @@ class Session:
         self._synchronize()
         record.seconds = time.perf_counter() - start
         self._prompt_done(logits, record, tokens)
+
+    def _kv_bytes(self, on_device: bool) -> int:
+        """Bytes of the KV on the model's device, or elsewhere (parked in host memory)."""
+        device = self.engine.model.device
+        return sum(layer.nbytes for layer in self.kv if (layer.device == device) == on_device)
 
     def _synchronize(self) -> None:
         """Wait for the device, so that a prompt's time is its compute (CUDA runs asynchronously)."""
@@ -267,6 +279,8 @@ class Session:
         self._check_open()
         if self._prefill is not None:
             raise RuntimeError("this session's prefill is still under way: finish it with advance_prefill first")
+        for layer in self.kv:  # a parked session's KV comes back to the device
+            layer.move_to(self.engine.model.device)
         active = self._active
         if active is None:
             return

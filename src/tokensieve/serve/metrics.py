@@ -58,6 +58,9 @@ class Metrics:
         self.reuse = Counter(
             "tokensieve_prefix_reuse", "Requests by prefix reuse outcome (hit or miss)", ["outcome"], registry=r
         )
+        self.parked = Counter(
+            "tokensieve_sessions_parked", "Retained sessions whose KV moved to host memory (device cap)", registry=r
+        )
         self.evicted = Counter(
             "tokensieve_sessions_evicted", "Retained sessions dropped to stay within the memory cap", registry=r
         )

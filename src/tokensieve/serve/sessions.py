@@ -3,8 +3,14 @@
 After a request, its session is kept with the conversation's text so far (prompt + reply). A later request
 whose text starts with that text (the usual chat: the previous messages, the reply, a new user message)
 continues the session: only the new suffix is tokenized and computed (`session.extend`). A token-id prompt
-continues a session whose `tokens` it starts with. Retained sessions share a memory cap in bytes; the least
-recently used are dropped first. A session is used by one request at a time: it leaves the pool while it runs.
+continues a session whose `tokens` it starts with. A session is used by one request at a time: it leaves the
+pool while it runs.
+
+Two memory caps, least recently used first: past `max_bytes` (the KV the active sessions hold, on the device
+and what their methods keep on the host) the oldest sessions are parked (their KV moved to host memory,
+`Session.park`; it comes back when the conversation continues), and past `host_bytes` of parked KV the
+oldest are dropped. With `host_bytes=0` (the default on a CPU, where host memory is the device's) a
+session past `max_bytes` is dropped at once, as without parking.
 """
 
 from __future__ import annotations
@@ -25,14 +31,16 @@ class _Retained:
     method: Method
     text: str | None  # the conversation's text so far; None when it began as token ids
     chat: bool  # a chat's text is tokenized without the tokenizer's special tokens, a completion's with them
+    parked: bool = False  # its KV waits in host memory
 
 
 class SessionPool:
     """Sessions kept for prefix reuse, least recently used first, within `max_bytes` of KV (0: none kept)."""
 
-    def __init__(self, engine, max_bytes: int, metrics: Metrics):
+    def __init__(self, engine, max_bytes: int, metrics: Metrics, host_bytes: int = 0):
         self.engine = engine
         self.max_bytes = max_bytes
+        self.host_bytes = host_bytes
         self.metrics = metrics
         self._kept: OrderedDict[int, _Retained] = OrderedDict()  # by id(session), oldest first
 
@@ -99,16 +107,41 @@ class SessionPool:
         return retained, prompt.ids[len(retained.session.tokens) :]
 
     def _evict(self) -> None:
-        """Drop the least recently used sessions until the rest fit in `max_bytes`."""
-        while self._kept and sum(self._bytes()) > self.max_bytes:
-            _, oldest = self._kept.popitem(last=False)
-            oldest.session.close()
-            self.metrics.evicted.inc()
+        """Park the least recently used sessions until the others fit in `max_bytes`, and drop the oldest
+        parked ones until the parked fit in `host_bytes` (with no host room, drop instead of parking)."""
+        while self._held(parked=False) > self.max_bytes:
+            key, oldest = next((k, r) for k, r in self._kept.items() if not r.parked)
+            if self.host_bytes == 0:
+                self._drop(key)
+                continue
+            oldest.session.park()
+            oldest.parked = True
+            self.metrics.parked.inc()
+        while self._held(parked=True) > self.host_bytes:
+            self._drop(next(k for k, r in self._kept.items() if r.parked))
         self._gauges()
 
+    def _drop(self, key: int) -> None:
+        self._kept.pop(key).session.close()
+        self.metrics.evicted.inc()
+
+    def _held(self, parked: bool) -> int:
+        """KV bytes (device and host, e.g. OmniKV's offloaded prompt) of the parked or of the other sessions."""
+        return sum(
+            r.session.stats.kv_bytes_device + r.session.stats.kv_bytes_host
+            for r in self._kept.values()
+            if r.parked == parked
+        )
+
     def _bytes(self) -> tuple[int, int]:
-        device = sum(r.session.stats.kv_bytes_device for r in self._kept.values())
-        host = sum(r.session.stats.kv_bytes_host for r in self._kept.values())
+        """KV bytes of the retained sessions on the device and in host memory (a parked session's are all
+        in host memory)."""
+        device = host = 0
+        for r in self._kept.values():
+            stats = r.session.stats
+            on_device = 0 if r.parked else stats.kv_bytes_device
+            device += on_device
+            host += stats.kv_bytes_device + stats.kv_bytes_host - on_device
         return device, host
 
     def _gauges(self) -> None:

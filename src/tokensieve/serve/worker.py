@@ -66,7 +66,9 @@ class Worker:
         self.engine = engine
         self.config = config
         self.metrics = metrics
-        self.sessions = SessionPool(engine, config.session_bytes, metrics)  # touched by the worker thread only
+        host_bytes = config.host_bytes_for(engine.model.device)
+        # touched by the worker thread only
+        self.sessions = SessionPool(engine, config.session_bytes, metrics, host_bytes)
         self._waiting: deque[Job] = deque()
         self._running: dict[int, Job] = {}  # scheduler index -> job; touched under the condition's lock
         self._scheduler = Scheduler(engine, max_batch=config.max_running)
