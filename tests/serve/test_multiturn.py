@@ -181,3 +181,18 @@ def test_a_dropper_reuses_what_it_kept_and_the_stats_say_what_was_lost(live):
     first, later = turns[0][1]["stats"], turns[2][1]["stats"]
     assert not any(first["unseen_tokens_per_layer"])
     assert min(later["unseen_tokens_per_layer"]) > 0  # the evicted earlier tokens, per layer
+
+
+def test_a_failure_to_retain_a_session_still_answers_and_the_server_keeps_serving(monkeypatch):
+    from tokensieve.serve.sessions import SessionPool
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("retaining failed")
+
+    monkeypatch.setattr(SessionPool, "keep", broken)
+    with live_server() as server:
+        client = server.client()
+        for _ in range(2):  # the second request shows the worker thread survived the first's failure
+            reply = client.completions.create(model=MODEL, prompt="still answered", max_tokens=3, temperature=0)
+            assert reply.choices[0].finish_reason in ("length", "stop")
+        assert server.metric("tokensieve_sessions_retained") == 0

@@ -210,7 +210,11 @@ class Worker:
             with self._cond:
                 job = self._running.pop(index)
             generation = self._scheduler.done.pop(index)
-            self.sessions.keep(job.session, job.method, job.prompt, generation)
+            try:  # failing to retain a session must not fail a finished response, nor stop this thread
+                self.sessions.keep(job.session, job.method, job.prompt, generation)
+            except Exception:
+                log.exception("could not retain a finished request's session; it is closed")
+                job.session.close()
             self.metrics.finished(generation, time.monotonic() - job.arrived)
             job.emit("done", generation)
 
