@@ -1,8 +1,9 @@
 """What runs the layer loop for an engine's sessions: `Executor` runs it here, in this process.
 
-Every forward pass of every session goes through one executor (prefill, extension, batched decode), under
-its lock. The tensor-parallel leader (`parallel.leader`) is an executor that first tells the other ranks to
-run the same step on their share of the heads; nothing above the executor knows how many ranks there are.
+Every forward pass of every session goes through one executor (a prefill a few layers at a time, an
+extension, a batched decode step), under its lock. The tensor-parallel leader (`parallel.leader`) is an
+executor that first tells the other ranks to run the same step on their share of the heads; nothing above
+the executor knows how many ranks there are.
 """
 
 from __future__ import annotations
@@ -70,11 +71,6 @@ class Executor:
     def open(self, method: Method, prompt_len: int) -> SequenceState:
         """A new sequence's policy and empty KV."""
         return SequenceState.new(self.model, method, prompt_len, next(self._keys))
-
-    def prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> tuple[torch.Tensor, loop.PromptPass]:
-        task = self.start_prefill(seq, ids, chunk)
-        self.advance(task, self.model.spec.num_layers)
-        return task.result
 
     def start_prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> PrefillTask:
         """A prefill of `seq` that runs when `advance` is called, a few layers at a time (nothing runs yet)."""

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..generation import Generation, Sampling
+from ..generation import Generation
 from .stream import GenerationStream
 
 PREFILL_TOKENS = 2048  # prefill work between two decode steps: about this many prompt tokens through every layer
@@ -109,7 +109,7 @@ class Scheduler:
         """Generate on a session its caller opened (e.g. a server's retained conversation, or a fresh one
         started with `defer_prefill=True`, whose prefill then runs between decode steps) from the next step,
         outside the admission queue; `generate`: `session.stream`'s settings. Returns its index."""
-        Sampling(generate.get("temperature", 0.0), generate.get("top_p", 1.0), generate.get("seed"))
+        session.check_settings(**generate)  # bad settings fail here, not in a later step
         request = Request(self._next, list(session.tokens), {}, generate, 0, session, owned=False)
         self._next += 1
         if session.prefilling:

@@ -78,10 +78,9 @@ class Session:
         self._active_thread: int | None = None
         self._prefill: PrefillTask | None = None  # a deferred prefill under way (`advance_prefill`)
         self._prefill_seconds = 0.0
-        if defer_prefill:
-            self._prefill = engine.executor.start_prefill(self, ids, chunk)
-        else:
-            self._run_prompt(lambda: engine.executor.prefill(self, ids, chunk), len(ids))
+        self._prefill = engine.executor.start_prefill(self, ids, chunk)
+        if not defer_prefill:
+            self.advance_prefill(engine.model.spec.num_layers)
 
     # -- public API ------------------------------------------------------------------------------------
     def generate(
@@ -110,13 +109,29 @@ class Session:
         close_session: bool = False,
     ) -> GenerationStream:
         """Like `generate`, as an iterator of text pieces; its `generation` is set when it is exhausted."""
-        sampling = Sampling(temperature, top_p, seed)
-        stops = inputs.stop_strings(stop)
-        self.engine.check_lengths(len(self.tokens), max_new_tokens)
+        sampling, stops = self.check_settings(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop
+        )
         self._claim()
         self._active = GenerationStream(self, max_new_tokens, sampling, stops, close_session)
         self._active_thread = threading.get_ident()
         return self._active
+
+    def check_settings(
+        self,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> tuple[Sampling, list[str]]:
+        """`generate`'s settings checked against this session (a clear error for a bad one), as the sampling
+        and the stop strings a stream takes; a scheduler checks them so before it runs the session."""
+        sampling = Sampling(temperature, top_p, seed)
+        stops = inputs.stop_strings(stop)
+        self.engine.check_lengths(len(self.tokens), max_new_tokens)
+        return sampling, stops
 
     def extend(self, more: str | Sequence[int], *, chat: bool = False) -> None:
         """Append a turn (text or token ids); only tokens without KV are computed, the earlier ones are reused.
@@ -130,7 +145,11 @@ class Session:
         ids = self.tokens[self.computed :] + new
         start = self.computed
         self.tokens.extend(new)
-        self._run_prompt(lambda: self.engine.executor.extend(self, ids, start, self.chunk), len(ids))
+        began = time.perf_counter()
+        logits, record = self.engine.executor.extend(self, ids, start, self.chunk)
+        self._synchronize()
+        record.seconds = time.perf_counter() - began
+        self._prompt_done(logits, record, len(ids))
 
     def advance_prefill(self, layers: int) -> bool:
         """Run up to `layers` more layers of a prefill deferred by `Engine.start(..., defer_prefill=True)`;
@@ -233,14 +252,6 @@ class Session:
         self._active = None
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _run_prompt(self, compute, tokens: int) -> None:
-        self._check_open()
-        start = time.perf_counter()
-        logits, record = compute()
-        self._synchronize()
-        record.seconds = time.perf_counter() - start
-        self._prompt_done(logits, record, tokens)
-
     def _kv_bytes(self, on_device: bool) -> int:
         """Bytes of the KV on the model's device, or elsewhere (parked in host memory)."""
         device = self.engine.model.device
