@@ -7,7 +7,7 @@ keys or values. No scoring function builds an `n x n` matrix: scores come from a
 Two per-layer options change what a layer attends with: `window` (sliding-window attention: a query at
 position p sees keys at positions p - window + 1 ... p) and `softcap` (Gemma 2's attention-logit soft-capping,
 `cap * tanh(logits / cap)` before the softmax). Without them the fast paths stay: no mask at all where
-every key is visible, and the fused kernel of `scaled_dot_product_attention`.
+every key is visible (a decode step on a global layer), and the fused kernel of `scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -68,12 +68,13 @@ def visibility_mask(
     """Bool `[m, t]`: key j is visible to query i (not newer, within `window`, not `hidden`); None when all are.
 
     `newest`: the caller knows no key is newer than the last query (a decode step), so a single query needs
-    no causal mask, and no device sync is spent to find that out.
+    no causal mask, and no device sync is spent to find that out. A `window` always gets its mask, for the
+    same reason: finding out that every key lies within it would cost a sync (a decode layer spends none).
     """
     mask = None
     if q_pos.shape[0] > 1 or not newest:
         mask = k_pos[None, :] <= q_pos[:, None]
-    if window is not None and bool(k_pos.min() <= q_pos.max() - window):
+    if window is not None:
         near = k_pos[None, :] > q_pos[:, None] - window
         mask = near if mask is None else mask & near
     if hidden is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokensieve.attention import attend, last_query_probs
+from device_syncs import DeviceSyncs
+from tokensieve.attention import attend, last_query_probs, visibility_mask
 
 
 def _reference(q, q_pos, k, v, k_pos, scale, hidden):
@@ -42,3 +43,23 @@ def test_hidden_keys_take_no_share_of_the_scores():
     probs = last_query_probs(q, k, 0.35, hidden)
     assert torch.all(probs[hidden] == 0)
     torch.testing.assert_close(probs[~hidden], last_query_probs(q, k[:, ~hidden], 0.35))
+
+
+def test_the_sync_counter_sees_reads_data_shaped_results_and_host_data():
+    x = torch.arange(6)
+    with DeviceSyncs() as syncs:
+        int(x.sum()), bool(x.any()), x.tolist(), x[x > 2], torch.tensor([1, 2]), x.nonzero()
+        x[:3], x[torch.arange(2)], torch.nonzero_static(x > 2, size=3)  # none of these waits
+    assert syncs.counts[None] == 6
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_a_window_masks_a_decode_query_without_a_device_sync(hidden):
+    """The window mask is built on the device, never after asking whether any key lies outside it."""
+    k_pos, q_pos = torch.randperm(100), torch.tensor([99])
+    hidden_keys = k_pos % 7 == 0 if hidden else None
+    with DeviceSyncs() as syncs:
+        mask = visibility_mask(q_pos, k_pos, hidden_keys, window=48, newest=True)
+    assert sum(syncs.counts.values()) == 0
+    expected = (k_pos > 99 - 48) & (~hidden_keys if hidden else True)
+    assert torch.equal(mask[0], expected)

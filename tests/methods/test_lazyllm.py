@@ -27,6 +27,7 @@ class RecordingPolicy(LazyLLMPolicy):
         self.log = []
 
     def prefill_layer_done(self, step):
+        super().prefill_layer_done(step)
         self.kv[step.layer] = step.kv
 
     def decode_rows(self, layer, rows):
@@ -195,7 +196,7 @@ def test_each_token_is_computed_at_most_once_per_layer(
         assert len(positions) == len(set(positions)), f"a token was computed twice at layer {layer}"
         assert max(positions) < prompt_len + gen.stats.new_tokens - 1
         prompt_part = torch.tensor([p for p in positions if p < prompt_len])
-        assert torch.equal(prompt_part.sort().values, policy.present[policy.stage_of[layer]].nonzero().squeeze(1))
+        assert torch.equal(prompt_part.sort().values, policy.held[policy.layout_of[layer]].nonzero().squeeze(1))
         computed += len(positions)
     dense = num_layers * (prompt_len + gen.stats.new_tokens - 1)
     assert computed <= dense

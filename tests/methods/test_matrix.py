@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import PRUNING, random_prompt
-from tokensieve.methods import METHODS, Compose, OmniKV, SlimInfer, resolve_method, split_methods
+from device_syncs import DeviceSyncs
+from tokensieve.engine import loop
+from tokensieve.methods import METHODS, Compose, LazyLLM, OmniKV, SlimInfer, resolve_method, split_methods
 
 PROMPT = random_prompt(320, seed=11)
 NEW_TOKENS = 12
@@ -137,8 +139,8 @@ def test_chunked_prefill_takes_the_same_decisions(deep_engine, name, settings):
 
 # -- composition: a prefill method with a decode method ----------------------------------------------------
 PREFILL_SIDE = ["dense", "sliminfer", "lazyllm", "snapkv"]
-DECODE_SIDE = ["dense", "omnikv", "streaming_llm", "h2o"]
-PAIRS = [(p, d) for p in PREFILL_SIDE for d in DECODE_SIDE if not (p == "snapkv" and d in ("omnikv", "h2o"))]
+DECODE_SIDE = ["dense", "omnikv", "streaming_llm", "h2o", "lazyllm"]
+PAIRS = [(p, d) for p in PREFILL_SIDE for d in DECODE_SIDE if not (p == "snapkv" and d in ("omnikv", "h2o", "lazyllm"))]
 
 
 @pytest.mark.parametrize(("first", "then"), PAIRS)
@@ -152,7 +154,11 @@ def test_composition_under_keep_all_equals_dense(deep_engine, dense_tokens, firs
 
 @pytest.mark.parametrize("then", DECODE_SIDE)
 def test_dense_prefill_then_a_decode_method_decodes_exactly_as_that_method(deep_engine, then):
-    alone = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=PRUNING[then])
+    """`dense+X` is X's decode side alone: X itself, except where X prunes in prefill too (LazyLLM), whose
+    decode side is X without its prefill pruning."""
+    decode_side = resolve_method(PRUNING[then]).as_decode_side()
+    assert (decode_side == resolve_method(PRUNING[then])) == (then != "lazyllm")
+    alone = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=decode_side)
     composed = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=f"dense+{PRUNING[then]}")
     assert composed.token_ids == alone.token_ids
     assert composed.stats.decode_keys_per_layer == alone.stats.decode_keys_per_layer
@@ -176,7 +182,9 @@ def test_composition_prunes_on_both_sides_and_runs_sessions(deep_engine, first, 
     assert composed.prefill_tokens_per_layer == prefill_only.prefill_tokens_per_layer
     if first in ("sliminfer", "lazyllm"):
         assert composed.prefill_fraction < 1
-    if then != "dense":  # the decode side attends to fewer keys than dense decode over the same prefill
+    if (first, then) == ("lazyllm", "lazyllm"):  # its budgets among what its own budgets kept: all of it
+        assert composed.decode_keys_per_layer == prefill_only.decode_keys_per_layer
+    elif then != "dense":  # the decode side attends to fewer keys than dense decode over the same prefill
         assert sum(composed.decode_keys_per_layer) < sum(prefill_only.decode_keys_per_layer)
     _, _, second = two_turns(deep_engine, spec)
     assert len(second.token_ids) == NEW_TOKENS
@@ -193,12 +201,80 @@ def test_omnikv_after_sliminfer_selects_by_position_among_what_each_layer_holds(
         assert composed.stats.decode_keys_per_layer == pruned.stats.decode_keys_per_layer
 
 
+def _record_contexts(policy) -> list[tuple[int, list[int], list[int]]]:
+    """Wrap `policy.decode_context`: per call, the layer, the positions attended and the positions it holds."""
+    seen, decode_context = [], policy.decode_context
+
+    def recording(step):
+        context = decode_context(step)
+        shown = context.pos if context.hidden is None else context.pos[~context.hidden]
+        seen.append((step.layer, shown.tolist(), step.kv.positions.tolist()))
+        return context
+
+    policy.decode_context = recording
+    return seen
+
+
+def test_lazyllm_after_sliminfer_selects_by_position_among_what_each_layer_holds(deep_engine):
+    """Past SlimInfer's pruning layers the layers of one LazyLLM stage hold different prompt entries: each
+    layer attends to the selected tokens it holds, found by position in its own KV."""
+    session = deep_engine.start(PROMPT, method=f"{PRUNING['sliminfer']}+lazyllm")
+    policy = session.policy.then
+    seen = _record_contexts(policy)
+    session.generate(max_new_tokens=NEW_TOKENS)
+    assert any(len(policy.layouts_of_stage[stage]) > 1 for stage in range(1, 4))  # the case that matters
+    narrowed = 0
+    for layer, shown, held in seen:
+        assert set(shown) <= set(held) and len(set(shown)) == len(shown)
+        stage = policy.stage_of[layer]
+        prompt = [p for p in shown if p < len(PROMPT)]
+        if stage:
+            assert len(prompt) <= policy.keep[stage - 1]
+        assert all(p in shown for p in held if p >= len(PROMPT))  # generated tokens: always attended
+        narrowed += len(shown) < len(held)
+    assert narrowed > 0
+
+
+def test_lazyllm_after_sliminfer_with_a_budget_covering_everything_is_sliminfer_then_dense(deep_engine):
+    pruned = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=f"{PRUNING['sliminfer']}+dense")
+    method = Compose(resolve_method(PRUNING["sliminfer"]), LazyLLM(budgets=(1.0, 1.0, 1.0)))
+    composed = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=method)
+    assert composed.token_ids == pruned.token_ids
+    assert composed.stats.decode_keys_per_layer == pruned.stats.decode_keys_per_layer
+
+
+def test_lazyllm_as_decode_side_reports_its_selections_and_keeps_no_aux_cache(deep_engine):
+    layers = deep_engine.model.spec.num_layers
+    for first in ("dense", "sliminfer"):
+        stats = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=f"{PRUNING[first]}+lazyllm").stats
+        decode = stats.method_stats["decode"]
+        budgets = [round(f * len(PROMPT)) for f in LazyLLM().budgets]
+        assert decode["decode_selection"] == "dynamic" and decode["budget_tokens"] == budgets
+        assert stats.method["decode"]["prune_prefill"] is False and stats.method["decode"]["revive_per_step"] == 0
+        assert "aux_cache_bytes" not in decode and stats.revived_tokens == 0
+        assert stats.decode_rows_per_layer == [1.0] * layers
+        selected = decode["selected_per_boundary"]
+        if first == "dense":  # every layer holds the whole prompt: each boundary selects its budget
+            assert selected == budgets and decode["revivals_deferred_per_step"] == 0
+        else:  # SlimInfer left fewer tokens than LazyLLM's later budgets in the deep layers
+            assert all(0 < n <= b for n, b in zip(selected, budgets, strict=True)) and selected != budgets
+
+
+@pytest.mark.parametrize("first", ["dense", "sliminfer"])
+def test_lazyllm_as_decode_side_extends_like_one_shot_under_keep_all(deep_engine, first):
+    method = Compose(METHODS[first].keep_all(), LazyLLM.keep_all())
+    _, first_turn, second = two_turns(deep_engine, method)
+    history = PROMPT + first_turn.token_ids + TURN_2
+    assert second.token_ids == deep_engine.generate(history, max_new_tokens=NEW_TOKENS, method="dense").token_ids
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
         ("omnikv+dense", "put it on the decode side"),
         ("dense+sliminfer", "cannot follow another prefill"),
-        ("dense+lazyllm", "cannot follow another prefill"),
+        ("dense+lazyllm(revive=False)", "decodes over every key prefill left"),
+        ("snapkv+lazyllm", "each KV head its own tokens"),
         ("dense+snapkv", "put it on the prefill side"),
         ("snapkv+omnikv", "each KV head its own tokens"),
         ("snapkv+h2o", "each KV head its own tokens"),
@@ -282,3 +358,34 @@ def test_a_budget_of_zero_or_less_is_an_error(name, where):
         spec = f"{spec}+dense" if name in PREFILL_SIDE else f"dense+{spec}"
     with pytest.raises(ValueError, match="must be > 0"):
         resolve_method(spec)
+
+
+# -- no host-device sync per layer in a decode step (issue 11, Must hold) ------------------------------------
+SYNC_SPECS = EVERY + ["omnikv(budget=32, offload=False)", f"{PRUNING['sliminfer']}+omnikv(budget=32, offload=False)"]
+
+
+@pytest.mark.parametrize("spec", SYNC_SPECS)
+def test_a_decode_step_syncs_with_the_device_at_a_few_layers_not_at_every_layer(deep_engine, monkeypatch, spec):
+    """What may make the host wait in a decode step: the new token's id (once per step), and a method's few
+    special layers (LazyLLM's boundaries, SlimInfer's pruning layers: three of the twelve here), each a few
+    times at most. Counted on CPU by the calls that would wait on CUDA (see `device_syncs`)."""
+    syncs, decode_batch, qkv, steps = DeviceSyncs(), loop.decode_batch, deep_engine.model.qkv, []
+
+    def counted_decode_batch(model, batch):
+        syncs.where = "step"
+        with syncs:
+            logits = decode_batch(model, batch)
+        steps.append(len(batch))
+        return logits
+
+    def located_qkv(layer, *args):
+        syncs.where = layer
+        return qkv(layer, *args)
+
+    monkeypatch.setattr(loop, "decode_batch", counted_decode_batch)
+    monkeypatch.setattr(deep_engine.model, "qkv", located_qkv)
+    deep_engine.generate(PROMPT, max_new_tokens=6, method=spec)
+    per_step = {where: n / len(steps) for where, n in syncs.counts.items()}
+    assert len(steps) == 5 and per_step.get("step", 0) <= 1, per_step
+    assert len([where for where in per_step if where != "step"]) <= 3, per_step
+    assert all(n <= 3 for n in per_step.values()), per_step

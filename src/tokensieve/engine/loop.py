@@ -47,15 +47,40 @@ class PromptPass:
 @dataclass
 class DecodeCounts:
     """What the decode steps of one call computed, counted where it happens: rows per layer (the new token
-    plus revived ones), keys attended per layer, steps."""
+    plus revived ones), keys attended per layer, steps.
+
+    Keys hidden by a mask whose size only the device knows (`Context.hidden_count` a tensor) are summed on
+    the device and read once, by `keys_per_layer`: counting adds no device sync to a decode layer.
+    """
 
     rows_per_layer: list[int]
-    keys_per_layer: list[int]
+    entries_per_layer: list[int]  # context entries, minus the hidden ones the host knows of
     steps: int = 0
+    device_hidden_per_layer: torch.Tensor | None = None
 
     @staticmethod
     def zeros(layers: int) -> DecodeCounts:
         return DecodeCounts([0] * layers, [0] * layers)
+
+    def add(self, layer: int, rows: int, context: Context) -> None:
+        """Count one sequence's rows and attended keys at `layer` in one step."""
+        self.rows_per_layer[layer] += rows
+        attended = context.attended()
+        if isinstance(attended, int):
+            self.entries_per_layer[layer] += attended
+            return
+        self.entries_per_layer[layer] += context.pos.shape[0]
+        if self.device_hidden_per_layer is None:
+            self.device_hidden_per_layer = attended.new_zeros(len(self.rows_per_layer))
+        self.device_hidden_per_layer[layer] += context.hidden_count
+
+    @property
+    def keys_per_layer(self) -> list[int]:
+        """Keys attended per layer, summed over the steps (one read of the device's counts, if any)."""
+        if self.device_hidden_per_layer is None:
+            return list(self.entries_per_layer)
+        hidden = self.device_hidden_per_layer.tolist()
+        return [entries - n for entries, n in zip(self.entries_per_layer, hidden, strict=True)]
 
 
 def prefill(
@@ -139,8 +164,7 @@ def decode_batch(model: DecoderModel, batch: list[DecodeRequest]) -> torch.Tenso
             seq.kv[layer].append(k[:, mine], v[:, mine], part.pos)
             step = LayerStep(layer, part, q[:, mine], k[:, mine], seq.kv[layer])
             context = seq.policy.decode_context(step)
-            seq.counts.rows_per_layer[layer] += len(part)
-            seq.counts.keys_per_layer[layer] += len(context)
+            seq.counts.add(layer, len(part), context)
             q_pos, ctx = part.pos, context
             outputs.append(model.attend(layer, step.q, q_pos, ctx.k, ctx.v, ctx.pos, ctx.hidden, newest=True))
             steps.append(step)

@@ -61,14 +61,15 @@ class Context:
 
     `hidden` (bool `[t]`, optional) leaves some of those entries out by masking instead of copying: the
     cheaper choice when a policy drops only a few of a layer's cached keys. `hidden_count` is its number of
-    True entries, given by the policy (which knows it) so that `len()` needs no device sync per layer.
+    True entries: an int where the policy knows it on the host, otherwise a 0-dim tensor on the device,
+    which the engine adds to its counts there (`attended`), so a decode step needs no device sync per layer.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     pos: torch.Tensor
     hidden: torch.Tensor | None = None
-    hidden_count: int = 0
+    hidden_count: int | torch.Tensor = 0
 
     @staticmethod
     def of(kv: LayerKV, index: torch.Tensor | None = None) -> Context:
@@ -76,9 +77,14 @@ class Context:
             return Context(kv.keys, kv.values, kv.positions)
         return Context(kv.keys[:, index], kv.values[:, index], kv.positions[index])
 
-    def __len__(self) -> int:
-        """The number of keys attended."""
+    def attended(self) -> int | torch.Tensor:
+        """The number of keys attended: a device tensor when `hidden_count` is one (no sync)."""
         return self.pos.shape[0] - self.hidden_count
+
+    def __len__(self) -> int:
+        """The number of keys attended, on the host: a device sync when `hidden_count` is a tensor, so for
+        prompt passes, not for decode layers (the engine counts those with `attended`)."""
+        return int(self.attended())
 
 
 @dataclass

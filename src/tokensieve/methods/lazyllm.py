@@ -10,6 +10,17 @@ once per layer over the whole generation.
 Layer mapping: boundary `b` means "prune after layer b", i.e. the next stage starts at layer `b + 1`.
 The paper's four stages for 32 layers are layers 0-8, 9-18, 19-27, 28-31 (boundaries 8, 18, 27); other
 depths scale the stage starts 9, 19, 28 (`scaled_layers`) and subtract one.
+
+On the decode side of a composition (`"dense+lazyllm"`, `"sliminfer+lazyllm"`; `LazyLLM.as_decode_side`)
+LazyLLM prunes nothing in prefill and keeps no aux cache: another method's prefill did not keep the hidden
+states of the tokens it pruned, so nothing can be revived. At each boundary of each decode step it selects
+its budget among the prompt tokens that the next stage's layers hold, by original position, and each layer
+attends to the selected tokens it holds. That is the same reselection as LazyLLM's own, with a revival
+budget of 0 (`revive_per_step=0`). After SlimInfer's prefill the layers of one stage may hold different
+tokens (SlimInfer prunes at its own layers), so each layer's context is taken by position from its own KV.
+
+A decode step costs at most one device sync per boundary (the counts of revived, continuing and left-out
+tokens, read at once); no other layer syncs.
 """
 
 from __future__ import annotations
@@ -46,7 +57,10 @@ class LazyLLM(Method):
       already have KV, and what the paper would have revived on top shows as `revivals_deferred_per_step`.
       Default 1, so that a decode step costs no more than dense's; None (the paper) revives every selected
       token (up to 17x dense's time per step at 8K on SmolLM2); 0 keeps each stage's prefill set, i.e. static
-      pruning. Nothing to bound with `revive=False` or `dynamic_decode=False`.
+      pruning, and keeps no aux cache. Nothing to bound with `revive=False` or `dynamic_decode=False`.
+    - `prune_prefill`: False prunes nothing in prefill (and keeps no aux cache); decode still selects each
+      stage's budget at every step among the tokens the layers hold. This is LazyLLM on the decode side of
+      a composition (`as_decode_side`).
     """
 
     name: ClassVar[str] = "lazyllm"
@@ -55,6 +69,10 @@ class LazyLLM(Method):
     dynamic_decode: bool = True
     revive: bool = True
     revive_per_step: int | None = 1
+    prune_prefill: bool = True
+
+    # its selection is by position, shared by every KV head: it cannot follow a per-head eviction (SnapKV)
+    needs_shared_kv: ClassVar[bool] = True
 
     def __post_init__(self):
         self.budgets = tuple(self.budgets)
@@ -85,11 +103,14 @@ class LazyLLM(Method):
         """Static pruning (the paper's ablation): prune in prefill, no aux cache; the decode side takes over."""
         return replace(self, dynamic_decode=False, revive=False, revive_per_step=None)
 
-    def as_decode_side(self) -> Method:
-        raise ValueError(
-            "LazyLLM's decode revives the tokens its own prefill pruned, so it cannot follow another prefill: "
-            "use method='lazyllm' alone, or put LazyLLM on the prefill side (e.g. 'lazyllm+omnikv')"
-        )
+    def as_decode_side(self) -> LazyLLM:
+        """Dynamic reselection over what another prefill left: no prefill pruning, nothing to revive from."""
+        if not (self.dynamic_decode and self.revive):
+            raise ValueError(
+                "LazyLLM with dynamic_decode=False or revive=False decodes over every key prefill left, i.e. "
+                "densely: on the decode side use 'dense', or LazyLLM's dynamic reselection (the defaults)"
+            )
+        return replace(self, prune_prefill=False, revive_per_step=0)
 
     @classmethod
     def keep_all(cls) -> LazyLLM:
@@ -144,16 +165,17 @@ class AuxCache:
         self.pos = torch.cat([self.pos, pos])
         self.live += len(pos)
 
+    def lacks(self, pos: torch.Tensor) -> torch.Tensor:
+        """Bool per prompt position of `pos`: not in the cache (checked before `take`, on the device)."""
+        return self.slot[pos] < 0
+
     def take(self, pos: torch.Tensor) -> torch.Tensor:
-        """The hidden states of `pos`, which leave the cache."""
-        slots = self.slot[pos]
-        if bool((slots < 0).any()):
-            raise RuntimeError(f"LazyLLM aux cache lacks positions {pos[slots < 0].tolist()} (a bookkeeping bug)")
-        h = self.h[slots]
+        """The hidden states of `pos` (every one in the cache: see `lacks`), which leave the cache."""
+        h = self.h[self.slot[pos]]
         self.slot[pos] = -1
         self.live -= len(pos)
         if 2 * self.live < len(self.pos):  # drop the holes once they are the majority
-            alive = self.slot[self.pos] >= 0
+            alive = torch.nonzero_static(self.slot[self.pos] >= 0, size=self.live).squeeze(1)
             self.h, self.pos = self.h[alive], self.pos[alive]
             self.slot[self.pos] = torch.arange(len(self.pos), device=self.pos.device)
         return h
@@ -163,8 +185,19 @@ class AuxCache:
         return 0 if self.h is None else self.h.numel() * self.h.element_size()
 
 
+def _mask_of(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Bool `[size]`, True at `index`."""
+    return torch.zeros(size, dtype=torch.bool, device=index.device).index_fill_(0, index, True)
+
+
 class LazyLLMPolicy(Policy):
-    """One generation's state: the boundaries, which prompt tokens have KV in each stage, the aux caches."""
+    """One generation's state: the boundaries, which prompt tokens each layer holds, the aux caches.
+
+    Layers are grouped into *layouts*: consecutive layers of a stage whose KV holds the same entries in the
+    same order (after LazyLLM's own prefill, every layer of a stage; after SlimInfer's, the layers between
+    two of its pruning layers). Decode adds the same rows to every layer of a layout, so a layout's context
+    is worked out once per step, at its first layer.
+    """
 
     def __init__(self, method: LazyLLM, run: Run):
         super().__init__(run)
@@ -176,76 +209,106 @@ class LazyLLMPolicy(Policy):
                 f"budgets {method.budgets} resolve to {self.keep} tokens for a {prompt_len}-token prompt, which "
                 "increases: give a non-increasing schedule"
             )
+        self.prunes = method.prune_prefill
         self.dynamic = method.dynamic_decode and method.revive
+        self.revive_limit = method.revive_per_step  # None: every selected token (the paper)
+        self.revives = self.prunes and self.dynamic and self.revive_limit != 0
         stage_starts = [0, *(b + 1 for b in self.bounds)]
         self.stage_of = [sum(layer > b for b in self.bounds) for layer in range(layers)]
-        self.stage_len = [end - start for start, end in pairwise([*stage_starts, layers])]
         self.stage_start = set(stage_starts[1:])
-        # present[s, p]: prompt token p has KV in the layers of stage s (sets are nested across stages)
-        self.present = torch.zeros(len(stage_starts), prompt_len, dtype=torch.bool, device=device)
-        self.present[0] = True
-        self.aux = [AuxCache(prompt_len, device) for _ in self.bounds] if self.dynamic else []
+        # layouts (see the class docstring), found in prefill: held[g, p] says layout g holds prompt token p
+        self.layout_of: list[int] = []
+        self.held: list[torch.Tensor] = []
+        self.layouts_of_stage: list[list[int]] = [[] for _ in stage_starts]
+        self._previous_positions: torch.Tensor | None = None
+        self.aux = [AuxCache(prompt_len, device) for _ in self.bounds] if self.revives else []
         # decode: the positions each stage attends to in this step (generated tokens and later turns always);
         # grown in `decode_step_start` as the session goes on
         self.attend = torch.ones(prompt_len, dtype=torch.bool, device=device)
+        self.left_out: dict[int, int] = {}  # layout -> its prompt entries this step's selection leaves out
+        self.contexts: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # layout -> (index, hidden)
         self.revived_rows: Rows | None = None
-        self.context_index: torch.Tensor | None = None  # the stage's selected entries, copied out ...
-        self.context_hidden: torch.Tensor | None = None  # ... or masked, when only a few are left out
-        self.context_left_out = 0
-        self.revive_limit = method.revive_per_step  # None: every selected token (the paper)
-        self.deferred = 0
+        # counted on the device, read by `stats`
+        self.selected = torch.zeros(len(self.bounds), dtype=torch.long, device=device)
+        self.deferred = torch.zeros((), dtype=torch.long, device=device)
         self.steps = 0
 
     # -- prefill ---------------------------------------------------------------------------------------
     def prefill_keep_after_layer(self, step: LayerStep) -> torch.Tensor | None:
         layer, rows, q, k = step.layer, step.rows, step.q, step.k
-        if layer not in self.bounds:
+        if not self.prunes or layer not in self.bounds:
             return None
         boundary = self.bounds.index(layer)
         keep = self.keep[boundary]
         if keep >= len(rows):
-            self.present[boundary + 1, rows.pos] = True
             return None
         scores = last_query_probs(q[:, -1], k, self.run.scale)
         scores[-1] = float("inf")  # the last token produces the first output token
         index = scores.topk(keep).indices.sort().values
-        self.present[boundary + 1, rows.pos[index]] = True
-        if self.dynamic:
+        if self.revives:
             dropped = torch.ones(len(rows), dtype=torch.bool, device=rows.pos.device)
             dropped[index] = False
             self.aux[boundary].put(rows.h[dropped], rows.pos[dropped])
         return index
+
+    def prefill_layer_done(self, step: LayerStep) -> None:
+        """Record which prompt tokens the layer holds, by position: whatever prefill (this one or another
+        method's, in a composition) left there."""
+        layer, positions = step.layer, step.kv.positions
+        stage = self.stage_of[layer]
+        previous = self._previous_positions
+        if previous is not None and self.stage_of[layer - 1] == stage and torch.equal(previous, positions):
+            layout = self.layout_of[-1]
+        else:
+            layout = len(self.held)
+            self.held.append(_mask_of(positions, self.run.prompt_len))
+            self.layouts_of_stage[stage].append(layout)
+        self.layout_of.append(layout)
+        self._previous_positions = positions if layer + 1 < len(self.stage_of) else None
 
     # -- decode ----------------------------------------------------------------------------------------
     def decode_step_start(self, position: int) -> None:
         if position >= len(self.attend):
             more = max(position + 1 - len(self.attend), len(self.attend) // 8, 16)
             self.attend = torch.cat([self.attend, self.attend.new_ones(more)])
+        self.contexts.clear()
 
     def decode_rows(self, layer: int, rows: Rows) -> Rows:
         if layer in self.stage_start and self.revived_rows is not None:
             rows = Rows.cat([self.revived_rows, rows])
             self.revived_rows = None
-        if len(rows) > 1:
-            self.present[self.stage_of[layer], rows.pos[:-1]] = True
+        if len(rows) > 1:  # revived prompt tokens: they get KV at this layer
+            self.held[self.layout_of[layer]][rows.pos[:-1]] = True
         return rows
 
     def decode_context(self, step: LayerStep) -> Context:
         layer, kv = step.layer, step.kv
         if not self.dynamic or self.stage_of[layer] == 0:
             return Context.of(kv)
-        if layer in self.stage_start:  # every layer of a stage holds the same entries in the same order
-            selected = self.attend[kv.positions]
-            left_out = len(selected) - int(selected.sum())
+        layout = self.layout_of[layer]
+        left_out = self.left_out[layout]  # known since the boundary before this stage
+        if left_out == 0:
+            return Context.of(kv)
+        if layout not in self.contexts:  # the layout's first layer in this step: by position, in slot order
+            shown = self.attend[kv.positions]
             # Masking reads every cached key; copying the selected ones reads them twice and writes them once.
-            self.context_hidden = ~selected if 0 < left_out <= len(selected) // 2 else None
-            self.context_index = selected.nonzero().squeeze(1) if left_out > len(selected) // 2 else None
-            self.context_left_out = left_out
-        if self.context_hidden is not None:
-            return Context(kv.keys, kv.values, kv.positions, self.context_hidden, self.context_left_out)
-        return Context.of(kv, self.context_index)
+            if left_out <= len(kv) // 2:
+                self.contexts[layout] = (None, ~shown)
+            else:
+                self.contexts[layout] = (torch.nonzero_static(shown, size=len(kv) - left_out).squeeze(1), None)
+        index, hidden = self.contexts[layout]
+        if hidden is not None:
+            return Context(kv.keys, kv.values, kv.positions, hidden, left_out)
+        return Context.of(kv, index)
 
     def decode_layer_done(self, step: LayerStep, context: Context) -> Rows:
+        """At a boundary: select the next stage's prompt tokens among those this layer attended (by position),
+        count what each layout of the next stage leaves out, and revive what the next stage lacks.
+
+        Everything is worked out on the device over the whole context (masks, not compacted candidates);
+        the host reads the few counts it needs (revivals, rows that continue, keys left out) at once: one
+        device sync per boundary and step, none at other layers.
+        """
         layer, rows, q = step.layer, step.rows, step.q
         if not self.dynamic or layer not in self.bounds:
             return rows
@@ -254,38 +317,63 @@ class LazyLLMPolicy(Policy):
         candidates = context.pos < prompt_len
         if context.hidden is not None:
             candidates &= ~context.hidden
-        scores = last_query_probs(q[:, -1], context.k, self.run.scale, context.hidden)[candidates]
-        positions = context.pos[candidates]
+        scores = last_query_probs(q[:, -1], context.k, self.run.scale, context.hidden)
         in_flight = rows.pos[:-1]  # tokens revived earlier in this step; the new token is the last row
-        has_kv = self.present[boundary + 1, positions] | torch.isin(positions, in_flight)
-        chosen = self._select(boundary, scores, has_kv)
-        selected = positions[chosen]
+        has_kv = self._stage_holds(boundary + 1)[context.pos.clamp(max=prompt_len - 1)] & candidates
+        if len(in_flight):
+            has_kv |= torch.isin(context.pos, in_flight)
+        picked = self._select(boundary, scores, candidates, has_kv)
         self.attend[:prompt_len] = False
-        self.attend[selected] = True
+        self.attend[context.pos] = picked | (context.pos >= prompt_len)
+        self.selected[boundary] += picked.sum()
 
-        continues = self.attend[in_flight]
-        self.aux[boundary].put(rows.h[:-1][~continues], in_flight[~continues])
-        revive = selected[~has_kv[chosen]]
-        if len(revive):  # selected, with no KV in the next stage and not already a row: from the aux cache
-            self.revived_rows = Rows(self.aux[boundary].take(revive), revive)
-        if bool(continues.all()):
+        layouts = self.layouts_of_stage[boundary + 1]
+        counts = [(self.held[g] & ~self.attend[:prompt_len]).sum() for g in layouts]
+        if not self.revives:
+            self.left_out.update(zip(layouts, torch.stack(counts).tolist(), strict=True))
             return rows
-        last = torch.tensor([len(rows) - 1], device=continues.device)
-        return rows.select(torch.cat([continues.nonzero().squeeze(1), last]))
+        revive = picked & ~has_kv  # selected, with no KV in the next stage and not already a row
+        continues = self.attend[in_flight]
+        lacking = self.aux[boundary].lacks(context.pos.clamp(max=prompt_len - 1)) & revive
+        revivals, continuing, lacked, *left_out = torch.stack(
+            [revive.sum(), continues.sum(), lacking.sum(), *counts]
+        ).tolist()
+        self.left_out.update(zip(layouts, left_out, strict=True))
+        if lacked:
+            raise RuntimeError(f"LazyLLM aux cache lacks positions {context.pos[lacking].tolist()} (a bookkeeping bug)")
+        order = torch.sort(~continues, stable=True).indices  # the rows that continue first, each part in row order
+        self.aux[boundary].put(rows.h[order[continuing:]], in_flight[order[continuing:]])
+        if revivals:  # best first, as selected: from the aux cache
+            positions = context.pos[scores.masked_fill(~revive, -1.0).topk(revivals).indices]
+            self.revived_rows = Rows(self.aux[boundary].take(positions), positions)
+        if continuing == len(in_flight):
+            return rows
+        last = torch.arange(len(rows) - 1, len(rows), device=order.device)
+        return rows.select(torch.cat([order[:continuing], last]))
 
-    def _select(self, boundary: int, scores: torch.Tensor, has_kv: torch.Tensor) -> torch.Tensor:
-        """Indices of the stage's budget of best-scoring candidates. Under a revival budget, candidates with no
-        KV in the next stage compete only for `revive_per_step` places (the best of them); the other places
-        go to the best candidates that have KV, so the stage still attends to its budget of tokens."""
+    def _stage_holds(self, stage: int) -> torch.Tensor:
+        """Bool `[prompt_len]`: prompt tokens some layer of `stage` holds."""
+        held = [self.held[g] for g in self.layouts_of_stage[stage]]
+        return held[0] if len(held) == 1 else torch.stack(held).any(0)
+
+    def _select(
+        self, boundary: int, scores: torch.Tensor, candidates: torch.Tensor, has_kv: torch.Tensor
+    ) -> torch.Tensor:
+        """Bool over the context: the stage's budget of best-scoring candidates. Under a revival budget,
+        candidates with no KV in the next stage compete only for `revive_per_step` places (the best of them);
+        the other places go to the best candidates that have KV, so the stage still attends to its budget of
+        tokens where the layers hold enough. Scores are probabilities (>= 0), so a -1 never outranks them."""
         keep = min(self.keep[boundary], len(scores))
-        paper = scores.topk(keep).indices
-        missing = int((~has_kv).sum())
-        if self.revive_limit is None or missing <= self.revive_limit:
+        ranked = scores.masked_fill(~candidates, -1.0)
+        paper = _mask_of(ranked.topk(keep).indices, len(scores)) & candidates
+        if self.revive_limit is None:
             return paper
         allowed = has_kv.clone()
-        allowed[scores.masked_fill(has_kv, -1.0).topk(self.revive_limit).indices] = True
-        chosen = scores.masked_fill(~allowed, -1.0).topk(min(keep, int(allowed.sum()))).indices
-        self.deferred += int((~torch.isin(paper, chosen)).sum())  # what the paper would revive on top
+        if self.revive_limit:
+            allowed[ranked.masked_fill(has_kv, -1.0).topk(min(self.revive_limit, len(scores))).indices] = True
+            allowed &= candidates
+        chosen = _mask_of(scores.masked_fill(~allowed, -1.0).topk(keep).indices, len(scores)) & allowed
+        self.deferred += (paper & ~chosen).sum()  # what the paper would revive on top
         return chosen
 
     def decode_step_done(self) -> None:
@@ -296,16 +384,20 @@ class LazyLLMPolicy(Policy):
         return sum(aux.nbytes for aux in self.aux)
 
     def stats(self) -> dict[str, Any]:
-        prompt_len, layers = self.run.prompt_len, self.run.spec.num_layers
-        stage_tokens = self.present.sum(1).tolist()  # includes tokens revived during decode
-        computed = sum(n * length for n, length in zip(stage_tokens, self.stage_len, strict=True))
         steps = max(1, self.steps)
-        return {
+        stats: dict[str, Any] = {
             "prune_after_layers": list(self.bounds),
             "budget_tokens": self.keep,
             "decode_selection": "dynamic" if self.dynamic else "static",
-            "prompt_computed_pct": round(100 * computed / (prompt_len * layers), 2),
-            "revivals_deferred_per_step": round(self.deferred / steps, 2),
-            "aux_cache_tokens": [len(aux) for aux in self.aux],
-            "aux_cache_bytes": self.device_bytes(),
         }
+        if self.prunes and self.held:
+            held = torch.stack([h.sum() for h in self.held]).tolist()  # includes tokens revived during decode
+            computed = sum(held[layout] for layout in self.layout_of)
+            stats["prompt_computed_pct"] = round(100 * computed / (self.run.prompt_len * len(self.layout_of)), 2)
+        if self.dynamic:
+            stats["selected_per_boundary"] = [round(n / steps, 2) for n in self.selected.tolist()]
+        stats["revivals_deferred_per_step"] = round(int(self.deferred) / steps, 2)
+        if self.prunes:
+            stats["aux_cache_tokens"] = [len(aux) for aux in self.aux]
+            stats["aux_cache_bytes"] = self.device_bytes()
+        return stats

@@ -175,7 +175,7 @@ def _with_tail(
     if absent is None:
         return Context(k, v, pos)
     hidden = torch.cat([absent, absent.new_zeros(len(tail.pos))])
-    return Context(k, v, pos, hidden, int(absent.sum()))  # a composed prefill left gaps: one sync per layer
+    return Context(k, v, pos, hidden, absent.sum())  # counted on the device: no sync per layer
 
 
 class OmniKVPolicy(Policy):
