@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,3 +295,12 @@ def test_zero_revival_budget_is_static_pruning(deep_engine):
     assert bounded.token_ids == static.token_ids
     assert bounded.stats.revived_tokens == 0 and bounded.stats.method_stats["revivals_deferred_per_step"] > 0
     assert bounded.stats.decode_keys_per_layer == static.stats.decode_keys_per_layer
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "methods" / "lazyllm.md"
+
+
+@pytest.mark.parametrize("code", re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S))
+def test_doc_examples_run(code, capsys):
+    exec(compile(code, str(DOC), "exec"), {})
+    assert capsys.readouterr().out
