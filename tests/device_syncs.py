@@ -54,3 +54,29 @@ def _syncs(name: str, args: tuple) -> bool:
     if name in _INDEXING:
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
     return name == "aten.lift_fresh.default" and args[0].dim() > 0  # a tensor made from host data
+
+
+def decode_syncs_per_step(engine, prompt, method, new_tokens: int, monkeypatch) -> dict:
+    """Syncs per decode step of `engine.generate(prompt, method=...)`, by the layer where they happen
+    ("step": before the first layer, where the step's token goes to the device)."""
+    from tokensieve.engine import loop
+
+    syncs, decode_batch, qkv, steps = DeviceSyncs(), loop.decode_batch, engine.model.qkv, []
+
+    def counted_decode_batch(model, batch):
+        syncs.where = "step"
+        with syncs:
+            logits = decode_batch(model, batch)
+        steps.append(len(batch))
+        return logits
+
+    def located_qkv(layer, *args):
+        syncs.where = layer
+        return qkv(layer, *args)
+
+    monkeypatch.setattr(loop, "decode_batch", counted_decode_batch)
+    monkeypatch.setattr(engine.model, "qkv", located_qkv)
+    engine.generate(prompt, max_new_tokens=new_tokens, method=method)
+    monkeypatch.undo()
+    assert len(steps) == new_tokens - 1
+    return {where: n / len(steps) for where, n in syncs.counts.items()}

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from device_syncs import DeviceSyncs
+import tokensieve
+from conftest import deep, random_prompt
+from device_syncs import DeviceSyncs, decode_syncs_per_step
+from tokensieve import presets
 from tokensieve.attention import attend, last_query_probs, visibility_mask
 
 
@@ -63,3 +66,14 @@ def test_a_window_masks_a_decode_query_without_a_device_sync(hidden):
     assert sum(syncs.counts.values()) == 0
     expected = (k_pos > 99 - 48) & (~hidden_keys if hidden else True)
     assert torch.equal(mask[0], expected)
+
+
+@pytest.mark.parametrize("spec", ["dense", "omnikv(budget=32)", "lazyllm"])
+def test_windowed_and_soft_capped_layers_decode_without_a_device_sync(monkeypatch, spec):
+    """Gemma 2's local layers (a window shorter than the prompt) and soft-capping: no layer syncs, but
+    LazyLLM's boundaries (once each)."""
+    model, tokenizer = presets.build(deep("gemma2-softcap-local-global"), seed=1)
+    engine = tokensieve.load(model, tokenizer=tokenizer)
+    per_step = decode_syncs_per_step(engine, random_prompt(200, seed=3), spec, 4, monkeypatch)
+    boundaries = [2, 6, 9] if spec == "lazyllm" else []
+    assert per_step == {"step": 1.0, **dict.fromkeys(boundaries, 1.0)}

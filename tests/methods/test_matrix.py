@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from conftest import PRUNING, random_prompt
-from device_syncs import DeviceSyncs
-from tokensieve.engine import loop
+from device_syncs import decode_syncs_per_step
 from tokensieve.methods import METHODS, Compose, LazyLLM, OmniKV, SlimInfer, resolve_method, split_methods
 
 PROMPT = random_prompt(320, seed=11)
@@ -369,23 +368,7 @@ def test_a_decode_step_syncs_with_the_device_at_a_few_layers_not_at_every_layer(
     """What may make the host wait in a decode step: the new token's id (once per step), and a method's few
     special layers (LazyLLM's boundaries, SlimInfer's pruning layers: three of the twelve here), each a few
     times at most. Counted on CPU by the calls that would wait on CUDA (see `device_syncs`)."""
-    syncs, decode_batch, qkv, steps = DeviceSyncs(), loop.decode_batch, deep_engine.model.qkv, []
-
-    def counted_decode_batch(model, batch):
-        syncs.where = "step"
-        with syncs:
-            logits = decode_batch(model, batch)
-        steps.append(len(batch))
-        return logits
-
-    def located_qkv(layer, *args):
-        syncs.where = layer
-        return qkv(layer, *args)
-
-    monkeypatch.setattr(loop, "decode_batch", counted_decode_batch)
-    monkeypatch.setattr(deep_engine.model, "qkv", located_qkv)
-    deep_engine.generate(PROMPT, max_new_tokens=6, method=spec)
-    per_step = {where: n / len(steps) for where, n in syncs.counts.items()}
-    assert len(steps) == 5 and per_step.get("step", 0) <= 1, per_step
+    per_step = decode_syncs_per_step(deep_engine, PROMPT, spec, 6, monkeypatch)
+    assert per_step.get("step", 0) <= 1, per_step
     assert len([where for where in per_step if where != "step"]) <= 3, per_step
     assert all(n <= 3 for n in per_step.values()), per_step
