@@ -122,6 +122,11 @@ def test_batch_mode_measures_decode_throughput_at_each_batch_size(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["tpot_s"] > 0 for r in rows)
     assert all(r["vs_dense"] == pytest.approx(1) for r in rows if r["method"] == "dense")
     assert document["config"]["batch"] == [1, 3] and "decode tokens/s" in printed
+    ideal = {(r["batch"], r["method"]): r["ideal_vs_dense"] for r in rows}
+    assert ideal[(1, "dense")] == ideal[(3, "dense")] == 1.0 and ideal[(3, "transformers")] is None
+    # OmniKV reads 16 of ~100 prompt keys at its sparse layers; a bigger batch shares the weights' bytes more
+    assert 1 < ideal[(1, spec)] < ideal[(3, spec)]
+    assert (tmp_path / "batch.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("batch", ["0,4", "four", ""])

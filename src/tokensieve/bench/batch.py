@@ -10,7 +10,8 @@ over that time, TPOT per sequence that time over the steps. `transformers` prefi
 (batched, a 16 x 8K forward pass would hold its attention scores at once), joins the caches into one
 batched `DynamicCache` and times batched greedy steps on it. Contestants alternate their order from one
 round to the next; medians of the rounds. Each round adds T tokens to every context, within 1% of 8K for
-T = 16 and three rounds.
+T = 16 and three rounds. The ideal beside each method is the cost model's: bytes of a batched dense step
+(the weights once, every sequence's KV) over the method's, from what each sequence attended and loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 
 from ..engine import Engine, Scheduler
+from ..generation import Stats
+from . import costs
 from .report import render, x
 from .runner import DENSE, TRANSFORMERS, alternating, build_prompt, check_lengths, contestants, timed
 
@@ -38,6 +41,10 @@ class OurBatch:
     def __init__(self, engine: Engine, method: str, prompts: list[list[int]]):
         self.engine = engine
         self.sessions = [engine.start(prompt, method=method) for prompt in prompts]
+
+    def last_stats(self) -> list[Stats]:
+        """Each sequence's stats of the last round (keys attended, bytes loaded: what the cost model reads)."""
+        return [session.calls[-1] for session in self.sessions]
 
     def keep(self, size: int) -> None:
         """Keep the first `size` sequences (the next, smaller batch); close the others."""
@@ -118,7 +125,14 @@ def measure_batch(
             samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
             for name in alternating(names, repeats):
                 samples[name].append(batches[name].decode(new_tokens))
-            rows += _rows(length, size, samples)
+            ideal = {
+                name: costs.ideal_batch_decode_speedup(
+                    engine.model.spec, engine.model.dtype, batches[DENSE].last_stats(), batch.last_stats()
+                )
+                for name, batch in batches.items()
+                if isinstance(batch, OurBatch)
+            }
+            rows += _rows(length, size, samples, ideal)
         del batches
     return sorted(rows, key=lambda r: (r["length"], r["batch"]))
 
@@ -127,22 +141,26 @@ def _prefilled(engine: Engine, name: str, prompts: list[list[int]]) -> OurBatch 
     return TheirBatch(engine, prompts) if name == TRANSFORMERS else OurBatch(engine, name, prompts)
 
 
-def _rows(length: int, size: int, samples: dict[str, list[tuple[float, float]]]) -> list[dict[str, Any]]:
+def _rows(
+    length: int, size: int, samples: dict[str, list[tuple[float, float]]], ideal: dict[str, float]
+) -> list[dict[str, Any]]:
     medians = {
         name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
         for name, runs in samples.items()
     }
     return [
         {"length": length, "batch": size, "method": name, "tokens_per_s": tokens_per_s, "tpot_s": tpot,
-         "vs_dense": tokens_per_s / medians[DENSE][0]}
+         "vs_dense": tokens_per_s / medians[DENSE][0], "ideal_vs_dense": ideal.get(name)}
         for name, (tokens_per_s, tpot) in medians.items()
     ]  # fmt: skip
 
 
 def batch_table(rows: list[dict[str, Any]]) -> str:
-    header = ("length", "batch", "method", "decode tokens/s", "TPOT ms per sequence", "throughput vs our dense")
+    header = ("length", "batch", "method", "decode tokens/s", "TPOT ms per sequence", "throughput vs our dense",
+              "ideal (bytes)")  # fmt: skip
     body = [
-        (r["length"], r["batch"], r["method"], f"{r['tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.1f}", x(r["vs_dense"]))
+        (r["length"], r["batch"], r["method"], f"{r['tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.1f}", x(r["vs_dense"]),
+         "-" if r["ideal_vs_dense"] is None else x(r["ideal_vs_dense"]))
         for r in rows
-    ]
+    ]  # fmt: skip
     return render([header, *body])

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
     path, text = modes.run(args, methods, lengths, load_engine)
     print(text)
     written = [path]
-    if args.mode == "e2e" and args.tensor_parallel_size == 1:
+    if args.tensor_parallel_size == 1 and args.mode in ("e2e", "batch"):
         written += _plots(path, accuracy, args.accuracy)
     print("\nwrote " + ", ".join(str(p) for p in written))
 
@@ -94,9 +94,13 @@ def _plots(path: Path, accuracy: dict[str, float] | None, accuracy_file: str | N
 
     from . import plots, runner
 
-    rows = json.loads(path.read_text())["results"]
+    document = json.loads(path.read_text())
+    rows = document["results"]
     written = []
     try:
+        if document["config"]["mode"] == "batch":
+            plots.plot_batch(rows, path.parent / "batch.png")
+            return [path.parent / "batch.png"]
         plots.plot_speedups(rows, path.parent / "speedup.png")
         written.append(path.parent / "speedup.png")
         if accuracy is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,14 +49,16 @@ class SequenceState:
 
 @dataclass
 class PromptTask:
-    """A prompt pass under way (a first prompt's prefill, or a later turn's extension): its sequence, the
-    layers still to run, the tokens with KV once it is done, and then its logits and record."""
+    """A prompt pass under way: the prefill of one or more first prompts (computed together), or a later
+    turn's extension of one sequence. Its sequences, the layers still to run, each sequence's tokens with
+    KV once it is done, and then each one's logits and record."""
 
-    seq: SequenceLike
+    seqs: list[SequenceLike]
     layers: Iterator[int]
-    computed: int
+    computed: list[int]
     layers_done: int = 0
-    result: tuple[torch.Tensor, loop.PromptPass] | None = None
+    seconds: float = 0.0  # wall time of the layers run so far (the sessions' TTFT share of it)
+    result: list[tuple[torch.Tensor, loop.PromptPass]] | None = None
 
 
 class Executor:
@@ -73,13 +75,16 @@ class Executor:
         """A new sequence's policy and empty KV."""
         return SequenceState.new(self.model, method, prompt_len, next(self._keys))
 
-    def start_prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> PromptTask:
-        """A prefill of `seq` that runs when `advance` is called, a few layers at a time (nothing runs yet)."""
-        return PromptTask(seq, loop.prefill(self.model, seq.policy, seq.kv, ids, chunk), len(ids))
+    def start_prefill(self, seqs: list[SequenceLike], ids: list[list[int]], chunk: int | None) -> PromptTask:
+        """The prefill of sequences `seqs` (prompts `ids`, one pass for all) that runs when `advance` is
+        called, a few layers at a time (nothing runs yet)."""
+        batch = [loop.PrefillRequest(seq.policy, seq.kv, prompt) for seq, prompt in zip(seqs, ids, strict=True)]
+        return PromptTask(list(seqs), loop.prefill(self.model, batch, chunk), [len(prompt) for prompt in ids])
 
     def start_extend(self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None) -> PromptTask:
         """Tokens `ids` at positions `start...` appended to `seq`'s cache, run by `advance` like a prefill."""
-        return PromptTask(seq, loop.extend(self.model, seq.policy, seq.kv, ids, start, chunk), start + len(ids))
+        layers = _listed(loop.extend(self.model, seq.policy, seq.kv, ids, start, chunk))
+        return PromptTask([seq], layers, [start + len(ids)])
 
     def advance(self, task: PromptTask, layers: int) -> bool:
         """Run up to `layers` more layers of `task`; True once every layer ran (then `task.result` is set)."""
@@ -90,7 +95,8 @@ class Executor:
                 task.layers_done += 1
             if task.layers_done == total and task.result is None:
                 task.result = _returned(task.layers)
-                trim_windows(self.model, task.seq.policy, task.seq.kv, task.computed)
+                for seq, computed in zip(task.seqs, task.computed, strict=True):
+                    trim_windows(self.model, seq.policy, seq.kv, computed)
         return task.result is not None
 
     def decode(self, batch: list[loop.DecodeRequest]) -> torch.Tensor:
@@ -113,6 +119,11 @@ def trim_windows(model: DecoderModel, policy: Policy, kv: list[LayerKV], compute
     for layer, window in enumerate(model.spec.layer_windows):
         if window is not None and len(kv[layer]) > window + max(16, window // 8):
             kv[layer].drop_older_than(computed - window + 1)
+
+
+def _listed(generator: Generator[int, None, tuple]) -> Generator[int, None, list[tuple]]:
+    """A one-sequence pass's generator whose result is a list of one, as a joint prefill's is."""
+    return [(yield from generator)]
 
 
 def _returned(generator: Iterator):

@@ -76,10 +76,11 @@ class Session:
         self._prompt_pass: loop.PromptPass | None = None  # computed, not yet reported by a generation
         self._active: GenerationStream | None = None  # the unfinished stream of this session, if any
         self._active_thread: int | None = None
-        self._prefill: PromptTask | None = None  # a prompt pass under way (`advance_prefill`)
-        self._prefill_tokens = 0  # the tokens that pass computes
-        self._prefill_seconds = 0.0
-        self._begin(engine.executor.start_prefill(self, ids, chunk), len(ids), defer_prefill)
+        self._prefill: PromptTask | None = None  # a prompt pass under way (`advance_prefill`) ...
+        self._slot = 0  # ... and this session's place among its sequences
+        self._unstarted: list[int] | None = list(ids)  # a first prompt whose pass is not set up yet
+        if not defer_prefill:
+            self.advance_prefill(engine.model.spec.num_layers)
 
     # -- public API ------------------------------------------------------------------------------------
     def generate(
@@ -146,26 +147,31 @@ class Session:
         ids = self.tokens[self.computed :] + new
         task = self.engine.executor.start_extend(self, ids, self.computed, self.chunk)
         self.tokens.extend(new)
-        self._begin(task, len(ids), defer)
+        self._begin(task, defer)
 
     def advance_prefill(self, layers: int) -> bool:
         """Run up to `layers` more layers of a prompt pass deferred by `Engine.start(..., defer_prefill=True)`
         or `extend(..., defer=True)`; True once it is done (then the session is ready to generate). A
         scheduler calls this between decode steps, so that a long prompt does not stall the sequences
-        already decoding."""
+        already decoding. A pass shared with other sessions (`prefill_together`) advances for all of them."""
         self._check_open()
+        if self._unstarted is not None:
+            prefill_together([self])
         if self._prefill is None:
             return True
-        start = time.perf_counter()
-        done = self.engine.executor.advance(self._prefill, layers)
-        self._synchronize()
-        self._prefill_seconds += time.perf_counter() - start
-        if done:
-            (logits, record), tokens = self._prefill.result, self._prefill_tokens
-            self._prefill = None
-            record.seconds = self._prefill_seconds
-            self._prompt_done(logits, record, tokens)
-        return done
+        task = self._prefill
+        if task.result is None and layers > 0:
+            start = time.perf_counter()
+            self.engine.executor.advance(task, layers)
+            self._synchronize()
+            task.seconds += time.perf_counter() - start
+        if task.result is None:
+            return False
+        (logits, record), tokens = task.result[self._slot], task.computed[self._slot] - self.computed
+        self._prefill = None
+        record.seconds = task.seconds
+        self._prompt_done(logits, record, tokens)
+        return True
 
     def park(self) -> None:
         """Move this session's KV to host memory (its policy's small state stays); the next call brings it
@@ -177,12 +183,23 @@ class Session:
     @property
     def prefilling(self) -> bool:
         """A deferred prompt pass (a prefill or an extension) is still under way."""
+        return self._prefill is not None or self._unstarted is not None
+
+    @property
+    def prefill_started(self) -> bool:
+        """A deferred prompt pass has run some of its layers (or been set up with others: `prefill_together`)."""
         return self._prefill is not None
 
     @property
     def pending_tokens(self) -> int:
-        """Tokens the prompt pass under way computes (0 when none is)."""
-        return self._prefill_tokens if self._prefill is not None else 0
+        """Tokens the prompt pass under way computes, those of the prompts prefilled beside this one's
+        included (0 when none is under way)."""
+        if self._unstarted is not None:
+            return len(self._unstarted)
+        if self._prefill is None:
+            return 0
+        task = self._prefill
+        return sum(task.computed) - sum(seq.computed for seq in task.seqs)
 
     @property
     def stats(self) -> SessionStats:
@@ -194,10 +211,12 @@ class Session:
         )
 
     def close(self) -> None:
-        """Free the session's KV and policy state now; later calls are an error."""
+        """Free the session's KV and policy state now; later calls are an error. (A prefill shared with other
+        sessions still computes this one's rows to its end, then lets them go.)"""
         self.kv = None
         self.policy = None
         self._logits = None
+        self._prefill = self._unstarted = None
 
     @property
     def closed(self) -> bool:
@@ -255,9 +274,9 @@ class Session:
         self._active = None
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _begin(self, task: PromptTask, tokens: int, defer: bool) -> None:
-        """Take `task` (a pass computing `tokens` tokens) as this session's prompt pass; run it now unless deferred."""
-        self._prefill, self._prefill_tokens, self._prefill_seconds = task, tokens, 0.0
+    def _begin(self, task: PromptTask, defer: bool) -> None:
+        """Take `task` (this session's alone) as its prompt pass; run it now unless deferred."""
+        self._prefill, self._slot = task, 0
         if not defer:
             self.advance_prefill(self.engine.model.spec.num_layers)
 
@@ -297,7 +316,7 @@ class Session:
     def _claim(self) -> None:
         """A new call cancels this thread's unfinished stream of the session; another thread's is an error."""
         self._check_open()
-        if self._prefill is not None:
+        if self.prefilling:
             raise RuntimeError(
                 "this session's prefill is still under way (a deferred prompt or turn): "
                 "finish it with advance_prefill first"
@@ -317,3 +336,20 @@ class Session:
     def _check_open(self) -> None:
         if self.kv is None:
             raise RuntimeError("this session is closed: start a new one with engine.start(...)")
+
+
+def prefill_together(sessions: Sequence[Session]) -> None:
+    """Set up one prefill for the deferred first prompts of `sessions` (none started yet, all with the same
+    `prefill_chunk`): their rows go through the projections and the MLP together, attention and the
+    policies' decisions per session, so each gets exactly what it gets alone. Each session then advances
+    the shared pass with `advance_prefill` (what one runs, all have run)."""
+    if not sessions:
+        return
+    if any(session._unstarted is None for session in sessions):
+        raise ValueError("prefill_together takes sessions whose deferred prefill has not started")
+    if len({session.chunk for session in sessions}) > 1:
+        raise ValueError("sessions prefilled together need the same prefill_chunk")
+    prompts = [session._unstarted for session in sessions]
+    task = sessions[0].engine.executor.start_prefill(list(sessions), prompts, sessions[0].chunk)
+    for slot, session in enumerate(sessions):
+        session._prefill, session._slot, session._unstarted = task, slot, None

@@ -53,10 +53,10 @@ class Leader(Executor):
         weakref.finalize(state.policy, self._dropped.append, state.key)
         return state
 
-    def start_prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> PromptTask:
+    def start_prefill(self, seqs: list[SequenceLike], ids: list[list[int]], chunk: int | None) -> PromptTask:
         with self.lock:
-            self._send("prefill", seq.key, ids, chunk)
-            return super().start_prefill(seq, ids, chunk)
+            self._send("prefill", [seq.key for seq in seqs], ids, chunk)
+            return super().start_prefill(seqs, ids, chunk)
 
     def start_extend(self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None) -> PromptTask:
         with self.lock:
@@ -65,7 +65,7 @@ class Leader(Executor):
 
     def advance(self, task: PromptTask, layers: int) -> bool:
         with self.lock:
-            self._send("advance", task.seq.key, layers)
+            self._send("advance", task.seqs[0].key, layers)  # a pass is known by its first sequence
             return self._guarded(super().advance, task, layers)
 
     def decode(self, batch: list[loop.DecodeRequest]) -> torch.Tensor:
@@ -129,7 +129,9 @@ def follow(model: DecoderModel, group: TensorParallelGroup) -> None:
         dropped, (kind, *args) = box[0]
         for key in dropped:
             states.pop(key, None)
-            prefills.pop(key, None)
+        for first, task in list(prefills.items()):  # a pass goes once none of its sequences is left
+            if not any(seq.key in states for seq in task.seqs):
+                del prefills[first]
         if kind == "stop":
             return
         try:
@@ -150,8 +152,8 @@ def _run(
         key, method, prompt_len = args
         states[key] = SequenceState.new(model, method, prompt_len, key)
     elif kind == "prefill":
-        key, ids, chunk = args
-        prefills[key] = executor.start_prefill(states[key], ids, chunk)
+        keys, ids, chunk = args
+        prefills[keys[0]] = executor.start_prefill([states[key] for key in keys], ids, chunk)
     elif kind == "advance":
         key, layers = args
         if executor.advance(prefills[key], layers):
