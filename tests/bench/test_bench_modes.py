@@ -119,7 +119,7 @@ def test_batch_mode_measures_decode_throughput_at_each_batch_size(tmp_path):
     assert {(r["batch"], r["method"]) for r in rows} == {
         (b, m) for b in (1, 3) for m in ("transformers", "dense", spec)
     }
-    assert all(r["tokens_per_s"] > 0 and r["tpot_s"] > 0 for r in rows)
+    assert all(r["tokens_per_s"] > 0 and r["tpot_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows)
     assert all(r["vs_dense"] == pytest.approx(1) for r in rows if r["method"] == "dense")
     assert document["config"]["batch"] == [1, 3] and "decode tokens/s" in printed
     ideal = {(r["batch"], r["method"]): r["ideal_vs_dense"] for r in rows}
@@ -137,17 +137,17 @@ def test_bad_batch_sizes_fail_before_loading(tmp_path, batch, monkeypatch, capsy
 
 
 def test_batch_contestants_decode_the_same_tokens_on_their_joined_caches():
-    """The transformers contestant prefills each prompt alone and joins the caches; our dense path decodes the
-    same greedy tokens, also after both drop to a smaller batch between rounds."""
+    """The transformers contestant prefills the prompts in groups and joins the caches; our dense path,
+    prefilled by the scheduler, decodes the same greedy tokens."""
     import tokensieve
     from tokensieve.bench.batch import OurBatch, TheirBatch, batch_prompts
 
     engine = tokensieve.load("tiny", dtype="float32")
-    prompts = batch_prompts(engine, 80, 3)
+    prompts = batch_prompts(engine, 1500, 3)  # 2048 // 1500: one prompt per transformers pass, three caches joined
     ours, theirs = OurBatch(engine, "dense", prompts), TheirBatch(engine, prompts)
+    assert ours.prefill_s > 0 and theirs.prefill_s > 0
     for batch in (ours, theirs):
         batch.decode(3)
-        batch.keep(2)
         batch.decode(4)
-    assert [session.tokens[80:] for session in ours.sessions] == theirs.tokens()
-    assert len(theirs.tokens()) == 2 and len(theirs.tokens()[0]) == 7
+    assert [session.tokens[1500:] for session in ours.sessions] == theirs.tokens()
+    assert len(theirs.tokens()) == 3 and len(theirs.tokens()[0]) == 8

@@ -1,17 +1,17 @@
-"""`--mode batch`: decode throughput and time per token per sequence at each batch size (`--batch 1,4,16`).
+"""`--mode batch`: prefill and decode throughput, and time per token per sequence, at each batch size
+(`--batch 1,4,16`).
 
 Every sequence of a batch has its own prompt of the context length (the haystack prompt with a different
-second token, so that each sequence's selections differ). Each contestant prefills the prompts of the
-largest batch once (untimed), then decodes in timed rounds of T new tokens; a smaller batch is the first
-sequences of the larger one, so no prompt is prefilled twice (at 8K and batch 16 the prefills are most of
-the run). Our dense path and each method run through the engine's continuous-batching `Scheduler`: a
-round's decode time is the sum of its batched decode steps, its throughput the tokens those steps produced
-over that time, TPOT per sequence that time over the steps. `transformers` prefills each prompt on its own
-(batched, a 16 x 8K forward pass would hold its attention scores at once), joins the caches into one
-batched `DynamicCache` and times batched greedy steps on it. Contestants alternate their order from one
-round to the next; medians of the rounds. Each round adds T tokens to every context, within 1% of 8K for
-T = 16 and three rounds. The ideal beside each method is the cost model's: bytes of a batched dense step
-(the weights once, every sequence's KV) over the method's, from what each sequence attended and loaded.
+second token, so that each sequence's selections differ). Each contestant prefills a batch's prompts once
+(timed: prefill tokens/s), then decodes in timed rounds of T new tokens. Our dense path and each method
+run through the engine's continuous-batching `Scheduler`: the prefill is the scheduler's (prompts that fit
+`prefill_tokens` together share one pass), a round's decode time is the sum of its batched decode steps,
+its throughput the tokens those steps produced over that time, TPOT per sequence that time over the steps.
+`transformers` prefills the same groups of prompts in one batched forward pass each (equal lengths: no
+padding; a 16 x 8K pass would hold every prompt's activations at once), joins the caches into one batched
+`DynamicCache` and times batched greedy steps on it. Contestants alternate their order from one round to
+the next; medians of the rounds. The ideal beside each method is the cost model's: bytes of a batched dense
+step (the weights once, every sequence's KV) over the method's, from what each sequence attended and loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..engine import Engine, Scheduler
+from ..engine.scheduler import PREFILL_TOKENS
 from ..generation import Stats
 from . import costs
 from .report import render, x
@@ -36,30 +37,33 @@ def batch_prompts(engine: Engine, length: int, size: int) -> list[list[int]]:
 
 
 class OurBatch:
-    """Sessions of our engine with one method, prefilled once, decoded in rounds by a `Scheduler`."""
+    """Sessions of our engine with one method, prefilled by a `Scheduler` (timed), decoded in rounds."""
 
     def __init__(self, engine: Engine, method: str, prompts: list[list[int]]):
         self.engine = engine
-        self.sessions = [engine.start(prompt, method=method) for prompt in prompts]
+        self.sessions = [engine.start(prompt, method=method, defer_prefill=True) for prompt in prompts]
+        # One new token each: the first token comes from the prefill's logits, so this is the prefill.
+        self.prefill_s = timed(engine, lambda: self._run(1))[0]
+
+    def decode(self, steps: int) -> tuple[float, float]:
+        """(tokens/s of the decode steps, seconds per step) of `steps` new tokens of every sequence."""
+        stats = self._run(steps)
+        return stats.tokens_per_s, sum(stats.step_seconds) / max(1, len(stats.step_seconds))
 
     def last_stats(self) -> list[Stats]:
         """Each sequence's stats of the last round (keys attended, bytes loaded: what the cost model reads)."""
         return [session.calls[-1] for session in self.sessions]
 
-    def keep(self, size: int) -> None:
-        """Keep the first `size` sequences (the next, smaller batch); close the others."""
-        for session in self.sessions[size:]:
+    def close(self) -> None:
+        for session in self.sessions:
             session.close()
-        self.sessions = self.sessions[:size]
 
-    def decode(self, steps: int) -> tuple[float, float]:
-        """(tokens/s of the decode steps, seconds per step) of `steps` new tokens of every sequence."""
+    def _run(self, new_tokens: int):
         scheduler = Scheduler(self.engine, max_batch=len(self.sessions))
         for session in self.sessions:
-            scheduler.add(session, max_new_tokens=steps, stop=None)
+            scheduler.add(session, max_new_tokens=new_tokens, stop=None)
         scheduler.run()
-        seconds = scheduler.stats.step_seconds
-        return scheduler.stats.tokens_per_s, sum(seconds) / max(1, len(seconds))
+        return scheduler.stats
 
 
 class TheirBatch:
@@ -70,29 +74,30 @@ class TheirBatch:
 
         self.engine = engine
         self.hf = engine.model.hf
+        per_pass = max(1, PREFILL_TOKENS // len(prompts[0]))  # the scheduler's grouping of our prefills
         caches, logits = [], []
-        with torch.inference_mode():
-            for prompt in prompts:
-                cache = DynamicCache(config=self.hf.config)
-                ids = torch.tensor([prompt], device=engine.model.device)
-                logits.append(self.hf(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits)
-                caches.append(cache)
-            layers = [
-                (torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]))
-                for i in range(len(caches[0].layers))
-            ]
+
+        def prefill():
+            with torch.inference_mode():
+                for start in range(0, len(prompts), per_pass):
+                    cache = DynamicCache(config=self.hf.config)
+                    ids = torch.tensor(prompts[start : start + per_pass], device=engine.model.device)
+                    logits.append(self.hf(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits)
+                    caches.append(cache)
+
+        self.prefill_s = timed(engine, prefill)[0]
+        layers = [
+            (torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]))
+            for i in range(len(caches[0].layers))
+        ]
         self.cache = DynamicCache(layers, config=self.hf.config)
         self.logits = torch.cat(logits)
         self.generated: list[torch.Tensor] = []  # each step's tokens [batch, 1]
 
-    def keep(self, size: int) -> None:
-        self.cache.batch_select_indices(torch.arange(size, device=self.logits.device))
-        self.logits = self.logits[:size]
-        self.generated = [tokens[:size] for tokens in self.generated]
-
     def tokens(self) -> list[list[int]]:
-        """Every sequence's generated tokens so far."""
-        return torch.cat(self.generated, 1).tolist() if self.generated else [[] for _ in self.logits]
+        """Every sequence's generated tokens so far, the one its last logits choose included."""
+        chosen = [*self.generated, self.logits[:, -1].argmax(-1, keepdim=True)]
+        return torch.cat(chosen, 1).tolist()
 
     def decode(self, steps: int) -> tuple[float, float]:
         def run():
@@ -105,26 +110,30 @@ class TheirBatch:
         per_step = timed(self.engine, run)[0] / steps
         return len(self.logits) / per_step, per_step
 
+    def close(self) -> None:
+        self.cache = None
+
 
 def measure_batch(
     engine: Engine, methods: Sequence[str], lengths: Sequence[int], sizes: Sequence[int], new_tokens: int, repeats: int
 ) -> list[dict[str, Any]]:
-    """One row per length, batch size and contestant: medians of tokens/s and TPOT, and the ratio vs our dense."""
+    """One row per length, batch size and contestant: prefill tokens/s, medians of decode tokens/s and TPOT,
+    the decode ratio vs our dense and the byte-model ideal."""
     if new_tokens < 2:
         raise ValueError(f"--mode batch needs at least 2 new tokens (a decode step), got {new_tokens}")
-    check_lengths(engine, lengths, len(sizes) * (repeats * new_tokens + 1), repeats)  # every round adds to the contexts
+    check_lengths(engine, lengths, repeats * new_tokens + 2, repeats)  # every round adds to the contexts
     names = contestants(methods)
     rows = []
     for length in lengths:
-        prompts = batch_prompts(engine, length, max(sizes))
-        batches = {name: _prefilled(engine, name, prompts) for name in names}
-        for size in sorted(sizes, reverse=True):
+        for size in sizes:
+            prompts = batch_prompts(engine, length, size)
+            batches = {name: _prefilled(engine, name, prompts) for name in names}
             for batch in batches.values():
-                batch.keep(size)
-                batch.decode(1)  # warm-up at this size, untimed
+                batch.decode(1)  # warm-up, untimed
             samples: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
             for name in alternating(names, repeats):
                 samples[name].append(batches[name].decode(new_tokens))
+            prefill = {name: size * length / batch.prefill_s for name, batch in batches.items()}
             ideal = {
                 name: costs.ideal_batch_decode_speedup(
                     engine.model.spec, engine.model.dtype, batches[DENSE].last_stats(), batch.last_stats()
@@ -132,9 +141,10 @@ def measure_batch(
                 for name, batch in batches.items()
                 if isinstance(batch, OurBatch)
             }
-            rows += _rows(length, size, samples, ideal)
-        del batches
-    return sorted(rows, key=lambda r: (r["length"], r["batch"]))
+            rows += _rows(length, size, samples, prefill, ideal)
+            for batch in batches.values():
+                batch.close()
+    return rows
 
 
 def _prefilled(engine: Engine, name: str, prompts: list[list[int]]) -> OurBatch | TheirBatch:
@@ -142,25 +152,30 @@ def _prefilled(engine: Engine, name: str, prompts: list[list[int]]) -> OurBatch 
 
 
 def _rows(
-    length: int, size: int, samples: dict[str, list[tuple[float, float]]], ideal: dict[str, float]
+    length: int,
+    size: int,
+    samples: dict[str, list[tuple[float, float]]],
+    prefill: dict[str, float],
+    ideal: dict[str, float],
 ) -> list[dict[str, Any]]:
     medians = {
         name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
         for name, runs in samples.items()
     }
     return [
-        {"length": length, "batch": size, "method": name, "tokens_per_s": tokens_per_s, "tpot_s": tpot,
-         "vs_dense": tokens_per_s / medians[DENSE][0], "ideal_vs_dense": ideal.get(name)}
+        {"length": length, "batch": size, "method": name, "prefill_tokens_per_s": prefill[name],
+         "tokens_per_s": tokens_per_s, "tpot_s": tpot, "vs_dense": tokens_per_s / medians[DENSE][0],
+         "ideal_vs_dense": ideal.get(name)}
         for name, (tokens_per_s, tpot) in medians.items()
     ]  # fmt: skip
 
 
 def batch_table(rows: list[dict[str, Any]]) -> str:
-    header = ("length", "batch", "method", "decode tokens/s", "TPOT ms per sequence", "throughput vs our dense",
-              "ideal (bytes)")  # fmt: skip
+    header = ("length", "batch", "method", "prefill tokens/s", "decode tokens/s", "TPOT ms per sequence",
+              "decode vs our dense", "ideal (bytes)")  # fmt: skip
     body = [
-        (r["length"], r["batch"], r["method"], f"{r['tokens_per_s']:.1f}", f"{r['tpot_s'] * 1e3:.1f}", x(r["vs_dense"]),
-         "-" if r["ideal_vs_dense"] is None else x(r["ideal_vs_dense"]))
+        (r["length"], r["batch"], r["method"], f"{r['prefill_tokens_per_s']:.0f}", f"{r['tokens_per_s']:.1f}",
+         f"{r['tpot_s'] * 1e3:.1f}", x(r["vs_dense"]), "-" if r["ideal_vs_dense"] is None else x(r["ideal_vs_dense"]))
         for r in rows
     ]  # fmt: skip
     return render([header, *body])

@@ -8,6 +8,7 @@ the executor knows how many ranks there are.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 from collections.abc import Generator, Iterator
@@ -75,6 +76,10 @@ class Executor:
         """A new sequence's policy and empty KV."""
         return SequenceState.new(self.model, method, prompt_len, next(self._keys))
 
+    def fork(self, seq: SequenceLike) -> SequenceState:
+        """A new sequence whose policy state and KV are copies of `seq`'s (nothing recomputed)."""
+        return SequenceState(next(self._keys), *copy_state(seq.policy, seq.kv))
+
     def start_prefill(self, seqs: list[SequenceLike], ids: list[list[int]], chunk: int | None) -> PromptTask:
         """The prefill of sequences `seqs` (prompts `ids`, one pass for all) that runs when `advance` is
         called, a few layers at a time (nothing runs yet)."""
@@ -109,6 +114,13 @@ class Executor:
 
     def close(self) -> None:
         """Release what the executor holds beyond the sessions (nothing here; the other ranks for a leader)."""
+
+
+def copy_state(policy: Policy, kv: list[LayerKV]) -> tuple[Policy, list[LayerKV]]:
+    """Deep copies of a sequence's policy (its selections, host stores, aux caches) and KV; what the copy
+    shares with the original is only what no sequence owns: the model's spec and the device's transfers."""
+    shared = {id(policy.run.spec): policy.run.spec, id(policy.run.transfers): policy.run.transfers}
+    return copy.deepcopy((policy, kv), shared)
 
 
 def trim_windows(model: DecoderModel, policy: Policy, kv: list[LayerKV], computed: int) -> None:

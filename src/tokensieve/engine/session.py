@@ -8,6 +8,7 @@ first decode step).
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Sequence
@@ -172,6 +173,22 @@ class Session:
         record.seconds = task.seconds
         self._prompt_done(logits, record, tokens)
         return True
+
+    def fork(self) -> Session:
+        """A second session with this one's whole state: the same tokens, KV and method decisions so far,
+        copied, not recomputed. Each then goes its own way: several answers to one prompt, or many
+        continuations of one long context prefilled once."""
+        self._check_open()
+        if self.prefilling or self._active is not None:
+            raise RuntimeError("fork a session between calls: its prompt pass or a generation is under way")
+        state = self.engine.executor.fork(self)
+        twin = copy.copy(self)  # the settings; every piece of per-sequence state is replaced below
+        twin.key, twin.policy, twin.kv = state.key, state.policy, state.kv
+        twin.tokens, twin.calls = list(self.tokens), list(self.calls)
+        twin.messages = copy.deepcopy(self.messages)
+        twin._prompt_pass = copy.deepcopy(self._prompt_pass)
+        twin._logits = None if self._logits is None else self._logits.clone()
+        return twin
 
     def park(self) -> None:
         """Move this session's KV to host memory (its policy's small state stays); the next call brings it

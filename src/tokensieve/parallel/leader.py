@@ -1,7 +1,7 @@
 """The leader (rank 0) runs the engine; the other ranks follow it step by step on their share of the heads.
 
 Rank 0 is an ordinary `Engine` whose executor is a `Leader`: before each forward pass it broadcasts one
-command (open a sequence, prefill, extend, decode a batch) on the group's control channel, then runs the
+command (open or fork a sequence, prefill, extend, decode a batch) on the group's control channel, then runs the
 pass itself. The followers (`follow`) run the same pass on their shard, so every collective inside it
 (the model's partial sums, the methods' score reductions) meets its peers in the same order. Only the
 leader samples: the followers are given the token ids, so they never need the leader's random state.
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..collectives import RankFailure, TensorParallelGroup, leave
 from ..engine import loop
-from ..engine.executor import Executor, PromptTask, SequenceLike, SequenceState
+from ..engine.executor import Executor, PromptTask, SequenceLike, SequenceState, copy_state
 from ..methods import Method
 from ..model import DecoderModel
 
@@ -50,6 +50,13 @@ class Leader(Executor):
         state = super().open(method, prompt_len)
         with self.lock:
             self._send("open", state.key, method, prompt_len)
+        weakref.finalize(state.policy, self._dropped.append, state.key)
+        return state
+
+    def fork(self, seq: SequenceLike) -> SequenceState:
+        state = super().fork(seq)
+        with self.lock:
+            self._send("fork", seq.key, state.key)
         weakref.finalize(state.policy, self._dropped.append, state.key)
         return state
 
@@ -151,6 +158,9 @@ def _run(
     if kind == "open":
         key, method, prompt_len = args
         states[key] = SequenceState.new(model, method, prompt_len, key)
+    elif kind == "fork":
+        source, key = args
+        states[key] = SequenceState(key, *copy_state(states[source].policy, states[source].kv))
     elif kind == "prefill":
         keys, ids, chunk = args
         prefills[keys[0]] = executor.start_prefill([states[key] for key in keys], ids, chunk)
