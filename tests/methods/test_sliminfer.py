@@ -9,6 +9,7 @@ import torch
 
 from conftest import DEEP, random_prompt
 from tokensieve import cli, load, presets
+from tokensieve.cache import LayerKV
 from tokensieve.methods import METHODS, LayerStep, Rows, Run, SlimInfer, resolve_method
 from tokensieve.methods.sliminfer import SlimInferPolicy, block_scores, top_blocks, unit_keys
 from tokensieve.model import ModelSpec
@@ -25,6 +26,7 @@ class SpyPolicy(SlimInferPolicy):
         self.kept: dict[int, torch.Tensor] = {}
         self.stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rescorings: list[tuple[int, int, set[int], set[int]]] = []  # step, layer, active, top
+        self.steps = 0
 
     def prefill_keep_after_attention(self, step):
         index = super().prefill_keep_after_attention(step)
@@ -36,10 +38,14 @@ class SpyPolicy(SlimInferPolicy):
         self.stored[step.layer] = (step.kv.keys.clone(), step.kv.positions.clone())
         super().prefill_layer_done(step)
 
-    def rescore(self, layer, store, query):
+    def rescore(self, store, query):
+        layer = next(layer for layer, managed in self.layers.items() if managed is store)
         top = top_blocks(block_scores(query.float(), store.units), len(store.slots))
         self.rescorings.append((self.steps, layer, set(store.slots.tolist()), set(top.tolist())))
-        super().rescore(layer, store, query)
+        super().rescore(store, query)
+
+    def decode_step_done(self):
+        self.steps += 1
 
 
 @dataclass
@@ -136,7 +142,11 @@ def test_scoring_and_selection_match_a_reference(heads, kv_heads, block_size, un
     method = SlimInfer(prune_layers=(0,), budgets=(budget,), block_size=block_size, unit_size=unit_size)
     policy = method.start(Run(spec(1, heads, kv_heads), n, torch.device("cpu"), torch.float32, 0.25))
     rows = Rows(torch.zeros(n, 1), torch.arange(n))
-    kept = policy.prefill_keep_after_attention(LayerStep(0, rows, q, k, None))
+    kv = LayerKV(kv_heads, 16, torch.float32, torch.device("cpu"))
+    kv.append(k, torch.zeros_like(k), rows.pos)
+    step = LayerStep(0, rows, q, k, kv)
+    policy.prefill_observe(step)
+    kept = policy.prefill_keep_after_attention(step)
     best = sorted([0, *(expected[1:].topk(3).indices + 1).tolist()])
     expected_rows = [b * block_size + i for b in best for i in range(block_size)] + list(range(n - tail, n))
     assert kept.tolist() == expected_rows
@@ -222,13 +232,15 @@ def test_swaps_happen_only_when_overlap_falls_below_gamma(deep_engine, gamma):
         swap = overlap < gamma
         swaps += swap
         assert next_active == (top if swap else active)  # a swap installs exactly the new top set
-    stats = gen.stats.method_stats
-    assert stats["decode_rescorings"] == len(rescorings) == 3 * 15
-    assert stats["swaps"] >= swaps  # the last step's decisions have no successor to check
+    assert gen.stats.method_stats["decode_rescorings"] == len(rescorings) == 3 * 15
+    # the engine counts the copies: one load per swap decided (the last step's too), one row per entering block
+    decided = [len(top - active) for _, _, active, top in rescorings if len(active & top) / len(active) < gamma]
+    assert round(gen.stats.host_loads_per_step * 15) == len(decided) >= swaps
+    assert round(gen.stats.host_rows_loaded_per_step * 15) == sum(decided)
     if gamma == 0.0:
-        assert stats["swaps"] == 0
+        assert not decided and gen.stats.host_bytes_loaded_per_step == 0
     if gamma == 1.0:
-        assert stats["swaps"] > 0 and stats["blocks_swapped_in"] >= stats["swaps"]
+        assert decided and gen.stats.host_bytes_loaded_per_step > 0
 
 
 def test_offload_and_no_offload_give_identical_tokens_and_expected_bytes(deep_engine):
@@ -243,11 +255,10 @@ def test_offload_and_no_offload_give_identical_tokens_and_expected_bytes(deep_en
         assert gen.stats.kv_bytes_device == stored * per_token + method.policy.device_bytes()
         runs[offload] = gen
     assert runs[True].token_ids == runs[False].token_ids
-    swapped = runs[True].stats.method_stats
-    assert swapped["swaps"] > 0
-    loaded = runs[True].stats.host_bytes_loaded_per_step  # counted by the engine where the copies happen
-    assert loaded == swapped["blocks_swapped_in"] * 64 * per_token / (new - 1)
-    assert runs[False].stats.host_bytes_loaded_per_step == 0
+    swapped = runs[True].stats  # loads counted by the engine where the copies happen
+    assert swapped.host_loads_per_step > 0 and swapped.host_rows_loaded_per_step >= swapped.host_loads_per_step
+    assert swapped.host_bytes_loaded_per_step == pytest.approx(swapped.host_rows_loaded_per_step * 64 * per_token)
+    assert runs[False].stats.host_bytes_loaded_per_step == 0 == runs[False].stats.host_loads_per_step
     assert runs[False].stats.kv_bytes_host == 0
     # nothing is lost: the host holds every scored block of layers 4, 8 and 11 (15, 7 and 3 blocks)
     assert runs[True].stats.kv_bytes_host == (15 + 7 + 3) * 64 * per_token
