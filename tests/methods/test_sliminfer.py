@@ -101,6 +101,7 @@ def test_budgets_as_fractions_and_counts():
         (dict(block_size=0), ValueError),
         (dict(query_window=0), ValueError),
         (dict(gamma=1.5), ValueError),
+        (dict(prune_prefill=False, kv_manager=False), ValueError),  # nothing left to do
     ],
 )
 def test_bad_settings_are_clear_errors(settings, error):

@@ -130,7 +130,7 @@ class SlimInfer(Method):
     prune_layers: tuple[int, ...] | None = None
     """Layers after whose attention blocks are pruned; None = 10, 20, 30 of 32 scaled to the model's depth."""
     budgets: tuple[int | float, ...] = (8192, 4096, 2048)
-    """Tokens kept at each pruning layer: counts, or fractions of the prompt in (0, 1]."""
+    """Tokens kept at each pruning layer (of those it holds): counts, or fractions of the prompt in (0, 1]."""
     block_size: int = 64
     """Tokens per block, the unit of pruning and of swapping."""
     unit_size: int = 8
