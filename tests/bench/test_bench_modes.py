@@ -129,3 +129,20 @@ def test_bad_batch_sizes_fail_before_loading(tmp_path, batch, monkeypatch, capsy
     monkeypatch.setattr(command, "load_engine", lambda args: pytest.fail("loaded the model"))
     assert cli.main(["bench", *TINY, "--mode", "batch", "--batch", batch, "--out", str(tmp_path)]) == 2
     assert "--batch" in capsys.readouterr().err
+
+
+def test_batch_contestants_decode_the_same_tokens_on_their_joined_caches():
+    """The transformers contestant prefills each prompt alone and joins the caches; our dense path decodes the
+    same greedy tokens, also after both drop to a smaller batch between rounds."""
+    import tokensieve
+    from tokensieve.bench.batch import OurBatch, TheirBatch, batch_prompts
+
+    engine = tokensieve.load("tiny", dtype="float32")
+    prompts = batch_prompts(engine, 80, 3)
+    ours, theirs = OurBatch(engine, "dense", prompts), TheirBatch(engine, prompts)
+    for batch in (ours, theirs):
+        batch.decode(3)
+        batch.keep(2)
+        batch.decode(4)
+    assert [session.tokens[80:] for session in ours.sessions] == theirs.tokens()
+    assert len(theirs.tokens()) == 2 and len(theirs.tokens()[0]) == 7

@@ -162,3 +162,35 @@ def test_a_session_added_with_a_deferred_prefill_joins_between_layers_and_stays_
     assert not session.closed  # its caller keeps it (e.g. for the next turn)
     with pytest.raises(ValueError, match="temperature"):
         scheduler.add(deep_engine.start(PROMPTS[0]), max_new_tokens=2, temperature=-1.0)
+
+
+@pytest.mark.parametrize("spec", ["dense", PRUNING["sliminfer"], PRUNING["omnikv"], PRUNING["h2o"]])
+def test_a_deferred_later_turn_runs_between_decode_steps_and_changes_nothing(deep_engine, spec):
+    """A retained conversation's next turn (`extend(..., defer=True)`, what the server does) is computed a
+    few layers at a time between the running sequences' decode steps, with the tokens of an extension in one go."""
+    turn = random_prompt(400, seed=11)
+
+    def conversation(defer: bool):
+        session = deep_engine.start(PROMPTS[0], method=spec)
+        session.generate(max_new_tokens=4)
+        session.extend(turn, defer=defer)
+        return session
+
+    direct = conversation(defer=False).generate(max_new_tokens=6)
+    scheduler = Scheduler(deep_engine, max_batch=2, prefill_tokens=64)
+    running = scheduler.submit(PROMPTS[2], max_new_tokens=30, method=spec)
+    scheduler.step()
+    session = conversation(defer=True)
+    assert session.prefilling and session.pending_tokens == len(turn) + 1  # the turn and the reply's last token
+    with pytest.raises(RuntimeError, match="still under way"):
+        session.generate(max_new_tokens=1)
+    added = scheduler.add(session, max_new_tokens=6)
+    decoded_before = len(scheduler.stats.batch_sizes)
+    while added in scheduler.prefilling:
+        scheduler.step()
+    assert len(scheduler.stats.batch_sizes) - decoded_before >= deep_engine.model.spec.num_layers - 2
+    generations = scheduler.run()
+    assert generations[added].token_ids == direct.token_ids
+    assert generations[added].stats.prompt_tokens == direct.stats.prompt_tokens == len(turn) + 1
+    assert generations[added].stats.prefill_tokens_per_layer == direct.stats.prefill_tokens_per_layer
+    assert generations[running].token_ids == deep_engine.generate(PROMPTS[2], max_new_tokens=30, method=spec).token_ids

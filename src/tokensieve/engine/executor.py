@@ -1,7 +1,7 @@
 """What runs the layer loop for an engine's sessions: `Executor` runs it here, in this process.
 
-Every forward pass of every session goes through one executor (a prefill a few layers at a time, an
-extension, a batched decode step), under its lock. The tensor-parallel leader (`parallel.leader`) is an
+Every forward pass of every session goes through one executor (a prefill or an extension a few layers at
+a time, a batched decode step), under its lock. The tensor-parallel leader (`parallel.leader`) is an
 executor that first tells the other ranks to run the same step on their share of the heads; nothing above
 the executor knows how many ranks there are.
 """
@@ -48,12 +48,13 @@ class SequenceState:
 
 
 @dataclass
-class PrefillTask:
-    """A prefill under way: its sequence, the layers still to run, and (once done) logits and record."""
+class PromptTask:
+    """A prompt pass under way (a first prompt's prefill, or a later turn's extension): its sequence, the
+    layers still to run, the tokens with KV once it is done, and then its logits and record."""
 
     seq: SequenceLike
     layers: Iterator[int]
-    tokens: int
+    computed: int
     layers_done: int = 0
     result: tuple[torch.Tensor, loop.PromptPass] | None = None
 
@@ -72,11 +73,15 @@ class Executor:
         """A new sequence's policy and empty KV."""
         return SequenceState.new(self.model, method, prompt_len, next(self._keys))
 
-    def start_prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> PrefillTask:
+    def start_prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> PromptTask:
         """A prefill of `seq` that runs when `advance` is called, a few layers at a time (nothing runs yet)."""
-        return PrefillTask(seq, loop.prefill(self.model, seq.policy, seq.kv, ids, chunk), len(ids))
+        return PromptTask(seq, loop.prefill(self.model, seq.policy, seq.kv, ids, chunk), len(ids))
 
-    def advance(self, task: PrefillTask, layers: int) -> bool:
+    def start_extend(self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None) -> PromptTask:
+        """Tokens `ids` at positions `start...` appended to `seq`'s cache, run by `advance` like a prefill."""
+        return PromptTask(seq, loop.extend(self.model, seq.policy, seq.kv, ids, start, chunk), start + len(ids))
+
+    def advance(self, task: PromptTask, layers: int) -> bool:
         """Run up to `layers` more layers of `task`; True once every layer ran (then `task.result` is set)."""
         total = self.model.spec.num_layers
         with self.lock, using(self.group), torch.inference_mode():
@@ -85,16 +90,8 @@ class Executor:
                 task.layers_done += 1
             if task.layers_done == total and task.result is None:
                 task.result = _returned(task.layers)
-                trim_windows(self.model, task.seq.policy, task.seq.kv, task.tokens)
+                trim_windows(self.model, task.seq.policy, task.seq.kv, task.computed)
         return task.result is not None
-
-    def extend(
-        self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None
-    ) -> tuple[torch.Tensor, loop.PromptPass]:
-        with self.lock, using(self.group), torch.inference_mode():
-            result = loop.extend(self.model, seq.policy, seq.kv, ids, start, chunk)
-            trim_windows(self.model, seq.policy, seq.kv, start + len(ids))
-        return result
 
     def decode(self, batch: list[loop.DecodeRequest]) -> torch.Tensor:
         """One decode step of every request; logits `[len(batch), vocab]`."""
@@ -124,4 +121,4 @@ def _returned(generator: Iterator):
         next(generator)
     except StopIteration as done:
         return done.value
-    raise RuntimeError("the prefill yielded more layers than the model has")
+    raise RuntimeError("the prompt pass yielded more layers than the model has")

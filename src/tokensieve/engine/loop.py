@@ -5,8 +5,8 @@ Plain functions over a session's state (the model, the policy, the per-layer KV)
 - `prefill`: the first prompt, a layer at a time. At each layer its rows go through q/k/v, attention and
   the MLP in chunks of at most `chunk` rows, so peak activation memory stays flat as the prompt grows; the policy's keep
   decisions are taken after the layer has seen every row, so chunking never changes a decision.
-- `extend`: a later turn over a retained cache. Its rows attend to what the policy exposes of each
-  layer's cache (`Policy.extend_context`) and to each other; nothing of the turn is pruned.
+- `extend`: a later turn over a retained cache, a layer at a time too. Its rows attend to what the policy
+  exposes of each layer's cache (`Policy.extend_context`) and to each other; nothing of the turn is pruned.
 - `decode_batch`: one new token of each sequence through every layer, each policy choosing its rows and
   context per layer.
 """
@@ -90,8 +90,9 @@ def prefill(
 
 def extend(
     model: DecoderModel, policy: Policy, kv: list[LayerKV], ids: list[int], start: int, chunk: int | None
-) -> tuple[torch.Tensor, PromptPass]:
-    """Tokens `ids` at positions `start...` appended to a retained cache; returns the last one's logits."""
+) -> Generator[int, None, tuple[torch.Tensor, PromptPass]]:
+    """Tokens `ids` at positions `start...` appended to a retained cache, one layer per `next()` as in
+    `prefill`; returns the last one's logits. A turn's rows depend on nothing but this sequence's cache."""
     rows = _embed(model, ids, start)
     record = PromptPass(len(ids))
     for layer in range(model.spec.num_layers):
@@ -104,6 +105,7 @@ def extend(
         record.mlp_tokens_per_layer.append(len(rows))
         rows = rows.with_h(_mlp(model, layer, rows.h, chunk))
         policy.extend_layer_done(LayerStep(layer, rows, q, k, cache))
+        yield layer
     return model.logits(rows.h[-1]), record
 
 

@@ -106,9 +106,10 @@ class Scheduler:
         return request.index
 
     def add(self, session, **generate) -> int:
-        """Generate on a session its caller opened (e.g. a server's retained conversation, or a fresh one
-        started with `defer_prefill=True`, whose prefill then runs between decode steps) from the next step,
-        outside the admission queue; `generate`: `session.stream`'s settings. Returns its index."""
+        """Generate on a session its caller opened from the next step, outside the admission queue; a session
+        whose prompt pass was deferred (`engine.start(..., defer_prefill=True)`, `session.extend(..., defer=True)`:
+        a fresh request, a server's retained conversation) has it run between decode steps first.
+        `generate`: `session.stream`'s settings. Returns its index."""
         session.check_settings(**generate)  # bad settings fail here, not in a later step
         request = Request(self._next, list(session.tokens), {}, generate, 0, session, owned=False)
         self._next += 1
@@ -172,7 +173,7 @@ class Scheduler:
             return
         index, request = next(iter(self.prefilling.items()))
         layers = self.engine.model.spec.num_layers
-        quantum = max(1, self.prefill_tokens * layers // len(request.ids)) if self.running else layers
+        quantum = max(1, self.prefill_tokens * layers // request.session.pending_tokens) if self.running else layers
         if request.session.advance_prefill(quantum):
             del self.prefilling[index]
             request.stream = request.session.stream(**request.generate, close_session=request.owned)

@@ -22,7 +22,7 @@ from ..generation import Generation, Sampling, Stats
 from ..methods import Method
 from ..model import DecoderModel
 from . import loop
-from .executor import Executor, PrefillTask
+from .executor import Executor, PromptTask
 from .stream import GenerationStream
 
 
@@ -76,11 +76,10 @@ class Session:
         self._prompt_pass: loop.PromptPass | None = None  # computed, not yet reported by a generation
         self._active: GenerationStream | None = None  # the unfinished stream of this session, if any
         self._active_thread: int | None = None
-        self._prefill: PrefillTask | None = None  # a deferred prefill under way (`advance_prefill`)
+        self._prefill: PromptTask | None = None  # a prompt pass under way (`advance_prefill`)
+        self._prefill_tokens = 0  # the tokens that pass computes
         self._prefill_seconds = 0.0
-        self._prefill = engine.executor.start_prefill(self, ids, chunk)
-        if not defer_prefill:
-            self.advance_prefill(engine.model.spec.num_layers)
+        self._begin(engine.executor.start_prefill(self, ids, chunk), len(ids), defer_prefill)
 
     # -- public API ------------------------------------------------------------------------------------
     def generate(
@@ -133,28 +132,27 @@ class Session:
         self.engine.check_lengths(len(self.tokens), max_new_tokens)
         return sampling, stops
 
-    def extend(self, more: str | Sequence[int], *, chat: bool = False) -> None:
+    def extend(self, more: str | Sequence[int], *, chat: bool = False, defer: bool = False) -> None:
         """Append a turn (text or token ids); only tokens without KV are computed, the earlier ones are reused.
 
         With `chat=True` the text is a user message: the conversation is rendered with the chat template and
         the part after the session's tokens is appended (the session must have been started with `chat=True`).
+        With `defer=True` the turn's pass waits for `advance_prefill`, as a deferred prefill does (a scheduler
+        then runs it between other sequences' decode steps).
         """
         self._claim()
         new = self._turn_ids(more, chat)
         self.engine.check_lengths(len(self.tokens) + len(new), 1)
         ids = self.tokens[self.computed :] + new
-        start = self.computed
+        task = self.engine.executor.start_extend(self, ids, self.computed, self.chunk)
         self.tokens.extend(new)
-        began = time.perf_counter()
-        logits, record = self.engine.executor.extend(self, ids, start, self.chunk)
-        self._synchronize()
-        record.seconds = time.perf_counter() - began
-        self._prompt_done(logits, record, len(ids))
+        self._begin(task, len(ids), defer)
 
     def advance_prefill(self, layers: int) -> bool:
-        """Run up to `layers` more layers of a prefill deferred by `Engine.start(..., defer_prefill=True)`;
-        True once it is done (then the session is ready to generate). A scheduler calls this between decode
-        steps, so that a long prompt does not stall the sequences already decoding."""
+        """Run up to `layers` more layers of a prompt pass deferred by `Engine.start(..., defer_prefill=True)`
+        or `extend(..., defer=True)`; True once it is done (then the session is ready to generate). A
+        scheduler calls this between decode steps, so that a long prompt does not stall the sequences
+        already decoding."""
         self._check_open()
         if self._prefill is None:
             return True
@@ -163,7 +161,7 @@ class Session:
         self._synchronize()
         self._prefill_seconds += time.perf_counter() - start
         if done:
-            (logits, record), tokens = self._prefill.result, self._prefill.tokens
+            (logits, record), tokens = self._prefill.result, self._prefill_tokens
             self._prefill = None
             record.seconds = self._prefill_seconds
             self._prompt_done(logits, record, tokens)
@@ -178,8 +176,13 @@ class Session:
 
     @property
     def prefilling(self) -> bool:
-        """A deferred prefill is still under way."""
+        """A deferred prompt pass (a prefill or an extension) is still under way."""
         return self._prefill is not None
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens the prompt pass under way computes (0 when none is)."""
+        return self._prefill_tokens if self._prefill is not None else 0
 
     @property
     def stats(self) -> SessionStats:
@@ -252,6 +255,12 @@ class Session:
         self._active = None
 
     # -- helpers ---------------------------------------------------------------------------------------
+    def _begin(self, task: PromptTask, tokens: int, defer: bool) -> None:
+        """Take `task` (a pass computing `tokens` tokens) as this session's prompt pass; run it now unless deferred."""
+        self._prefill, self._prefill_tokens, self._prefill_seconds = task, tokens, 0.0
+        if not defer:
+            self.advance_prefill(self.engine.model.spec.num_layers)
+
     def _kv_bytes(self, on_device: bool) -> int:
         """Bytes of the KV on the model's device, or elsewhere (parked in host memory)."""
         device = self.engine.model.device
@@ -289,7 +298,10 @@ class Session:
         """A new call cancels this thread's unfinished stream of the session; another thread's is an error."""
         self._check_open()
         if self._prefill is not None:
-            raise RuntimeError("this session's prefill is still under way: finish it with advance_prefill first")
+            raise RuntimeError(
+                "this session's prefill is still under way (a deferred prompt or turn): "
+                "finish it with advance_prefill first"
+            )
         for layer in self.kv:  # a parked session's KV comes back to the device
             layer.move_to(self.engine.model.device)
         active = self._active

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..collectives import RankFailure, TensorParallelGroup, leave
 from ..engine import loop
-from ..engine.executor import Executor, PrefillTask, SequenceLike, SequenceState
+from ..engine.executor import Executor, PromptTask, SequenceLike, SequenceState
 from ..methods import Method
 from ..model import DecoderModel
 
@@ -53,22 +53,20 @@ class Leader(Executor):
         weakref.finalize(state.policy, self._dropped.append, state.key)
         return state
 
-    def start_prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> PrefillTask:
+    def start_prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> PromptTask:
         with self.lock:
             self._send("prefill", seq.key, ids, chunk)
             return super().start_prefill(seq, ids, chunk)
 
-    def advance(self, task: PrefillTask, layers: int) -> bool:
+    def start_extend(self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None) -> PromptTask:
+        with self.lock:
+            self._send("extend", seq.key, ids, start, chunk)
+            return super().start_extend(seq, ids, start, chunk)
+
+    def advance(self, task: PromptTask, layers: int) -> bool:
         with self.lock:
             self._send("advance", task.seq.key, layers)
             return self._guarded(super().advance, task, layers)
-
-    def extend(
-        self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None
-    ) -> tuple[torch.Tensor, loop.PromptPass]:
-        with self.lock:
-            self._send("extend", seq.key, ids, start, chunk)
-            return self._guarded(super().extend, seq, ids, start, chunk)
 
     def decode(self, batch: list[loop.DecodeRequest]) -> torch.Tensor:
         with self.lock:
@@ -124,7 +122,7 @@ def follow(model: DecoderModel, group: TensorParallelGroup) -> None:
     """A follower's life: run the leader's commands on this rank's shard until it says stop."""
     executor = Executor(model, group)
     states: dict[int, SequenceState] = {}
-    prefills: dict[int, PrefillTask] = {}  # prefills under way, advanced a few layers at a time
+    prefills: dict[int, PromptTask] = {}  # prompt passes under way, advanced a few layers at a time
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0, group=group.control)
@@ -144,7 +142,7 @@ def _run(
     executor: Executor,
     model: DecoderModel,
     states: dict[int, SequenceState],
-    prefills: dict[int, PrefillTask],
+    prefills: dict[int, PromptTask],
     kind: str,
     args: list,
 ) -> None:
@@ -160,7 +158,7 @@ def _run(
             del prefills[key]
     elif kind == "extend":
         key, ids, start, chunk = args
-        executor.extend(states[key], ids, start, chunk)
+        prefills[key] = executor.start_extend(states[key], ids, start, chunk)
     elif kind == "decode":
         executor.decode([_request(states[key], token, position) for key, token, position in args[0]])
     elif kind == "digest":
