@@ -137,8 +137,8 @@ def test_chunked_prefill_takes_the_same_decisions(deep_engine, name, settings):
 
 # -- composition: a prefill method with a decode method ----------------------------------------------------
 PREFILL_SIDE = ["dense", "sliminfer", "lazyllm", "snapkv"]
-DECODE_SIDE = ["dense", "omnikv", "streaming_llm", "h2o"]
-PAIRS = [(p, d) for p in PREFILL_SIDE for d in DECODE_SIDE if not (p == "snapkv" and d in ("omnikv", "h2o"))]
+DECODE_SIDE = ["dense", "omnikv", "streaming_llm", "h2o", "sliminfer"]
+PAIRS = [(p, d) for p in PREFILL_SIDE for d in DECODE_SIDE if not (p == "snapkv" and METHODS[d].needs_shared_kv)]
 
 
 @pytest.mark.parametrize(("first", "then"), PAIRS)
@@ -152,7 +152,10 @@ def test_composition_under_keep_all_equals_dense(deep_engine, dense_tokens, firs
 
 @pytest.mark.parametrize("then", DECODE_SIDE)
 def test_dense_prefill_then_a_decode_method_decodes_exactly_as_that_method(deep_engine, then):
-    alone = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=PRUNING[then])
+    """`dense+X` is X's decode side alone (SlimInfer's: `prune_prefill=False`; the others: X itself)."""
+    alone = deep_engine.generate(
+        PROMPT, max_new_tokens=NEW_TOKENS, method=resolve_method(PRUNING[then]).as_decode_side()
+    )
     composed = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=f"dense+{PRUNING[then]}")
     assert composed.token_ids == alone.token_ids
     assert composed.stats.decode_keys_per_layer == alone.stats.decode_keys_per_layer
@@ -197,11 +200,11 @@ def test_omnikv_after_sliminfer_selects_by_position_among_what_each_layer_holds(
     ("spec", "message"),
     [
         ("omnikv+dense", "put it on the decode side"),
-        ("dense+sliminfer", "cannot follow another prefill"),
         ("dense+lazyllm", "cannot follow another prefill"),
         ("dense+snapkv", "put it on the prefill side"),
         ("snapkv+omnikv", "each KV head its own tokens"),
         ("snapkv+h2o", "each KV head its own tokens"),
+        ("snapkv+sliminfer", "each KV head its own tokens"),
         ("dense+omnikv+h2o", "one prefill method \\+ one decode method"),
         ("sliminfer+omnikv(budget=0)", "budget must be > 0"),
     ],
