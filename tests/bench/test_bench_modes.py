@@ -144,10 +144,25 @@ def test_batch_contestants_decode_the_same_tokens_on_their_joined_caches():
 
     engine = tokensieve.load("tiny", dtype="float32")
     prompts = batch_prompts(engine, 1500, 3)  # 2048 // 1500: one prompt per transformers pass, three caches joined
-    ours, theirs = OurBatch(engine, "dense", prompts), TheirBatch(engine, prompts)
+    ours, theirs = OurBatch.prefill(engine, "dense", prompts), TheirBatch.prefill(engine, prompts)
     assert ours.prefill_s > 0 and theirs.prefill_s > 0
     for batch in (ours, theirs):
         batch.decode(3)
         batch.decode(4)
     assert [session.tokens[1500:] for session in ours.sessions] == theirs.tokens()
     assert len(theirs.tokens()) == 3 and len(theirs.tokens()[0]) == 8
+    # --shared-prompt: copies of the first sequence continue exactly as it does, each on its own state
+    ours_copies, theirs_copies = ours.copies(2), theirs.copies(2)
+    for batch in (ours, theirs, ours_copies, theirs_copies):
+        batch.decode(3)
+    assert [s.tokens[1500:] for s in ours_copies.sessions] == [ours.sessions[0].tokens[1500:]] * 2
+    assert theirs_copies.tokens() == [theirs.tokens()[0][7:]] * 2  # from the token its copied logits chose
+    assert ours_copies.prefill_s is None and theirs_copies.prefill_s is None
+
+
+def test_batch_mode_with_a_shared_prompt(tmp_path):
+    argv = ("--mode", "batch", "--methods", "dense", "--lengths", "64", "--batch", "2", "--new-tokens", "3")
+    document, printed = bench(tmp_path, *argv, "--shared-prompt")
+    assert document["config"]["shared_prompt"] is True
+    assert {r["method"] for r in document["results"]} == {"transformers", "dense"}
+    assert all(r["prefill_tokens_per_s"] is None and r["tokens_per_s"] > 0 for r in document["results"])

@@ -27,6 +27,11 @@ def register(sub) -> None:
     )
     parser.add_argument("--batch", default="1,4", help="batch: comma-separated batch sizes, e.g. 1,4,16")
     parser.add_argument(
+        "--shared-prompt",
+        action="store_true",
+        help="batch: every sequence continues one prefilled prompt (forked sessions): one prefill per contestant",
+    )
+    parser.add_argument(
         "--methods",
         default="all",
         help=f"comma-separated methods or specs like 'omnikv(budget=256)' or 'sliminfer+omnikv', or 'all' "
