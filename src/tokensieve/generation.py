@@ -33,6 +33,8 @@ class Stats:
     unseen_tokens_per_layer: list[int] = field(default_factory=list)  # a later turn: earlier tokens it could not see
     revived_tokens: int = 0  # token-layer computations in decode beyond the new token (LazyLLM's revival)
     host_bytes_loaded_per_step: float = 0.0  # KV bytes copied from host memory per decode step
+    host_loads_per_step: float = 0.0  # host -> device copies started per decode step (a SlimInfer swap is one)
+    host_rows_loaded_per_step: float = 0.0  # host store rows copied per step (SlimInfer: blocks; OmniKV: tokens)
     method_stats: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -36,19 +37,36 @@ def _glibc():
 _LIBC = _glibc() if sys.platform.startswith("linux") else None
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """Host -> device copies so far: copies started, rows copied (dim 0 of each copy: a `HostRows` row, i.e. a
+    SlimInfer block of one layer or an OmniKV token of one segment) and bytes. `later - earlier` is what moved
+    in between (the engine reports one call's loads so)."""
+
+    loads: int = 0
+    rows: int = 0
+    bytes: int = 0
+
+    def __add__(self, more: Loaded) -> Loaded:
+        return Loaded(self.loads + more.loads, self.rows + more.rows, self.bytes + more.bytes)
+
+    def __sub__(self, earlier: Loaded) -> Loaded:
+        return Loaded(self.loads - earlier.loads, self.rows - earlier.rows, self.bytes - earlier.bytes)
+
+
 class Transfers:
-    """Host <-> device copies for one device."""
+    """Host <-> device copies for one device, counted here where they happen (`loaded`)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.bytes_loaded = 0  # host -> device, counted here where the copies happen
+        self.loaded = Loaded()
 
     def load(self, host: torch.Tensor, index: torch.Tensor | None = None) -> Pending:
         """Start copying `host` (or its rows `index` along dim 0, gathered on the host) to the device."""
         rows = host if index is None else host.index_select(0, index.to("cpu"))
-        self.bytes_loaded += rows.numel() * rows.element_size()
+        self.loaded += Loaded(1, rows.shape[0], rows.numel() * rows.element_size())
         if not self.cuda:
             return Pending(rows.to(self.device), None)
         if index is not None:
@@ -66,7 +84,7 @@ class HostRows:
     A row is what a method moves as a unit: one token's KV in every layer of an OmniKV segment, or one
     block's KV at a SlimInfer pruning layer. Loads gather the rows on the host (from a flat 2-D view, one
     contiguous row each: faster than gathering the N-D layout) and copy them through `transfers`, which
-    counts the bytes.
+    counts the copies, rows and bytes.
     """
 
     def __init__(self, transfers: Transfers, rows: int, row_shape: tuple[int, ...], dtype: torch.dtype):

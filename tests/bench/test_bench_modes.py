@@ -119,9 +119,14 @@ def test_batch_mode_measures_decode_throughput_at_each_batch_size(tmp_path):
     assert {(r["batch"], r["method"]) for r in rows} == {
         (b, m) for b in (1, 3) for m in ("transformers", "dense", spec)
     }
-    assert all(r["tokens_per_s"] > 0 and r["tpot_s"] > 0 for r in rows)
+    assert all(r["tokens_per_s"] > 0 and r["tpot_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in rows)
     assert all(r["vs_dense"] == pytest.approx(1) for r in rows if r["method"] == "dense")
     assert document["config"]["batch"] == [1, 3] and "decode tokens/s" in printed
+    ideal = {(r["batch"], r["method"]): r["ideal_vs_dense"] for r in rows}
+    assert ideal[(1, "dense")] == ideal[(3, "dense")] == 1.0 and ideal[(3, "transformers")] is None
+    # OmniKV reads 16 of ~100 prompt keys at its sparse layers; a bigger batch shares the weights' bytes more
+    assert 1 < ideal[(1, spec)] < ideal[(3, spec)]
+    assert (tmp_path / "batch.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("batch", ["0,4", "four", ""])
@@ -129,3 +134,35 @@ def test_bad_batch_sizes_fail_before_loading(tmp_path, batch, monkeypatch, capsy
     monkeypatch.setattr(command, "load_engine", lambda args: pytest.fail("loaded the model"))
     assert cli.main(["bench", *TINY, "--mode", "batch", "--batch", batch, "--out", str(tmp_path)]) == 2
     assert "--batch" in capsys.readouterr().err
+
+
+def test_batch_contestants_decode_the_same_tokens_on_their_joined_caches():
+    """The transformers contestant prefills the prompts in groups and joins the caches; our dense path,
+    prefilled by the scheduler, decodes the same greedy tokens."""
+    import tokensieve
+    from tokensieve.bench.batch import OurBatch, TheirBatch, batch_prompts
+
+    engine = tokensieve.load("tiny", dtype="float32")
+    prompts = batch_prompts(engine, 1500, 3)  # 2048 // 1500: one prompt per transformers pass, three caches joined
+    ours, theirs = OurBatch.prefill(engine, "dense", prompts), TheirBatch.prefill(engine, prompts)
+    assert ours.prefill_s > 0 and theirs.prefill_s > 0
+    for batch in (ours, theirs):
+        batch.decode(3)
+        batch.decode(4)
+    assert [session.tokens[1500:] for session in ours.sessions] == theirs.tokens()
+    assert len(theirs.tokens()) == 3 and len(theirs.tokens()[0]) == 8
+    # --shared-prompt: copies of the first sequence continue exactly as it does, each on its own state
+    ours_copies, theirs_copies = ours.copies(2), theirs.copies(2)
+    for batch in (ours, theirs, ours_copies, theirs_copies):
+        batch.decode(3)
+    assert [s.tokens[1500:] for s in ours_copies.sessions] == [ours.sessions[0].tokens[1500:]] * 2
+    assert theirs_copies.tokens() == [theirs.tokens()[0][7:]] * 2  # from the token its copied logits chose
+    assert ours_copies.prefill_s is None and theirs_copies.prefill_s is None
+
+
+def test_batch_mode_with_a_shared_prompt(tmp_path):
+    argv = ("--mode", "batch", "--methods", "dense", "--lengths", "64", "--batch", "2", "--new-tokens", "3")
+    document, printed = bench(tmp_path, *argv, "--shared-prompt")
+    assert document["config"]["shared_prompt"] is True
+    assert {r["method"] for r in document["results"]} == {"transformers", "dense"}
+    assert all(r["prefill_tokens_per_s"] is None and r["tokens_per_s"] > 0 for r in document["results"])

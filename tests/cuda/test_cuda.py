@@ -90,7 +90,7 @@ def test_offload_with_pinned_memory_and_side_streams_equals_no_offload(deep_cuda
 def test_sliminfer_prefetched_swaps_equal_synchronous_swaps(deep_cuda, monkeypatch):
     method = SlimInfer(budgets=FRACTIONS, gamma=1.0)
     prefetched = deep_cuda.next_token_logits(PROMPT, list(range(40, 40 + NEW_TOKENS)), method=method)
-    swaps = deep_cuda.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=method).stats.method_stats["swaps"]
+    swaps = deep_cuda.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=method).stats.host_loads_per_step
 
     prefetching_load = offload.Transfers.load
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tokensieve
 from conftest import PRUNING, random_prompt
 from tokensieve.engine.scheduler import Scheduler
 from tokensieve.methods import METHODS
@@ -22,6 +23,40 @@ def test_each_sequence_of_a_batch_equals_it_alone(deep_engine, spec):
     batched = deep_engine.generate(PROMPTS, max_new_tokens=NEW, method=spec, max_batch=2)
     assert [g.token_ids for g in batched] == alone
     assert [g.stats.new_tokens for g in batched] == NEW
+
+
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_first_prompts_prefilled_together_decide_and_generate_as_alone(deep_engine, chunk):
+    """Prompts admitted together share one prefill pass (projections and MLP over all their rows, in chunks
+    that span two prompts when `prefill_chunk` is set), each with its own method's decisions."""
+    specs = [PRUNING["sliminfer"], PRUNING["lazyllm"], "dense", PRUNING["omnikv"]]
+    engine = tokensieve.load(deep_engine.model.hf, tokenizer=deep_engine.tokenizer, prefill_chunk=chunk)
+    scheduler = Scheduler(engine, max_batch=4, prefill_tokens=300)
+    for prompt, new, spec in zip(PROMPTS, NEW, specs, strict=True):
+        scheduler.submit(prompt, max_new_tokens=new, method=spec)
+    generations = scheduler.run()
+    # 150 and 90 tokens fit 300 together; 320 and 260 run alone
+    assert scheduler.stats.prefill_batch_sizes == [2, 1, 1]
+    for prompt, new, spec, generation in zip(PROMPTS, NEW, specs, generations, strict=True):
+        alone = deep_engine.generate(prompt, max_new_tokens=new, method=spec)
+        assert generation.token_ids == alone.token_ids
+        assert generation.stats.prefill_tokens_per_layer == alone.stats.prefill_tokens_per_layer
+        assert generation.stats.prefill_mlp_tokens_per_layer == alone.stats.prefill_mlp_tokens_per_layer
+
+
+def test_a_joint_prefill_gives_each_prompt_its_logits_alone(deep_engine):
+    from tokensieve.engine import prefill_together
+
+    sessions = [deep_engine.start(p, method=PRUNING["sliminfer"], defer_prefill=True) for p in PROMPTS[:3]]
+    prefill_together(sessions)
+    assert all(s.prefill_started and s.pending_tokens == sum(map(len, PROMPTS[:3])) for s in sessions)
+    assert not sessions[1].advance_prefill(3) and sessions[0].advance_prefill(100)  # one pass for all
+    assert sessions[1].advance_prefill(0) and sessions[2].advance_prefill(0)
+    for session, prompt in zip(sessions, PROMPTS, strict=False):
+        alone = deep_engine.start(prompt, method=PRUNING["sliminfer"])
+        torch.testing.assert_close(session._logits, alone._logits, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="has not started"):
+        prefill_together(sessions)
 
 
 def test_sequences_join_a_running_batch_between_steps(deep_engine):
@@ -162,3 +197,35 @@ def test_a_session_added_with_a_deferred_prefill_joins_between_layers_and_stays_
     assert not session.closed  # its caller keeps it (e.g. for the next turn)
     with pytest.raises(ValueError, match="temperature"):
         scheduler.add(deep_engine.start(PROMPTS[0]), max_new_tokens=2, temperature=-1.0)
+
+
+@pytest.mark.parametrize("spec", ["dense", PRUNING["sliminfer"], PRUNING["omnikv"], PRUNING["h2o"]])
+def test_a_deferred_later_turn_runs_between_decode_steps_and_changes_nothing(deep_engine, spec):
+    """A retained conversation's next turn (`extend(..., defer=True)`, what the server does) is computed a
+    few layers at a time between the running sequences' decode steps, with the tokens of an extension in one go."""
+    turn = random_prompt(400, seed=11)
+
+    def conversation(defer: bool):
+        session = deep_engine.start(PROMPTS[0], method=spec)
+        session.generate(max_new_tokens=4)
+        session.extend(turn, defer=defer)
+        return session
+
+    direct = conversation(defer=False).generate(max_new_tokens=6)
+    scheduler = Scheduler(deep_engine, max_batch=2, prefill_tokens=64)
+    running = scheduler.submit(PROMPTS[2], max_new_tokens=30, method=spec)
+    scheduler.step()
+    session = conversation(defer=True)
+    assert session.prefilling and session.pending_tokens == len(turn) + 1  # the turn and the reply's last token
+    with pytest.raises(RuntimeError, match="still under way"):
+        session.generate(max_new_tokens=1)
+    added = scheduler.add(session, max_new_tokens=6)
+    decoded_before = len(scheduler.stats.batch_sizes)
+    while added in scheduler.prefilling:
+        scheduler.step()
+    assert len(scheduler.stats.batch_sizes) - decoded_before >= deep_engine.model.spec.num_layers - 2
+    generations = scheduler.run()
+    assert generations[added].token_ids == direct.token_ids
+    assert generations[added].stats.prompt_tokens == direct.stats.prompt_tokens == len(turn) + 1
+    assert generations[added].stats.prefill_tokens_per_layer == direct.stats.prefill_tokens_per_layer
+    assert generations[running].token_ids == deep_engine.generate(PROMPTS[2], max_new_tokens=30, method=spec).token_ids

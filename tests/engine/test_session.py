@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import tokensieve
-from conftest import random_prompt
+from conftest import PRUNING, random_prompt
 from tokensieve import presets
+from tokensieve.methods import METHODS
 
 TURNS = [random_prompt(90, seed=21), random_prompt(40, seed=22)[1:], random_prompt(25, seed=23)[1:]]
 CHAT_TEMPLATE = "".join(
@@ -226,3 +227,40 @@ def test_a_deferred_prefill_runs_a_few_layers_at_a_time_to_the_same_result(deep_
     got = session.generate(max_new_tokens=8)
     assert got.token_ids == expected.token_ids
     assert got.stats.prefill_tokens_per_layer == expected.stats.prefill_tokens_per_layer and got.stats.ttft_s > 0
+
+
+FORKED = ["dense", "sliminfer+omnikv(budget=32)", *(PRUNING[name] for name in sorted(METHODS))]
+
+
+@pytest.mark.parametrize("spec", FORKED)
+def test_a_forked_session_goes_on_exactly_as_the_original_and_apart_from_it(deep_engine, spec):
+    """`fork` copies every piece of a session's state (KV, selections, host stores, aux caches): the twin
+    generates what the original would, and what either does later leaves the other untouched."""
+    prompt, turn = random_prompt(260, seed=21), random_prompt(40, seed=22)
+    reference = deep_engine.start(prompt, method=spec)
+    reference.generate(max_new_tokens=3)
+    expected = reference.generate(max_new_tokens=6)
+    session = deep_engine.start(prompt, method=spec)
+    session.generate(max_new_tokens=3)
+    twin = session.fork()
+    twin.extend(turn)  # the twin goes its own way first ...
+    twin.generate(max_new_tokens=4)
+    ours = session.generate(max_new_tokens=6)  # ... and the original continues as if it had never been forked
+    assert ours.token_ids == expected.token_ids
+    assert ours.stats.decode_keys_per_layer == expected.stats.decode_keys_per_layer
+    second = session.fork()
+    assert second.generate(max_new_tokens=5).token_ids == session.generate(max_new_tokens=5).token_ids
+    assert twin.tokens[: len(prompt) + 3] == session.tokens[: len(prompt) + 3] and len(twin.tokens) == 260 + 47
+
+
+def test_fork_needs_a_session_between_calls(deep_engine):
+    session = deep_engine.start(random_prompt(50, seed=3), defer_prefill=True)
+    with pytest.raises(RuntimeError, match="between calls"):
+        session.fork()
+    session.advance_prefill(100)
+    stream = session.stream(max_new_tokens=4)
+    next(stream)
+    with pytest.raises(RuntimeError, match="between calls"):
+        session.fork()
+    stream.close()
+    assert session.fork().generate(max_new_tokens=2).stats.new_tokens == 2

@@ -138,8 +138,8 @@ def test_chunked_prefill_takes_the_same_decisions(deep_engine, name, settings):
 
 # -- composition: a prefill method with a decode method ----------------------------------------------------
 PREFILL_SIDE = ["dense", "sliminfer", "lazyllm", "snapkv"]
-DECODE_SIDE = ["dense", "omnikv", "streaming_llm", "h2o", "lazyllm"]
-PAIRS = [(p, d) for p in PREFILL_SIDE for d in DECODE_SIDE if not (p == "snapkv" and d in ("omnikv", "h2o", "lazyllm"))]
+DECODE_SIDE = ["dense", "omnikv", "streaming_llm", "h2o", "sliminfer", "lazyllm"]
+PAIRS = [(p, d) for p in PREFILL_SIDE for d in DECODE_SIDE if not (p == "snapkv" and METHODS[d].needs_shared_kv)]
 
 
 @pytest.mark.parametrize(("first", "then"), PAIRS)
@@ -153,11 +153,10 @@ def test_composition_under_keep_all_equals_dense(deep_engine, dense_tokens, firs
 
 @pytest.mark.parametrize("then", DECODE_SIDE)
 def test_dense_prefill_then_a_decode_method_decodes_exactly_as_that_method(deep_engine, then):
-    """`dense+X` is X's decode side alone: X itself, except where X prunes in prefill too (LazyLLM), whose
-    decode side is X without its prefill pruning."""
-    decode_side = resolve_method(PRUNING[then]).as_decode_side()
-    assert (decode_side == resolve_method(PRUNING[then])) == (then != "lazyllm")
-    alone = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=decode_side)
+    """`dense+X` is X's decode side alone (SlimInfer's and LazyLLM's: `prune_prefill=False`; the others: X itself)."""
+    alone = deep_engine.generate(
+        PROMPT, max_new_tokens=NEW_TOKENS, method=resolve_method(PRUNING[then]).as_decode_side()
+    )
     composed = deep_engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, method=f"dense+{PRUNING[then]}")
     assert composed.token_ids == alone.token_ids
     assert composed.stats.decode_keys_per_layer == alone.stats.decode_keys_per_layer
@@ -271,12 +270,12 @@ def test_lazyllm_as_decode_side_extends_like_one_shot_under_keep_all(deep_engine
     ("spec", "message"),
     [
         ("omnikv+dense", "put it on the decode side"),
-        ("dense+sliminfer", "cannot follow another prefill"),
         ("dense+lazyllm(revive=False)", "decodes over every key prefill left"),
-        ("snapkv+lazyllm", "each KV head its own tokens"),
         ("dense+snapkv", "put it on the prefill side"),
         ("snapkv+omnikv", "each KV head its own tokens"),
         ("snapkv+h2o", "each KV head its own tokens"),
+        ("snapkv+sliminfer", "each KV head its own tokens"),
+        ("snapkv+lazyllm", "each KV head its own tokens"),
         ("dense+omnikv+h2o", "one prefill method \\+ one decode method"),
         ("sliminfer+omnikv(budget=0)", "budget must be > 0"),
     ],

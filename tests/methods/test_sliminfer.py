@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import DEEP, random_prompt
 from tokensieve import cli, load, presets
+from tokensieve.cache import LayerKV
 from tokensieve.methods import METHODS, LayerStep, Rows, Run, SlimInfer, resolve_method
 from tokensieve.methods.sliminfer import SlimInferPolicy, block_scores, top_blocks, unit_keys
 from tokensieve.model import ModelSpec
@@ -25,6 +28,7 @@ class SpyPolicy(SlimInferPolicy):
         self.kept: dict[int, torch.Tensor] = {}
         self.stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rescorings: list[tuple[int, int, set[int], set[int]]] = []  # step, layer, active, top
+        self.steps = 0
 
     def prefill_keep_after_attention(self, step):
         index = super().prefill_keep_after_attention(step)
@@ -36,10 +40,14 @@ class SpyPolicy(SlimInferPolicy):
         self.stored[step.layer] = (step.kv.keys.clone(), step.kv.positions.clone())
         super().prefill_layer_done(step)
 
-    def rescore(self, layer, store, query):
+    def rescore(self, store, query):
+        layer = next(layer for layer, managed in self.layers.items() if managed is store)
         top = top_blocks(block_scores(query.float(), store.units), len(store.slots))
         self.rescorings.append((self.steps, layer, set(store.slots.tolist()), set(top.tolist())))
-        super().rescore(layer, store, query)
+        super().rescore(store, query)
+
+    def decode_step_done(self):
+        self.steps += 1
 
 
 @dataclass
@@ -93,6 +101,7 @@ def test_budgets_as_fractions_and_counts():
         (dict(block_size=0), ValueError),
         (dict(query_window=0), ValueError),
         (dict(gamma=1.5), ValueError),
+        (dict(prune_prefill=False, kv_manager=False), ValueError),  # nothing left to do
     ],
 )
 def test_bad_settings_are_clear_errors(settings, error):
@@ -136,7 +145,11 @@ def test_scoring_and_selection_match_a_reference(heads, kv_heads, block_size, un
     method = SlimInfer(prune_layers=(0,), budgets=(budget,), block_size=block_size, unit_size=unit_size)
     policy = method.start(Run(spec(1, heads, kv_heads), n, torch.device("cpu"), torch.float32, 0.25))
     rows = Rows(torch.zeros(n, 1), torch.arange(n))
-    kept = policy.prefill_keep_after_attention(LayerStep(0, rows, q, k, None))
+    kv = LayerKV(kv_heads, 16, torch.float32, torch.device("cpu"))
+    kv.append(k, torch.zeros_like(k), rows.pos)
+    step = LayerStep(0, rows, q, k, kv)
+    policy.prefill_observe(step)
+    kept = policy.prefill_keep_after_attention(step)
     best = sorted([0, *(expected[1:].topk(3).indices + 1).tolist()])
     expected_rows = [b * block_size + i for b in best for i in range(block_size)] + list(range(n - tail, n))
     assert kept.tolist() == expected_rows
@@ -222,13 +235,15 @@ def test_swaps_happen_only_when_overlap_falls_below_gamma(deep_engine, gamma):
         swap = overlap < gamma
         swaps += swap
         assert next_active == (top if swap else active)  # a swap installs exactly the new top set
-    stats = gen.stats.method_stats
-    assert stats["decode_rescorings"] == len(rescorings) == 3 * 15
-    assert stats["swaps"] >= swaps  # the last step's decisions have no successor to check
+    assert gen.stats.method_stats["decode_rescorings"] == len(rescorings) == 3 * 15
+    # the engine counts the copies: one load per swap decided (the last step's too), one row per entering block
+    decided = [len(top - active) for _, _, active, top in rescorings if len(active & top) / len(active) < gamma]
+    assert round(gen.stats.host_loads_per_step * 15) == len(decided) >= swaps
+    assert round(gen.stats.host_rows_loaded_per_step * 15) == sum(decided)
     if gamma == 0.0:
-        assert stats["swaps"] == 0
+        assert not decided and gen.stats.host_bytes_loaded_per_step == 0
     if gamma == 1.0:
-        assert stats["swaps"] > 0 and stats["blocks_swapped_in"] >= stats["swaps"]
+        assert decided and gen.stats.host_bytes_loaded_per_step > 0
 
 
 def test_offload_and_no_offload_give_identical_tokens_and_expected_bytes(deep_engine):
@@ -243,11 +258,10 @@ def test_offload_and_no_offload_give_identical_tokens_and_expected_bytes(deep_en
         assert gen.stats.kv_bytes_device == stored * per_token + method.policy.device_bytes()
         runs[offload] = gen
     assert runs[True].token_ids == runs[False].token_ids
-    swapped = runs[True].stats.method_stats
-    assert swapped["swaps"] > 0
-    loaded = runs[True].stats.host_bytes_loaded_per_step  # counted by the engine where the copies happen
-    assert loaded == swapped["blocks_swapped_in"] * 64 * per_token / (new - 1)
-    assert runs[False].stats.host_bytes_loaded_per_step == 0
+    swapped = runs[True].stats  # loads counted by the engine where the copies happen
+    assert swapped.host_loads_per_step > 0 and swapped.host_rows_loaded_per_step >= swapped.host_loads_per_step
+    assert swapped.host_bytes_loaded_per_step == pytest.approx(swapped.host_rows_loaded_per_step * 64 * per_token)
+    assert runs[False].stats.host_bytes_loaded_per_step == 0 == runs[False].stats.host_loads_per_step
     assert runs[False].stats.kv_bytes_host == 0
     # nothing is lost: the host holds every scored block of layers 4, 8 and 11 (15, 7 and 3 blocks)
     assert runs[True].stats.kv_bytes_host == (15 + 7 + 3) * 64 * per_token
@@ -292,3 +306,129 @@ def test_offload_and_no_offload_give_identical_logits(deep_engine, dense_tokens)
     dense = deep_engine.next_token_logits(PROMPT, dense_tokens, method="dense")
     assert torch.equal(deep_engine.next_token_logits(PROMPT, dense_tokens, method=SlimInfer.keep_all()), dense)
     assert not torch.allclose(logits[0][1:], dense[1:])  # pruning is visible in decode
+
+
+# -- the decode side of a composition: the block manager alone, after another prefill ----------------------
+SIDE = "sliminfer(budgets=(0.5, 0.25, 0.125), gamma=1.0)"  # gamma 1: a swap at every change of the top set
+HELD_AFTER_LAZYLLM = (700, 500, 300)  # prompt entries of layers 4, 8, 11 after LazyLLM's prefill (stages 1-3)
+
+
+def test_decode_side_after_a_dense_prefill_manages_the_whole_prompts_blocks(deep_engine):
+    per_token = deep_engine.model.spec.kv_bytes_per_token(torch.float32)
+    session = deep_engine.start(PROMPT, method=f"dense+{SIDE}")
+    managed = session.policy.then.layers
+    assert sorted(managed) == [4, 8, 11]
+    for store in managed.values():  # blocks of the whole prompt: exactly position // 64
+        assert torch.equal(store.positions, torch.arange(960).view(15, 64))
+    stats = session.generate(max_new_tokens=16).stats
+    assert stats.prefill_tokens_per_layer == [1000] * 12  # no hidden state pruned
+    decode = stats.method_stats["decode"]
+    assert decode["pruned_tokens"] == [0, 0, 0] and decode["inactive_tokens"] == [512, 768, 896]
+    keys = stats.decode_keys_per_layer
+    assert [keys[0] - keys[layer] for layer in (4, 8, 11)] == pytest.approx([512, 768, 896])
+    assert all(keys[layer] == keys[0] for layer in range(12) if layer not in managed)
+    assert decode["decode_rescorings"] == 3 * 15 and stats.host_loads_per_step > 0  # swaps, counted by the engine
+    assert stats.kv_bytes_host == 3 * 15 * 64 * per_token  # each pruning layer's every block is on the host
+    _, on_device = SlimInfer(budgets=FRACTIONS).as_decode_side().plan(12, len(PROMPT))
+    assert stats.kv_bytes_device == (sum(on_device) + 12 * 15) * per_token + session.policy.device_bytes()
+
+
+def test_sliminfer_on_both_sides_with_equal_settings_equals_standalone(deep_engine):
+    alone = deep_engine.generate(PROMPT, max_new_tokens=16, method=SIDE).stats
+    both = deep_engine.generate(PROMPT, max_new_tokens=16, method=f"{SIDE}+{SIDE}")
+    assert both.token_ids == deep_engine.generate(PROMPT, max_new_tokens=16, method=SIDE).token_ids
+    for name in ("prefill_tokens_per_layer", "decode_keys_per_layer", "kv_bytes_device", "kv_bytes_host"):
+        assert getattr(both.stats, name) == getattr(alone, name), name
+    assert both.stats.host_loads_per_step == alone.host_loads_per_step > 0
+    sides = both.stats.method_stats
+    assert (
+        sides["prefill"]["pruned_tokens"] == sides["decode"]["inactive_tokens"] == alone.method_stats["pruned_tokens"]
+    )
+
+
+def test_decode_side_after_lazyllm_selects_among_the_entries_each_layer_holds(deep_engine):
+    reference = deep_engine.start(PROMPT, method="lazyllm+dense")
+    held = [set(kv.positions.tolist()) for kv in reference.kv]
+    assert [len(held[layer]) for layer in (4, 8, 11)] == list(HELD_AFTER_LAZYLLM)
+    session = deep_engine.start(PROMPT, method=f"lazyllm+{SIDE}")
+    policy = session.policy.then
+    for layer, kv in enumerate(session.kv):  # nothing lost: device and host hold what LazyLLM's prefill left
+        store = policy.layers.get(layer)
+        host = [] if store is None else store.positions.flatten().tolist()
+        assert set(kv.positions.tolist()) | set(host) == held[layer]
+        if store is not None:  # blocks: 64 consecutive held entries, in position order (not position // 64)
+            assert host == sorted(held[layer])[: len(host)] and host[-1] >= len(host)
+    contexts = []
+    decode_context = policy.decode_context
+
+    def recording(step):
+        context = decode_context(step)
+        contexts.append((step.layer, context.pos.tolist()))
+        return context
+
+    policy.decode_context = recording
+    gen = session.generate(max_new_tokens=16)
+    inactive = gen.stats.method_stats["decode"]["inactive_tokens"]
+    assert inactive == [256, 256, 192]  # 700 -> 444, 500 -> 244, 300 -> 108 active
+    assert len(contexts) == 12 * 15
+    for layer, positions in contexts:
+        prompt = [p for p in positions if p < len(PROMPT)]
+        assert len(set(positions)) == len(positions) and set(prompt) <= held[layer]  # only entries the layer has
+        assert positions[len(prompt) :] == list(range(len(PROMPT), positions[-1] + 1))  # then every generated one
+        if layer in policy.layers:
+            assert len(prompt) == len(held[layer]) - inactive[[4, 8, 11].index(layer)]
+        else:
+            assert set(prompt) == held[layer]
+    assert gen.stats.host_loads_per_step > 0
+
+
+def test_decode_side_budgets_count_what_each_layer_holds(deep_engine):
+    """A budget covering everything each pruning layer holds after LazyLLM gives exactly `lazyllm+dense`."""
+    lazy = deep_engine.generate(PROMPT, max_new_tokens=16, method="lazyllm+dense")
+    covering = deep_engine.generate(
+        PROMPT, max_new_tokens=16, method=f"lazyllm+sliminfer(budgets={HELD_AFTER_LAZYLLM})"
+    )
+    assert covering.token_ids == lazy.token_ids
+    assert covering.stats.decode_keys_per_layer == lazy.stats.decode_keys_per_layer
+    assert covering.stats.method_stats["decode"]["inactive_tokens"] == [0, 0, 0]
+    # the same budgets leave blocks out after a dense prefill, whose layers hold the whole prompt
+    dense = deep_engine.generate(PROMPT, max_new_tokens=2, method=f"dense+sliminfer(budgets={HELD_AFTER_LAZYLLM})")
+    assert dense.stats.method_stats["decode"]["inactive_tokens"] == [320, 512, 704]
+
+
+@pytest.mark.parametrize("prefill", ["dense", "lazyllm"])
+def test_decode_side_offload_equals_no_offload_bitwise(deep_engine, dense_tokens, prefill):
+    """Teacher-forced along the dense tokens, swapping at every change of the top set."""
+    spec = f"{prefill}+{SIDE}"
+    offloaded = deep_engine.next_token_logits(PROMPT, dense_tokens, method=spec)
+    on_device = deep_engine.next_token_logits(PROMPT, dense_tokens, method=spec.replace("(", "(offload=False, ", 1))
+    assert torch.equal(offloaded, on_device)
+    assert deep_engine.generate(PROMPT, max_new_tokens=8, method=spec).stats.host_loads_per_step > 0
+
+
+def test_decode_side_takes_a_later_turn_and_never_renumbers(deep_engine):
+    session = deep_engine.start(PROMPT, method=f"dense+{SIDE}")
+    session.generate(max_new_tokens=4)
+    turn = random_prompt(40, seed=9)
+    session.extend(turn)
+    second = session.generate(max_new_tokens=8)
+    assert len(second.token_ids) == 8
+    unseen = second.stats.unseen_tokens_per_layer  # the turn sees the active blocks at the pruning layers
+    assert [unseen[layer] for layer in (4, 8, 11)] == [512, 768, 896]
+    assert all(unseen[layer] == 0 for layer in range(12) if layer not in (4, 8, 11))
+    turn_positions = set(range(len(PROMPT) + 3, len(PROMPT) + 3 + len(turn) + 1))  # the last reply token too
+    for kv in session.kv:
+        positions = kv.positions.tolist()
+        assert len(set(positions)) == len(positions) and all(0 <= p < len(session.tokens) for p in positions)
+        assert turn_positions <= set(positions)  # a later turn is never pruned
+
+
+def test_doc_examples_run(capsys):
+    """docs/methods/sliminfer.md's programs (the blocks that import tokensieve) run and print."""
+    doc = Path(__file__).resolve().parents[2] / "docs" / "methods" / "sliminfer.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    programs = [code for code in blocks if "import tokensieve" in code]
+    assert len(programs) >= 2
+    for code in programs:
+        exec(compile(code, str(doc), "exec"), {})
+        assert capsys.readouterr().out

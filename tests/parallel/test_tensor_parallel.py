@@ -83,6 +83,11 @@ def test_sessions_and_batches_under_two_ranks(deep_pair):
         expected.extend(turn)
         got.extend(turn)
     assert got.generate(max_new_tokens=4).token_ids == expected.generate(max_new_tokens=4).token_ids
+    twin = got.fork()  # every rank copies its share of the state
+    assert twin.generate(max_new_tokens=4).token_ids == expected.fork().generate(max_new_tokens=4).token_ids
+    digests = two.executor.digests(twin)
+    assert digests[0] == digests[1]
+    # prompts of 40, 90 and 150 tokens are prefilled in one pass (they fit the scheduler's 2048 tokens)
     prompts = [random_prompt(n, seed=n) for n in (40, 90, 150)]
     batch = two.generate(prompts, max_new_tokens=[5, 9, 3], method=PRUNING["lazyllm"])
     alone = [

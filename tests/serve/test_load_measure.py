@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from tokensieve.serve.load import HEADER, TURNS_HEADER, Load, main, prompts
+from tokensieve.serve.load import HEADER, TURNS_HEADER, Load, main, overhead, prompts
 
 
-def test_load_measurement_prints_a_row_per_run(capsys):
-    main(["--model", "tiny", "--requests", "3", "--concurrency", "1,2", "--max-tokens", "4", "--prompt-tokens", "16"])
-    lines = capsys.readouterr().out.strip().splitlines()
+def test_load_measurement_prints_a_row_per_run_and_the_overhead(capsys):
+    main(["--model", "tiny", "--requests", "3", "--concurrency", "1,2", "--max-tokens", "4", "--prompt-tokens", "16"]
+         + ["--repeats", "2"])  # fmt: skip
+    table, notes = capsys.readouterr().out.strip().split("\n\n")
+    lines = table.splitlines()
     assert "\n".join(lines[:2]) == HEADER
+    assert notes.startswith("server overhead at concurrency 1, dense: ") and "medians of 2 alternating runs" in notes
     rows = [line.split(" | ") for line in lines[2:]]
     assert [(r[0], r[1]) for r in rows] == [
         ("| in-process stream, dense", "1"),
@@ -39,16 +42,27 @@ def test_multi_turn_measurement_computes_less_with_reuse(capsys):
 
 def test_load_measurement_of_a_running_server(live, capsys):
     main(["--model", "tiny", "--url", live.url, "--requests", "2", "--concurrency", "2", "--max-tokens", "3"])
-    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    rows = capsys.readouterr().out.strip().split("\n\n")[0].splitlines()[2:]
     assert [row.split(" | ")[:2] for row in rows] == [["| in-process stream, dense", "1"], ["| server, dense", "2"]]
 
 
 def test_load_timings():
-    load = Load("x", 1, seconds=2.0)
+    load = Load("x", 1, rates=[1.0])
     load.add(sent=0.0, pieces=[0.1, 0.2, 0.4], tokens=4)
     load.add(sent=1.0, pieces=[1.3], tokens=1)  # one token: a TTFT, no TPOT
     assert load.ttft_s == pytest.approx([0.1, 0.3]) and load.tpot_s == pytest.approx([0.1])
     assert load.row().startswith("| x | 1 | 1.00 | ")
+    load.merge(Load("x", 1, rates=[3.0, 4.0], ttft_s=[0.5]))
+    assert load.requests_per_s == 3.0 and len(load.ttft_s) == 3  # the median run; every request's TTFT
+
+
+def test_overhead_compares_medians():
+    local = Load("in-process stream, dense", 1, rates=[10.0, 12.0, 11.0], ttft_s=[0.1, 0.1])
+    served = Load("server, dense", 1, rates=[10.0, 9.0, 10.5], ttft_s=[0.11, 0.11])
+    assert overhead(local, served) == (
+        "server overhead at concurrency 1, dense: +9.1% requests/s lost, TTFT p50 +10.0% "
+        "(medians of 3 alternating runs)"
+    )
 
 
 def test_prompts_are_distinct_and_of_the_asked_length():

@@ -27,6 +27,11 @@ def register(sub) -> None:
     )
     parser.add_argument("--batch", default="1,4", help="batch: comma-separated batch sizes, e.g. 1,4,16")
     parser.add_argument(
+        "--shared-prompt",
+        action="store_true",
+        help="batch: every sequence continues one prefilled prompt (forked sessions): one prefill per contestant",
+    )
+    parser.add_argument(
         "--methods",
         default="all",
         help=f"comma-separated methods or specs like 'omnikv(budget=256)' or 'sliminfer+omnikv', or 'all' "
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
     path, text = modes.run(args, methods, lengths, load_engine)
     print(text)
     written = [path]
-    if args.mode == "e2e" and args.tensor_parallel_size == 1:
+    if args.tensor_parallel_size == 1 and args.mode in ("e2e", "batch"):
         written += _plots(path, accuracy, args.accuracy)
     print("\nwrote " + ", ".join(str(p) for p in written))
 
@@ -94,9 +99,13 @@ def _plots(path: Path, accuracy: dict[str, float] | None, accuracy_file: str | N
 
     from . import plots, runner
 
-    rows = json.loads(path.read_text())["results"]
+    document = json.loads(path.read_text())
+    rows = document["results"]
     written = []
     try:
+        if document["config"]["mode"] == "batch":
+            plots.plot_batch(rows, path.parent / "batch.png")
+            return [path.parent / "batch.png"]
         plots.plot_speedups(rows, path.parent / "speedup.png")
         written.append(path.parent / "speedup.png")
         if accuracy is not None:

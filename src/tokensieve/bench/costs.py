@@ -74,10 +74,16 @@ def decode_bytes(
 ) -> float:
     """Bytes one decode step moves: the weights, the KV of `keys_per_layer[l]` keys at each layer, and
     `host_bytes_loaded` copied in from host memory."""
+    return weight_bytes(spec, dtype) + kv_step_bytes(spec, dtype, keys_per_layer, host_bytes_loaded)
+
+
+def kv_step_bytes(
+    spec: ModelSpec, dtype: torch.dtype, keys_per_layer: Sequence[float], host_bytes_loaded: float = 0.0
+) -> float:
+    """One sequence's share of a decode step's bytes: its KV read and what it copied in from host memory."""
     if len(keys_per_layer) != spec.num_layers:
         raise ValueError(f"keys_per_layer has {len(keys_per_layer)} entries for a {spec.num_layers}-layer model")
-    kv = sum(keys_per_layer) * spec.kv_bytes_per_token(dtype)
-    return float(weight_bytes(spec, dtype) + kv + host_bytes_loaded)
+    return float(sum(keys_per_layer) * spec.kv_bytes_per_token(dtype) + host_bytes_loaded)
 
 
 def dense_decode_keys(stats: Stats) -> float:
@@ -105,6 +111,19 @@ def ideal_decode_speedup(spec: ModelSpec, dtype: torch.dtype, stats: Stats) -> f
         return None
     dense = decode_bytes(spec, dtype, [dense_decode_keys(stats)] * spec.num_layers)
     return dense / decode_bytes(spec, dtype, stats.decode_keys_per_layer, stats.host_bytes_loaded_per_step)
+
+
+def ideal_batch_decode_speedup(
+    spec: ModelSpec, dtype: torch.dtype, dense: Sequence[Stats], method: Sequence[Stats]
+) -> float:
+    """Bytes of one batched dense decode step over the method's: a batched step reads the weights once for
+    every sequence, and each sequence's own KV (and host loads), from each sequence's `Stats`."""
+
+    def step(batch: Sequence[Stats]) -> float:
+        kv = (kv_step_bytes(spec, dtype, s.decode_keys_per_layer, s.host_bytes_loaded_per_step) for s in batch)
+        return weight_bytes(spec, dtype) + sum(kv)
+
+    return step(dense) / step(method)
 
 
 def ideal_e2e_speedup(prefill_s: float, decode_s: float, prefill_speedup: float, decode_speedup: float | None) -> float:

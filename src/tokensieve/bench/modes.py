@@ -99,8 +99,8 @@ def _measure(engine, args: argparse.Namespace, methods: list[str], lengths: list
         from .batch import batch_table, measure_batch
 
         sizes, generated = batch_sizes(args), new_tokens(args)
-        rows = measure_batch(engine, methods, lengths, sizes, generated, args.repeats)
-        return rows, batch_table(rows), {"batch": sizes, "new_tokens": generated}
+        rows = measure_batch(engine, methods, lengths, sizes, generated, args.repeats, args.shared_prompt)
+        return rows, batch_table(rows), {"batch": sizes, "new_tokens": generated, "shared_prompt": args.shared_prompt}
     if args.mode == "decode":
         from .decode import decode_table, measure_decode
 

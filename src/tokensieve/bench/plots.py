@@ -52,6 +52,31 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], accuracy: dict[str, float], pa
     return [name for name, _, _ in points]
 
 
+def plot_batch(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """`--mode batch`: decode tokens/s against batch size, one line per contestant and one panel per context
+    length; a method's ideal (our dense times its byte-model ratio) dotted."""
+    plt = _pyplot()
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False)
+    for ax, length in zip(axes[0], lengths, strict=True):
+        mine = [r for r in rows if r["length"] == length]
+        for i, name in enumerate(dict.fromkeys(r["method"] for r in mine)):
+            line = sorted((r for r in mine if r["method"] == name), key=lambda r: r["batch"])
+            sizes = [r["batch"] for r in line]
+            ax.plot(sizes, [r["tokens_per_s"] for r in line], "o-", color=f"C{i}", label=name)
+            if all(r["ideal_vs_dense"] not in (None, 1.0) for r in line):
+                ideal = [r["tokens_per_s"] / r["vs_dense"] * r["ideal_vs_dense"] for r in line]
+                ax.plot(sizes, ideal, ":", color=f"C{i}", label=f"{name} ideal (bytes)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (sequences)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"context {length} tokens")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _methods(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [name for name in dict.fromkeys(r["method"] for r in rows) if name != TRANSFORMERS]
 

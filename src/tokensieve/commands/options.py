@@ -135,6 +135,11 @@ def format_stats(stats) -> str:
             f"{stats.kv_bytes_host * mb:.2f} MiB" + (" (the same memory: CPU)" if stats.host_is_device else ""),
         ),
         ("revived tokens", stats.revived_tokens),
+        (
+            "host -> device per step",
+            f"{stats.host_loads_per_step:.2f} copies, {stats.host_rows_loaded_per_step:.1f} rows, "
+            f"{stats.host_bytes_loaded_per_step * mb:.3f} MiB",
+        ),
     ]
     rows += [(key, value) for key, value in stats.method_stats.items()]
     width = max(len(str(key)) for key, _ in rows)

@@ -3,7 +3,7 @@ call token by token (`stream`), continuous batching of many (`scheduler`), and t
 
 from .core import Engine
 from .scheduler import Scheduler
-from .session import Session, SessionStats
+from .session import Session, SessionStats, prefill_together
 from .stream import GenerationStream
 
-__all__ = ["Engine", "GenerationStream", "Scheduler", "Session", "SessionStats"]
+__all__ = ["Engine", "GenerationStream", "Scheduler", "Session", "SessionStats", "prefill_together"]

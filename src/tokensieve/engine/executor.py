@@ -1,16 +1,17 @@
 """What runs the layer loop for an engine's sessions: `Executor` runs it here, in this process.
 
-Every forward pass of every session goes through one executor (a prefill a few layers at a time, an
-extension, a batched decode step), under its lock. The tensor-parallel leader (`parallel.leader`) is an
+Every forward pass of every session goes through one executor (a prefill or an extension a few layers at
+a time, a batched decode step), under its lock. The tensor-parallel leader (`parallel.leader`) is an
 executor that first tells the other ranks to run the same step on their share of the heads; nothing above
 the executor knows how many ranks there are.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,14 +49,17 @@ class SequenceState:
 
 
 @dataclass
-class PrefillTask:
-    """A prefill under way: its sequence, the layers still to run, and (once done) logits and record."""
+class PromptTask:
+    """A prompt pass under way: the prefill of one or more first prompts (computed together), or a later
+    turn's extension of one sequence. Its sequences, the layers still to run, each sequence's tokens with
+    KV once it is done, and then each one's logits and record."""
 
-    seq: SequenceLike
+    seqs: list[SequenceLike]
     layers: Iterator[int]
-    tokens: int
+    computed: list[int]
     layers_done: int = 0
-    result: tuple[torch.Tensor, loop.PromptPass] | None = None
+    seconds: float = 0.0  # wall time of the layers run so far (the sessions' TTFT share of it)
+    result: list[tuple[torch.Tensor, loop.PromptPass]] | None = None
 
 
 class Executor:
@@ -72,11 +76,22 @@ class Executor:
         """A new sequence's policy and empty KV."""
         return SequenceState.new(self.model, method, prompt_len, next(self._keys))
 
-    def start_prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> PrefillTask:
-        """A prefill of `seq` that runs when `advance` is called, a few layers at a time (nothing runs yet)."""
-        return PrefillTask(seq, loop.prefill(self.model, seq.policy, seq.kv, ids, chunk), len(ids))
+    def fork(self, seq: SequenceLike) -> SequenceState:
+        """A new sequence whose policy state and KV are copies of `seq`'s (nothing recomputed)."""
+        return SequenceState(next(self._keys), *copy_state(seq.policy, seq.kv))
 
-    def advance(self, task: PrefillTask, layers: int) -> bool:
+    def start_prefill(self, seqs: list[SequenceLike], ids: list[list[int]], chunk: int | None) -> PromptTask:
+        """The prefill of sequences `seqs` (prompts `ids`, one pass for all) that runs when `advance` is
+        called, a few layers at a time (nothing runs yet)."""
+        batch = [loop.PrefillRequest(seq.policy, seq.kv, prompt) for seq, prompt in zip(seqs, ids, strict=True)]
+        return PromptTask(list(seqs), loop.prefill(self.model, batch, chunk), [len(prompt) for prompt in ids])
+
+    def start_extend(self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None) -> PromptTask:
+        """Tokens `ids` at positions `start...` appended to `seq`'s cache, run by `advance` like a prefill."""
+        layers = _listed(loop.extend(self.model, seq.policy, seq.kv, ids, start, chunk))
+        return PromptTask([seq], layers, [start + len(ids)])
+
+    def advance(self, task: PromptTask, layers: int) -> bool:
         """Run up to `layers` more layers of `task`; True once every layer ran (then `task.result` is set)."""
         total = self.model.spec.num_layers
         with self.lock, using(self.group), torch.inference_mode():
@@ -85,16 +100,9 @@ class Executor:
                 task.layers_done += 1
             if task.layers_done == total and task.result is None:
                 task.result = _returned(task.layers)
-                trim_windows(self.model, task.seq.policy, task.seq.kv, task.tokens)
+                for seq, computed in zip(task.seqs, task.computed, strict=True):
+                    trim_windows(self.model, seq.policy, seq.kv, computed)
         return task.result is not None
-
-    def extend(
-        self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None
-    ) -> tuple[torch.Tensor, loop.PromptPass]:
-        with self.lock, using(self.group), torch.inference_mode():
-            result = loop.extend(self.model, seq.policy, seq.kv, ids, start, chunk)
-            trim_windows(self.model, seq.policy, seq.kv, start + len(ids))
-        return result
 
     def decode(self, batch: list[loop.DecodeRequest]) -> torch.Tensor:
         """One decode step of every request; logits `[len(batch), vocab]`."""
@@ -108,6 +116,13 @@ class Executor:
         """Release what the executor holds beyond the sessions (nothing here; the other ranks for a leader)."""
 
 
+def copy_state(policy: Policy, kv: list[LayerKV]) -> tuple[Policy, list[LayerKV]]:
+    """Deep copies of a sequence's policy (its selections, host stores, aux caches) and KV; what the copy
+    shares with the original is only what no sequence owns: the model's spec and the device's transfers."""
+    shared = {id(policy.run.spec): policy.run.spec, id(policy.run.transfers): policy.run.transfers}
+    return copy.deepcopy((policy, kv), shared)
+
+
 def trim_windows(model: DecoderModel, policy: Policy, kv: list[LayerKV], computed: int) -> None:
     """Free a windowed layer's KV that no later query can see (under policies that allow it), once the
     excess is an eighth of the window, so the copy is amortised over many steps. `computed`: tokens with KV."""
@@ -118,10 +133,15 @@ def trim_windows(model: DecoderModel, policy: Policy, kv: list[LayerKV], compute
             kv[layer].drop_older_than(computed - window + 1)
 
 
+def _listed(generator: Generator[int, None, tuple]) -> Generator[int, None, list[tuple]]:
+    """A one-sequence pass's generator whose result is a list of one, as a joint prefill's is."""
+    return [(yield from generator)]
+
+
 def _returned(generator: Iterator):
     """The value a generator returns at its end (it has nothing left to yield)."""
     try:
         next(generator)
     except StopIteration as done:
         return done.value
-    raise RuntimeError("the prefill yielded more layers than the model has")
+    raise RuntimeError("the prompt pass yielded more layers than the model has")

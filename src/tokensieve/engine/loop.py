@@ -5,8 +5,8 @@ Plain functions over a session's state (the model, the policy, the per-layer KV)
 - `prefill`: the first prompt, a layer at a time. At each layer its rows go through q/k/v, attention and
   the MLP in chunks of at most `chunk` rows, so peak activation memory stays flat as the prompt grows; the policy's keep
   decisions are taken after the layer has seen every row, so chunking never changes a decision.
-- `extend`: a later turn over a retained cache. Its rows attend to what the policy exposes of each
-  layer's cache (`Policy.extend_context`) and to each other; nothing of the turn is pruned.
+- `extend`: a later turn over a retained cache, a layer at a time too. Its rows attend to what the policy
+  exposes of each layer's cache (`Policy.extend_context`) and to each other; nothing of the turn is pruned.
 - `decode_batch`: one new token of each sequence through every layer, each policy choosing its rows and
   context per layer.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -83,52 +84,74 @@ class DecodeCounts:
         return [entries - n for entries, n in zip(self.entries_per_layer, hidden, strict=True)]
 
 
+@dataclass
+class PrefillRequest:
+    """One sequence's part of a prefill: its policy and KV, and its first prompt's ids."""
+
+    policy: Policy
+    kv: list[LayerKV]
+    ids: list[int]
+
+
 def prefill(
-    model: DecoderModel, policy: Policy, kv: list[LayerKV], ids: list[int], chunk: int | None
-) -> Generator[int, None, tuple[torch.Tensor, PromptPass]]:
-    """The first prompt `ids` (positions 0..n-1) through every layer, one layer per `next()` (it yields the
-    layer just done), so that a scheduler can run other sequences' decode steps between layers; returns
-    the last position's logits and what was computed (the tokens entering each layer). Running the layers
-    at any pace changes no decision: a layer's decisions depend only on this sequence's rows."""
-    rows = _embed(model, ids, 0)
-    record = PromptPass(len(ids))
+    model: DecoderModel, batch: list[PrefillRequest], chunk: int | None
+) -> Generator[int, None, list[tuple[torch.Tensor, PromptPass]]]:
+    """First prompts (positions 0..n-1) through every layer, one layer per `next()` (it yields the layer
+    just done), so that a scheduler can run other sequences' decode steps between layers; returns each
+    prompt's last logits and what was computed (the tokens entering each layer).
+
+    Several prompts go through the projections and the MLP together (one matmul per weight: what pays for
+    short prompts), attention and every policy decision per sequence. Running the layers at any pace, or
+    with other prompts beside, changes no decision: a layer's decisions depend only on its own sequence's
+    rows."""
+    rows = [_embed(model, seq.ids, 0) for seq in batch]
+    records = [PromptPass(len(seq.ids)) for seq in batch]
     for layer in range(model.spec.num_layers):
-        record.tokens_per_layer.append(len(rows))
-        cache = kv[layer]
-        q, k = _write_kv(model, layer, rows, cache, chunk)
-        if chunk is None or len(rows) <= chunk:
-            attn = model.causal_attention(layer, q, k, cache.values[:, -len(rows) :], rows.pos)
-            rows = rows.with_h(model.attention_output(layer, rows.h, attn))
-        else:
-            rows = _attend_in_chunks(model, layer, rows, q, Context.of(cache), chunk)
-        step = LayerStep(layer, rows, q, k, cache)
-        policy.prefill_observe(step)
-        step = step.select(policy.prefill_keep_after_attention(step))
-        record.mlp_tokens_per_layer.append(len(step.rows))
-        step = step.with_rows(step.rows.with_h(_mlp(model, layer, step.rows.h, chunk)))
-        step = step.select(policy.prefill_keep_after_layer(step))
-        policy.prefill_layer_done(step)
-        rows = step.rows
+        steps = []
+        written = _write_kv(model, layer, rows, [seq.kv[layer] for seq in batch], chunk)
+        for seq, part, (q, k), record in zip(batch, rows, written, records, strict=True):
+            record.tokens_per_layer.append(len(part))
+            cache = seq.kv[layer]
+            if chunk is None or len(part) <= chunk:
+                attn = model.causal_attention(layer, q, k, cache.values[:, -len(part) :], part.pos)
+                part = part.with_h(model.attention_output(layer, part.h, attn))
+            else:
+                part = _attend_in_chunks(model, layer, part, q, Context.of(cache), chunk, own=True)
+            step = LayerStep(layer, part, q, k, cache)
+            seq.policy.prefill_observe(step)
+            step = step.select(seq.policy.prefill_keep_after_attention(step))
+            record.mlp_tokens_per_layer.append(len(step.rows))
+            steps.append(step)
+        h = _mlp(model, layer, _cat([step.rows.h for step in steps]), chunk)
+        rows, start = [], 0
+        for seq, step in zip(batch, steps, strict=True):
+            step = step.with_rows(step.rows.with_h(h[start : start + len(step.rows)]))
+            start += len(step.rows)
+            step = step.select(seq.policy.prefill_keep_after_layer(step))
+            seq.policy.prefill_layer_done(step)
+            rows.append(step.rows)
         yield layer
-    return model.logits(rows.h[-1]), record
+    return [(model.logits(part.h[-1]), record) for part, record in zip(rows, records, strict=True)]
 
 
 def extend(
     model: DecoderModel, policy: Policy, kv: list[LayerKV], ids: list[int], start: int, chunk: int | None
-) -> tuple[torch.Tensor, PromptPass]:
-    """Tokens `ids` at positions `start...` appended to a retained cache; returns the last one's logits."""
+) -> Generator[int, None, tuple[torch.Tensor, PromptPass]]:
+    """Tokens `ids` at positions `start...` appended to a retained cache, one layer per `next()` as in
+    `prefill`; returns the last one's logits. A turn's rows depend on nothing but this sequence's cache."""
     rows = _embed(model, ids, start)
     record = PromptPass(len(ids))
     for layer in range(model.spec.num_layers):
         record.tokens_per_layer.append(len(rows))
         cache = kv[layer]
-        q, k = _write_kv(model, layer, rows, cache, chunk)
+        [(q, k)] = _write_kv(model, layer, [rows], [cache], chunk)
         context = policy.extend_context(LayerStep(layer, rows, q, k, cache))
         record.unseen_per_layer.append(start - (len(context) - len(rows)))
         rows = _attend_in_chunks(model, layer, rows, q, context, chunk or len(rows))
         record.mlp_tokens_per_layer.append(len(rows))
         rows = rows.with_h(_mlp(model, layer, rows.h, chunk))
         policy.extend_layer_done(LayerStep(layer, rows, q, k, cache))
+        yield layer
     return model.logits(rows.h[-1]), record
 
 
@@ -192,31 +215,48 @@ def _embed(model: DecoderModel, ids: list[int], start: int) -> Rows:
 
 
 def _write_kv(
-    model: DecoderModel, layer: int, rows: Rows, cache: LayerKV, chunk: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries of every row, and the rows' keys, with their keys and values appended to `cache`.
+    model: DecoderModel, layer: int, rows: list[Rows], caches: list[LayerKV], chunk: int | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each sequence's queries and keys at `layer`, with its keys and values appended to its cache.
 
-    The queries `[heads, n, d]` and keys `[kv_heads, n, d]` are what the policy scores with.
+    The rows of every sequence go through the projections together, `chunk` rows at a time (so a long
+    prompt's activations stay bounded); the queries `[heads, n, d]` and keys `[kv_heads, n, d]` are what
+    the policy scores with. `caches`: each sequence's KV at this layer.
     """
-    step = chunk or len(rows)
-    queries = []
-    for begin in range(0, len(rows), step):
-        part = slice(begin, begin + step)
-        q, k, v = model.qkv(layer, rows.h[part], rows.pos[part])
-        cache.append(k, v, rows.pos[part])
-        queries.append(q)
-    q = queries[0] if len(queries) == 1 else torch.cat(queries, 1)
-    return q, cache.keys[:, -len(rows) :]
+    h, pos = _cat([part.h for part in rows]), _cat([part.pos for part in rows])
+    bounds = [0, *accumulate(len(part) for part in rows)]
+    queries: list[list[torch.Tensor]] = [[] for _ in rows]
+    step = chunk or len(h)
+    for begin in range(0, len(h), step):
+        end = min(begin + step, len(h))
+        q, k, v = model.qkv(layer, h[begin:end], pos[begin:end])
+        for i, cache in enumerate(caches):  # the part of this chunk that is sequence i's
+            first, last = max(begin, bounds[i]), min(end, bounds[i + 1])
+            if first < last:
+                mine = slice(first - begin, last - begin)
+                cache.append(k[:, mine], v[:, mine], pos[first:last])
+                queries[i].append(q[:, mine])
+    return [
+        (_cat(parts, dim=1), cache.keys[:, -len(part) :])
+        for parts, cache, part in zip(queries, caches, rows, strict=True)
+    ]
 
 
 def _attend_in_chunks(
-    model: DecoderModel, layer: int, rows: Rows, q: torch.Tensor, context: Context, chunk: int
+    model: DecoderModel, layer: int, rows: Rows, q: torch.Tensor, context: Context, chunk: int, own: bool = False
 ) -> Rows:
-    """Each chunk of rows attends to `context` (masked by position) and adds its output projection."""
+    """Each chunk of rows attends to `context` (masked by position) and adds its output projection.
+
+    `own`: the context is the rows' own keys, in row order (a first prompt), so a chunk sees only the keys
+    up to its last row: the later ones are all masked, and scoring them would double the attention work.
+    """
     outputs = []
     for begin in range(0, len(rows), chunk):
         part = slice(begin, begin + chunk)
-        attn = model.attend(layer, q[:, part], rows.pos[part], context.k, context.v, context.pos, context.hidden)
+        keys = slice(0, begin + chunk) if own else slice(None)
+        k, v, k_pos = context.k[:, keys], context.v[:, keys], context.pos[keys]
+        hidden = None if context.hidden is None else context.hidden[keys]
+        attn = model.attend(layer, q[:, part], rows.pos[part], k, v, k_pos, hidden)
         outputs.append(model.attention_output(layer, rows.h[part], attn))
     return rows.with_h(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..generation import Generation
+from .session import prefill_together
 from .stream import GenerationStream
 
 PREFILL_TOKENS = 2048  # prefill work between two decode steps: about this many prompt tokens through every layer
@@ -43,10 +44,12 @@ class Request:
 
 @dataclass
 class BatchStats:
-    """Batch-level figures: the batch size of each decode step and the tokens it produced per second."""
+    """Batch-level figures: the batch size of each decode step and the tokens it produced per second, and
+    how many first prompts each prefill pass computed together."""
 
     batch_sizes: list[int] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
+    prefill_batch_sizes: list[int] = field(default_factory=list)  # first prompts prefilled in each joint pass
 
     @property
     def tokens_per_s(self) -> float:
@@ -106,9 +109,10 @@ class Scheduler:
         return request.index
 
     def add(self, session, **generate) -> int:
-        """Generate on a session its caller opened (e.g. a server's retained conversation, or a fresh one
-        started with `defer_prefill=True`, whose prefill then runs between decode steps) from the next step,
-        outside the admission queue; `generate`: `session.stream`'s settings. Returns its index."""
+        """Generate on a session its caller opened from the next step, outside the admission queue; a session
+        whose prompt pass was deferred (`engine.start(..., defer_prefill=True)`, `session.extend(..., defer=True)`:
+        a fresh request, a server's retained conversation) has it run between decode steps first.
+        `generate`: `session.stream`'s settings. Returns its index."""
         session.check_settings(**generate)  # bad settings fail here, not in a later step
         request = Request(self._next, list(session.tokens), {}, generate, 0, session, owned=False)
         self._next += 1
@@ -167,16 +171,39 @@ class Scheduler:
             self.prefilling[request.index] = request
 
     def _advance_prefill(self) -> None:
-        """The oldest prefill by a quantum of layers (all of them when nothing decodes); done, it runs."""
+        """The oldest prefill by a quantum of layers (all of them when nothing decodes); done, it runs.
+
+        A first prompt not yet started takes the other waiting ones beside it into one pass while their
+        tokens fit `prefill_tokens` (short prompts share the weights' reads; a long one runs alone, so it
+        delays no short one's first token)."""
         if not self.prefilling:
             return
-        index, request = next(iter(self.prefilling.items()))
+        oldest = next(iter(self.prefilling.values())).session
+        if not oldest.prefill_started:
+            group = self._prefill_group(oldest)
+            prefill_together(group)
+            self.stats.prefill_batch_sizes.append(len(group))
         layers = self.engine.model.spec.num_layers
-        quantum = max(1, self.prefill_tokens * layers // len(request.ids)) if self.running else layers
-        if request.session.advance_prefill(quantum):
-            del self.prefilling[index]
-            request.stream = request.session.stream(**request.generate, close_session=request.owned)
-            self.running[index] = request
+        quantum = max(1, self.prefill_tokens * layers // oldest.pending_tokens) if self.running else layers
+        oldest.advance_prefill(quantum)
+        for index, request in list(self.prefilling.items()):
+            session = request.session  # done, or done beside the oldest (then collected here)
+            if not session.prefilling or (session.prefill_started and session.advance_prefill(0)):
+                del self.prefilling[index]
+                request.stream = request.session.stream(**request.generate, close_session=request.owned)
+                self.running[index] = request
+
+    def _prefill_group(self, oldest) -> list:
+        """`oldest`, and after it the waiting first prompts that fit beside it in `prefill_tokens` tokens."""
+        group, tokens = [oldest], oldest.pending_tokens
+        for request in self.prefilling.values():
+            session = request.session
+            if session is oldest or session.prefill_started or session.chunk != oldest.chunk:
+                continue
+            if tokens + session.pending_tokens <= self.prefill_tokens:
+                group.append(session)
+                tokens += session.pending_tokens
+        return group
 
     def _places_taken(self) -> int:
         return len(self.running) + len(self.prefilling)

@@ -8,6 +8,7 @@ first decode step).
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from ..generation import Generation, Sampling, Stats
 from ..methods import Method
 from ..model import DecoderModel
 from . import loop
-from .executor import Executor, PrefillTask
+from .executor import Executor, PromptTask
 from .stream import GenerationStream
 
 
@@ -76,9 +77,9 @@ class Session:
         self._prompt_pass: loop.PromptPass | None = None  # computed, not yet reported by a generation
         self._active: GenerationStream | None = None  # the unfinished stream of this session, if any
         self._active_thread: int | None = None
-        self._prefill: PrefillTask | None = None  # a deferred prefill under way (`advance_prefill`)
-        self._prefill_seconds = 0.0
-        self._prefill = engine.executor.start_prefill(self, ids, chunk)
+        self._prefill: PromptTask | None = None  # a prompt pass under way (`advance_prefill`) ...
+        self._slot = 0  # ... and this session's place among its sequences
+        self._unstarted: list[int] | None = list(ids)  # a first prompt whose pass is not set up yet
         if not defer_prefill:
             self.advance_prefill(engine.model.spec.num_layers)
 
@@ -133,41 +134,61 @@ class Session:
         self.engine.check_lengths(len(self.tokens), max_new_tokens)
         return sampling, stops
 
-    def extend(self, more: str | Sequence[int], *, chat: bool = False) -> None:
+    def extend(self, more: str | Sequence[int], *, chat: bool = False, defer: bool = False) -> None:
         """Append a turn (text or token ids); only tokens without KV are computed, the earlier ones are reused.
 
         With `chat=True` the text is a user message: the conversation is rendered with the chat template and
         the part after the session's tokens is appended (the session must have been started with `chat=True`).
+        With `defer=True` the turn's pass waits for `advance_prefill`, as a deferred prefill does (a scheduler
+        then runs it between other sequences' decode steps).
         """
         self._claim()
         new = self._turn_ids(more, chat)
         self.engine.check_lengths(len(self.tokens) + len(new), 1)
         ids = self.tokens[self.computed :] + new
-        start = self.computed
+        task = self.engine.executor.start_extend(self, ids, self.computed, self.chunk)
         self.tokens.extend(new)
-        began = time.perf_counter()
-        logits, record = self.engine.executor.extend(self, ids, start, self.chunk)
-        self._synchronize()
-        record.seconds = time.perf_counter() - began
-        self._prompt_done(logits, record, len(ids))
+        self._begin(task, defer)
 
     def advance_prefill(self, layers: int) -> bool:
-        """Run up to `layers` more layers of a prefill deferred by `Engine.start(..., defer_prefill=True)`;
-        True once it is done (then the session is ready to generate). A scheduler calls this between decode
-        steps, so that a long prompt does not stall the sequences already decoding."""
+        """Run up to `layers` more layers of a prompt pass deferred by `Engine.start(..., defer_prefill=True)`
+        or `extend(..., defer=True)`; True once it is done (then the session is ready to generate). A
+        scheduler calls this between decode steps, so that a long prompt does not stall the sequences
+        already decoding. A pass shared with other sessions (`prefill_together`) advances for all of them."""
         self._check_open()
+        if self._unstarted is not None:
+            prefill_together([self])
         if self._prefill is None:
             return True
-        start = time.perf_counter()
-        done = self.engine.executor.advance(self._prefill, layers)
-        self._synchronize()
-        self._prefill_seconds += time.perf_counter() - start
-        if done:
-            (logits, record), tokens = self._prefill.result, self._prefill.tokens
-            self._prefill = None
-            record.seconds = self._prefill_seconds
-            self._prompt_done(logits, record, tokens)
-        return done
+        task = self._prefill
+        if task.result is None and layers > 0:
+            start = time.perf_counter()
+            self.engine.executor.advance(task, layers)
+            self._synchronize()
+            task.seconds += time.perf_counter() - start
+        if task.result is None:
+            return False
+        (logits, record), tokens = task.result[self._slot], task.computed[self._slot] - self.computed
+        self._prefill = None
+        record.seconds = task.seconds
+        self._prompt_done(logits, record, tokens)
+        return True
+
+    def fork(self) -> Session:
+        """A second session with this one's whole state: the same tokens, KV and method decisions so far,
+        copied, not recomputed. Each then goes its own way: several answers to one prompt, or many
+        continuations of one long context prefilled once."""
+        self._check_open()
+        if self.prefilling or self._active is not None:
+            raise RuntimeError("fork a session between calls: its prompt pass or a generation is under way")
+        state = self.engine.executor.fork(self)
+        twin = copy.copy(self)  # the settings; every piece of per-sequence state is replaced below
+        twin.key, twin.policy, twin.kv = state.key, state.policy, state.kv
+        twin.tokens, twin.calls = list(self.tokens), list(self.calls)
+        twin.messages = copy.deepcopy(self.messages)
+        twin._prompt_pass = copy.deepcopy(self._prompt_pass)
+        twin._logits = None if self._logits is None else self._logits.clone()
+        return twin
 
     def park(self) -> None:
         """Move this session's KV to host memory (its policy's small state stays); the next call brings it
@@ -178,8 +199,24 @@ class Session:
 
     @property
     def prefilling(self) -> bool:
-        """A deferred prefill is still under way."""
+        """A deferred prompt pass (a prefill or an extension) is still under way."""
+        return self._prefill is not None or self._unstarted is not None
+
+    @property
+    def prefill_started(self) -> bool:
+        """A deferred prompt pass has run some of its layers (or been set up with others: `prefill_together`)."""
         return self._prefill is not None
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens the prompt pass under way computes, those of the prompts prefilled beside this one's
+        included (0 when none is under way)."""
+        if self._unstarted is not None:
+            return len(self._unstarted)
+        if self._prefill is None:
+            return 0
+        task = self._prefill
+        return sum(task.computed) - sum(seq.computed for seq in task.seqs)
 
     @property
     def stats(self) -> SessionStats:
@@ -191,10 +228,12 @@ class Session:
         )
 
     def close(self) -> None:
-        """Free the session's KV and policy state now; later calls are an error."""
+        """Free the session's KV and policy state now; later calls are an error. (A prefill shared with other
+        sessions still computes this one's rows to its end, then lets them go.)"""
         self.kv = None
         self.policy = None
         self._logits = None
+        self._prefill = self._unstarted = None
 
     @property
     def closed(self) -> bool:
@@ -252,6 +291,12 @@ class Session:
         self._active = None
 
     # -- helpers ---------------------------------------------------------------------------------------
+    def _begin(self, task: PromptTask, defer: bool) -> None:
+        """Take `task` (this session's alone) as its prompt pass; run it now unless deferred."""
+        self._prefill, self._slot = task, 0
+        if not defer:
+            self.advance_prefill(self.engine.model.spec.num_layers)
+
     def _kv_bytes(self, on_device: bool) -> int:
         """Bytes of the KV on the model's device, or elsewhere (parked in host memory)."""
         device = self.engine.model.device
@@ -288,8 +333,11 @@ class Session:
     def _claim(self) -> None:
         """A new call cancels this thread's unfinished stream of the session; another thread's is an error."""
         self._check_open()
-        if self._prefill is not None:
-            raise RuntimeError("this session's prefill is still under way: finish it with advance_prefill first")
+        if self.prefilling:
+            raise RuntimeError(
+                "this session's prefill is still under way (a deferred prompt or turn): "
+                "finish it with advance_prefill first"
+            )
         for layer in self.kv:  # a parked session's KV comes back to the device
             layer.move_to(self.engine.model.device)
         active = self._active
@@ -305,3 +353,20 @@ class Session:
     def _check_open(self) -> None:
         if self.kv is None:
             raise RuntimeError("this session is closed: start a new one with engine.start(...)")
+
+
+def prefill_together(sessions: Sequence[Session]) -> None:
+    """Set up one prefill for the deferred first prompts of `sessions` (none started yet, all with the same
+    `prefill_chunk`): their rows go through the projections and the MLP together, attention and the
+    policies' decisions per session, so each gets exactly what it gets alone. Each session then advances
+    the shared pass with `advance_prefill` (what one runs, all have run)."""
+    if not sessions:
+        return
+    if any(session._unstarted is None for session in sessions):
+        raise ValueError("prefill_together takes sessions whose deferred prefill has not started")
+    if len({session.chunk for session in sessions}) > 1:
+        raise ValueError("sessions prefilled together need the same prefill_chunk")
+    prompts = [session._unstarted for session in sessions]
+    task = sessions[0].engine.executor.start_prefill(list(sessions), prompts, sessions[0].chunk)
+    for slot, session in enumerate(sessions):
+        session._prefill, session._slot, session._unstarted = task, slot, None

@@ -56,7 +56,7 @@ class GenerationStream(Iterator[str]):
         self.new_ids: list[int] = []
         self.step_times: list[float] = []
         self.counts = DecodeCounts.zeros(session.engine.model.spec.num_layers)
-        self.bytes_loaded_before = session.policy.run.transfers.bytes_loaded
+        self.loaded_before = session.policy.run.transfers.loaded
         self.context_tokens = len(session.tokens)
         self.prompt_pass = session.take_prompt_pass()
         self.ttft_s = 0.0
@@ -132,8 +132,10 @@ class GenerationStream(Iterator[str]):
         stats.decode_keys_per_layer = [n / steps for n in counts.keys_per_layer]
         stats.decode_rows_per_layer = [n / steps for n in counts.rows_per_layer]
         stats.revived_tokens = sum(counts.rows_per_layer) - counts.steps * len(counts.rows_per_layer)
-        loaded = session.policy.run.transfers.bytes_loaded - self.bytes_loaded_before
-        stats.host_bytes_loaded_per_step = loaded / steps
+        loaded = session.policy.run.transfers.loaded - self.loaded_before  # counted where the copies happen
+        stats.host_bytes_loaded_per_step = loaded.bytes / steps
+        stats.host_loads_per_step = loaded.loads / steps
+        stats.host_rows_loaded_per_step = loaded.rows / steps
         session.fill_memory_stats(stats)
         self.generation = Generation(self.text.text, self.new_ids, stats, reason)
         session.call_done(self.generation)

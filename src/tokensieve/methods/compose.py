@@ -2,9 +2,9 @@
 
 `Compose(prefill=SlimInfer(...), decode=OmniKV(...))`, or the spec `"sliminfer+omnikv"`. Prefill side:
 dense, SlimInfer (block pruning of hidden states), LazyLLM (its prefill, as static pruning), SnapKV (its
-eviction after prefill). Decode side: dense, OmniKV, StreamingLLM, H2O, LazyLLM (its dynamic reselection,
-without revival). Each method says which side it can take (`Method.as_prefill_side` / `as_decode_side`)
-and why not, so a pair that cannot mean anything is a clear error.
+eviction after prefill). Decode side: dense, OmniKV, StreamingLLM, H2O, SlimInfer's block manager, LazyLLM's
+dynamic reselection (without revival). Each method says which side it can take (`Method.as_prefill_side` /
+`as_decode_side`) and why not, so a pair that cannot mean anything is a clear error.
 
 How the two sides share a layer: both observe the layer (`prefill_observe`) before any decision, so the
 decode side sees every row that entered it; the prefill side decides which rows continue; then each side's

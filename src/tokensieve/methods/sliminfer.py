@@ -16,18 +16,42 @@ host store, and in decode an *active* block set is re-chosen at every step with 
 swapping blocks in and out of the device only when the new top set overlaps the active set by less than
 `gamma`.
 
+Two halves on one observation. At each pruning layer `prefill_observe` cuts the entries the layer holds
+into blocks, scores them and picks the active set (`LayerBlocks`); the prefill pruning (`prune_prefill`)
+keeps those blocks' rows, and the decode block manager (`kv_manager`, one `PrunedLayer` per pruning layer)
+starts from the same set when the layer's prompt KV is complete (`prefill_layer_done`). Standalone
+SlimInfer runs both halves; `as_prefill_side` keeps only the pruning, `as_decode_side` only the manager:
+after another method's prefill (`"dense+sliminfer"`, `"lazyllm+sliminfer"`, `"sliminfer+sliminfer"`) it
+prunes no hidden states, and at each pruning layer of its schedule keeps the active set of the entries that
+layer holds on the device, offloads the rest to the host store and rescores and swaps in decode exactly as
+standalone SlimInfer does. SnapKV's per-head prefill cannot be followed (`needs_shared_kv`): a block is a
+run of entries every KV head holds alike.
+
 Our choices where the paper leaves details open:
-- Blocks are cut on original positions (block = position // block_size). Pruning keeps whole blocks, so
-  at a later pruning layer the rows present are whole blocks plus the last one, and are scored again.
+- Blocks are cut on the entries a layer holds, in position order (prefill appends them sorted): block b is
+  held entries b * block_size ... (b + 1) * block_size - 1, and the last 1 ... block_size entries are the
+  last block. When a layer holds the whole prompt (standalone, or after a dense prefill) that is exactly
+  block = position // block_size; SlimInfer's own pruning keeps whole blocks, so a later pruning layer holds
+  whole position blocks plus the last one and cuts them again the same way. After LazyLLM's prefill a layer
+  holds a sorted subset of positions, and a block is block_size consecutive held entries (it may span more
+  positions): uniform blocks keep one row shape in the host store and one slot size on the device, with no
+  padding or masks. Each entry keeps its original position; nothing is renumbered.
+- The query window is the prompt rows present at the layer whose positions are among the last
+  `query_window`; the last prompt token is always among them (after LazyLLM's prefill it may be alone).
 - The first and last blocks count within the budget; the budget buys whole blocks (a budget below two
-  blocks still keeps those two).
+  blocks still keeps those two). A layer holding no more than its budget keeps everything (no manager).
 - The last block is always kept, so it is never scored and never leaves the device.
 - Decode rescoring uses the new token's query at the pruning layer. The swap it decides is a prefetch for
   the next step: the copies start at once (side stream on CUDA) and the entering blocks are installed just
   before that layer's attention in the next step, so the copy overlaps the rest of this step (the MLP, the
   later layers). The current step attends to the active set chosen before it.
 - The host store keeps a copy of every scored block of a pruning layer: prompt KV never changes, so a
-  block leaving the device needs no copy back, only its device slot is reused.
+  block leaving the device needs no copy back, only its device slot is reused. The copies (loads, blocks,
+  bytes) are counted by the session's `Transfers`, where they happen, and reported as `Stats` fields.
+- `sliminfer+sliminfer` is allowed: where both sides prune at a layer, the decode side sees every row that
+  entered it (both observe before any decision) and, with equal settings, chooses the prefill side's
+  blocks, so it equals standalone SlimInfer (a test); with other settings it manages what the prefill
+  side left.
 """
 
 from __future__ import annotations
@@ -41,7 +65,7 @@ from ..attention import grouped_logits
 from ..cache import LayerKV
 from ..collectives import heads_mean
 from ..model import ModelSpec
-from ..offload import HostRows, Pending
+from ..offload import HostRows, Pending, Transfers
 from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 
 PAPER_LAYERS = (10, 20, 30)  # Llama-3.1-8B's pruning layers ...
@@ -71,6 +95,11 @@ def block_rows(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     return (blocks[:, None] * block_size + torch.arange(block_size, device=blocks.device)).flatten()
 
 
+def last_block_len(entries: int, block_size: int) -> int:
+    """Entries of the last block when `entries` (>= 1) are cut into blocks from the first: 1 ... block_size."""
+    return entries - (entries - 1) // block_size * block_size
+
+
 def blocks_kept(blocks: int, tail: int, budget: int | None, block_size: int) -> int:
     """Whole blocks (sink included, last block excluded) that fit `budget` beside the last block's `tail` tokens."""
     if budget is None or blocks * block_size + tail <= budget:
@@ -78,13 +107,17 @@ def blocks_kept(blocks: int, tail: int, budget: int | None, block_size: int) -> 
     return min(blocks, 1 + max(0, (budget - tail - block_size) // block_size))
 
 
-class Decision(NamedTuple):
-    """One decode rescoring at a pruning layer: the overlap of the new top set with the active set."""
+class LayerBlocks(NamedTuple):
+    """A pruning layer's prompt entries cut into blocks, and the active set, as observed in prefill."""
 
-    step: int
-    layer: int
-    overlap: float
-    blocks_in: int  # blocks swapped in (0 when overlap >= gamma)
+    units: torch.Tensor  # [kv_heads, blocks, units per block, d], fp32: unit keys of the whole blocks
+    positions: torch.Tensor  # [blocks, block_size]: their entries' original positions
+    active: torch.Tensor  # [kept blocks], sorted: the sink and the best-scoring blocks within the budget
+
+    @property
+    def entries(self) -> int:
+        """Entries in the whole blocks; the last block (and, in decode, anything newer) follows them."""
+        return self.positions.numel()
 
 
 @dataclass
@@ -92,11 +125,12 @@ class SlimInfer(Method):
     """SlimInfer's settings; the defaults are the paper's for Llama-3.1-8B."""
 
     name: ClassVar[str] = "sliminfer"
+    needs_shared_kv: ClassVar[bool] = True  # a block is a run of entries that every KV head holds alike
 
     prune_layers: tuple[int, ...] | None = None
     """Layers after whose attention blocks are pruned; None = 10, 20, 30 of 32 scaled to the model's depth."""
     budgets: tuple[int | float, ...] = (8192, 4096, 2048)
-    """Tokens kept at each pruning layer: counts, or fractions of the prompt in (0, 1]."""
+    """Tokens kept at each pruning layer (of those it holds): counts, or fractions of the prompt in (0, 1]."""
     block_size: int = 64
     """Tokens per block, the unit of pruning and of swapping."""
     unit_size: int = 8
@@ -107,6 +141,9 @@ class SlimInfer(Method):
     """Decode swaps blocks only when the new top set overlaps the active set by less than this."""
     offload: bool = True
     """Keep a pruning layer's inactive blocks in host memory (False: all on the device, compute savings only)."""
+    prune_prefill: bool = True
+    """Drop the hidden states of the blocks left out in prefill (the paper). False: prefill computes every row
+    that enters a layer and only the block manager acts; this is SlimInfer on the decode side of a composition."""
     kv_manager: bool = True
     """Swap blocks in decode (the paper). False: prune in prefill only, and decode attends to every key the
     layers hold; this is SlimInfer on the prefill side of a composition (`Compose`)."""
@@ -134,15 +171,15 @@ class SlimInfer(Method):
                 raise ValueError(f"prune_layers must be distinct layer indices >= 0 in order, got {self.prune_layers}")
         elif len(self.budgets) != len(PAPER_LAYERS):
             raise ValueError(f"{len(self.budgets)} budgets need prune_layers (the default layers take 3 budgets)")
+        if not (self.prune_prefill or self.kv_manager):
+            raise ValueError("prune_prefill=False and kv_manager=False leave SlimInfer nothing to do: use dense")
 
     def as_prefill_side(self) -> SlimInfer:
         return replace(self, kv_manager=False, offload=False)
 
-    def as_decode_side(self) -> Method:
-        raise ValueError(
-            "SlimInfer's decode swaps the blocks its own prefill pruned, so it cannot follow another prefill: "
-            "use method='sliminfer' alone, or put SlimInfer on the prefill side (e.g. 'sliminfer+omnikv')"
-        )
+    def as_decode_side(self) -> SlimInfer:
+        """The block manager alone: it chooses and swaps blocks among the entries each pruning layer holds."""
+        return replace(self, prune_prefill=False)
 
     @classmethod
     def keep_all(cls) -> SlimInfer:
@@ -172,18 +209,19 @@ class SlimInfer(Method):
     def plan(self, num_layers: int, prompt_len: int, spec: ModelSpec | None = None) -> tuple[list[int], list[int]]:
         """Prompt tokens entering each layer in prefill, and prompt tokens whose KV each layer keeps on the device.
 
-        The policy prunes by the same rule, so this is also the memory model (e.g. for a 32K prompt).
+        The policy prunes by the same rule, so this is also the memory model (e.g. for a 32K prompt). For the
+        decode side (`prune_prefill=False`) it is the model after a dense prefill.
         """
         schedule = self.schedule(num_layers, prompt_len, spec)
-        tail = prompt_len - (prompt_len - 1) // self.block_size * self.block_size
-        present = prompt_len
+        size, present = self.block_size, prompt_len
         entering, on_device = [], []
         for layer in range(num_layers):
             entering.append(present)
-            blocks = (present - tail) // self.block_size
-            kept = blocks_kept(blocks, tail, schedule.get(layer), self.block_size) * self.block_size + tail
-            on_device.append(kept if self.offload else present)
-            present = kept
+            tail = last_block_len(present, size)
+            kept = blocks_kept((present - tail) // size, tail, schedule.get(layer), size) * size + tail
+            on_device.append(kept if self.offload and self.kv_manager else present)
+            if self.prune_prefill:
+                present = kept
         return entering, on_device
 
     def start(self, run: Run) -> SlimInferPolicy:
@@ -193,8 +231,9 @@ class SlimInfer(Method):
 class PrunedLayer:
     """A pruning layer's blocks during decode: which block sits in each device slot, unit keys, host copies.
 
-    Device slot `s` holds one block, in rows `s * block_size ...` of the layer's KV (offload) or names the
-    rows of that block in the full KV (no offload); the last block and generated tokens follow the slots.
+    Device slot `s` holds one block, in entries `s * block_size ...` of the layer's KV (offload) or names
+    the entries of that block in the layer's full KV (no offload); the last block, generated tokens and
+    later turns follow the slots.
     """
 
     def __init__(self, units: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, host: HostRows | None):
@@ -203,6 +242,21 @@ class PrunedLayer:
         self.slots = slots  # [active blocks]: block held by each slot
         self.host = host  # rows [blocks, 2 (k, v), kv_heads, block_size, d], or None
         self.pending: tuple[torch.Tensor, torch.Tensor, Pending | None] | None = None
+
+    @classmethod
+    def of(cls, blocks: LayerBlocks, kv: LayerKV, transfers: Transfers | None) -> PrunedLayer:
+        """The manager of a layer whose prompt KV is complete in `kv`, its active blocks in the slots. With
+        `transfers`, every block is copied to the host store and the device keeps only the active ones."""
+        store = cls(blocks.units, blocks.positions, blocks.active, None)
+        if transfers is None:
+            return store
+        whole = blocks.entries
+        kv_blocks = torch.stack([kv.keys[:, :whole], kv.values[:, :whole]]).unflatten(2, blocks.positions.shape)
+        store.host = HostRows.copy_of(transfers, kv_blocks.permute(2, 0, 1, 3, 4))  # a row per block
+        rest = torch.arange(whole, len(kv), device=blocks.active.device)
+        keep = torch.cat([block_rows(blocks.active, store.block_size), rest])
+        kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
+        return store
 
     @property
     def block_size(self) -> int:
@@ -225,9 +279,9 @@ class PrunedLayer:
 
     def context(self, kv: LayerKV) -> Context:
         if self.host is not None:
-            return Context.of(kv)  # the device holds exactly the slots, the last block and generated tokens
-        full = self.positions.numel()
-        rest = torch.arange(full, len(kv), device=self.slots.device)
+            return Context.of(kv)  # the device holds exactly the slots, the last block and newer entries
+        whole = self.positions.numel()
+        rest = torch.arange(whole, len(kv), device=self.slots.device)
         return Context.of(kv, torch.cat([block_rows(self.slots, self.block_size), rest]))
 
     def nbytes(self) -> tuple[int, int]:
@@ -238,60 +292,57 @@ class PrunedLayer:
 
 
 class SlimInferPolicy(Policy):
-    """One generation under SlimInfer: prunes blocks in prefill, re-selects active blocks in decode."""
+    """One generation under SlimInfer: chooses blocks at each pruning layer in prefill, prunes their hidden
+    states (`prune_prefill`) and manages their KV in decode (`kv_manager`); see the module docstring."""
 
     def __init__(self, method: SlimInfer, run: Run):
         super().__init__(run)
         self.method = method
         self.schedule = method.schedule(run.spec.num_layers, run.prompt_len, run.spec)
-        self.tail = run.prompt_len - (run.prompt_len - 1) // method.block_size * method.block_size
         self.transfers = run.transfers if method.offload else None
-        self.pruned_tokens: dict[int, int] = {}  # pruning layer -> tokens whose hidden states stop there
-        self.chosen: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # until the layer's KV is done
+        self.left_out: dict[int, int] = {}  # pruning layer -> prompt entries outside its active set
+        self.observed: dict[int, LayerBlocks] = {}  # until the layer's KV is done
         self.layers: dict[int, PrunedLayer] = {}
-        self.decisions: list[Decision] = []
-        self.steps = 0
+        self.overlaps: list[float] = []  # one per decode rescoring
 
     # -- prefill ---------------------------------------------------------------------------------------
-    def prefill_keep_after_attention(self, step: LayerStep) -> torch.Tensor | None:
-        layer, rows, q, k = step.layer, step.rows, step.q, step.k
+    def prefill_observe(self, step: LayerStep) -> None:
+        """At a pruning layer: the entries it holds as blocks, their scores and the active set (no action)."""
+        layer, kv, size = step.layer, step.kv, self.method.block_size
         if layer not in self.schedule:
-            return None
-        size = self.method.block_size
-        blocks = (len(rows) - self.tail) // size  # rows present: whole blocks, then the last block
-        kept = blocks_kept(blocks, self.tail, self.schedule[layer], size)
-        self.pruned_tokens[layer] = (blocks - kept) * size
+            return
+        tail = last_block_len(len(kv), size)
+        blocks = (len(kv) - tail) // size
+        kept = blocks_kept(blocks, tail, self.schedule[layer], size)
+        self.left_out[layer] = (blocks - kept) * size
         if kept == blocks:
+            return
+        window = step.rows.pos >= self.run.prompt_len - self.method.query_window
+        query = step.q[:, window].float().mean(1)
+        whole = blocks * size
+        units = unit_keys(kv.keys[:, :whole].unflatten(1, (blocks, size)), self.method.unit_size)
+        active = top_blocks(block_scores(query, units), kept)
+        self.observed[layer] = LayerBlocks(units, kv.positions[:whole].view(blocks, size), active)
+
+    def prefill_keep_after_attention(self, step: LayerStep) -> torch.Tensor | None:
+        observed = self.observed.get(step.layer)
+        if observed is None or not self.method.prune_prefill:
             return None
-        window = rows.pos >= self.run.prompt_len - self.method.query_window
-        query = q[:, window].float().mean(1)
-        units = unit_keys(k[:, : blocks * size].unflatten(1, (blocks, size)), self.method.unit_size)
-        chosen = top_blocks(block_scores(query, units), kept)
-        if self.method.kv_manager:  # the decode block manager needs the scored blocks
-            self.chosen[layer] = (chosen, units, rows.pos[: blocks * size].view(blocks, size))
-        tail_rows = torch.arange(blocks * size, len(rows), device=chosen.device)
-        return torch.cat([block_rows(chosen, size), tail_rows])
+        # In prefill a layer's entries are its rows, in order, so a block's entries are its rows.
+        rest = torch.arange(observed.entries, len(step.rows), device=observed.active.device)
+        return torch.cat([block_rows(observed.active, self.method.block_size), rest])
 
     def prefill_layer_done(self, step: LayerStep) -> None:
-        layer, kv = step.layer, step.kv
-        if layer not in self.chosen:
-            return
-        chosen, units, positions = self.chosen.pop(layer)
-        store = PrunedLayer(units, positions, chosen.clone(), None)
-        if self.transfers is not None:
-            full = positions.numel()
-            blocks = torch.stack([kv.keys[:, :full], kv.values[:, :full]]).unflatten(2, positions.shape)
-            store.host = HostRows.copy_of(self.transfers, blocks.permute(2, 0, 1, 3, 4))  # a row per block
-            keep = torch.cat([block_rows(chosen, store.block_size), torch.arange(full, len(kv), device=chosen.device)])
-            kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
-        self.layers[layer] = store
+        observed = self.observed.pop(step.layer, None)
+        if observed is not None and self.method.kv_manager:
+            self.layers[step.layer] = PrunedLayer.of(observed, step.kv, self.transfers)
 
     # -- decode ----------------------------------------------------------------------------------------
     def decode_context(self, step: LayerStep) -> Context:
         context = self.extend_context(step)
         store = self.layers.get(step.layer)
         if store is not None:
-            self.rescore(step.layer, store, step.q[:, -1])
+            self.rescore(store, step.q[:, -1])
         return context
 
     def extend_context(self, step: LayerStep) -> Context:
@@ -302,19 +353,16 @@ class SlimInferPolicy(Policy):
         store.install(step.kv)
         return store.context(step.kv)
 
-    def rescore(self, layer: int, store: PrunedLayer, query: torch.Tensor) -> None:
+    def rescore(self, store: PrunedLayer, query: torch.Tensor) -> None:
         """Score every block with `query`; prefetch a swap when the top set drifted from the active set."""
         top = top_blocks(block_scores(query.float(), store.units), len(store.slots))
         leaving = ~torch.isin(store.slots, top)
         overlap = 1 - int(leaving.sum()) / len(store.slots)
-        entering = top[~torch.isin(top, store.slots)] if overlap < self.method.gamma else top[:0]
-        self.decisions.append(Decision(self.steps, layer, overlap, len(entering)))
-        if len(entering):
+        self.overlaps.append(overlap)
+        if overlap < self.method.gamma:  # then at least one block leaves, and as many enter
+            entering = top[~torch.isin(top, store.slots)]
             load = None if store.host is None else store.host.load(entering)
             store.pending = (leaving.nonzero()[:, 0], entering, load)
-
-    def decode_step_done(self) -> None:
-        self.steps += 1
 
     # -- accounting ------------------------------------------------------------------------------------
     def device_bytes(self) -> int:
@@ -324,17 +372,18 @@ class SlimInferPolicy(Policy):
         return sum(store.nbytes()[1] for store in self.layers.values())
 
     def stats(self) -> dict[str, Any]:
+        """The decisions: the schedule, what each pruning layer left out, the decode rescorings. The swaps'
+        copies are the engine's figures (`Stats.host_loads_per_step`, `host_rows_loaded_per_step`)."""
         layers = sorted(self.schedule)
-        swaps = [d for d in self.decisions if d.blocks_in]
-        blocks_in = sum(d.blocks_in for d in swaps)
+        left_out = [self.left_out.get(layer, 0) for layer in layers]
+        nothing = [0] * len(layers)
+        overlaps = self.overlaps
         return {
             "prune_layers": layers,
             "prune_layers_asked": sorted(self.method.schedule(self.run.spec.num_layers, self.run.prompt_len)),
             "budget_tokens": [self.schedule[layer] for layer in layers],
-            "pruned_tokens": [self.pruned_tokens.get(layer, 0) for layer in layers],
-            "decode_rescorings": len(self.decisions),
-            "swaps": len(swaps),
-            "blocks_swapped_in": blocks_in,
-            "swaps_per_step": len(swaps) / max(1, self.steps),
-            "mean_overlap": sum(d.overlap for d in self.decisions) / len(self.decisions) if self.decisions else None,
+            "pruned_tokens": left_out if self.method.prune_prefill else nothing,
+            "inactive_tokens": left_out if self.method.kv_manager else nothing,
+            "decode_rescorings": len(overlaps),
+            "mean_overlap": sum(overlaps) / len(overlaps) if overlaps else None,
         }

@@ -1,7 +1,7 @@
 """The leader (rank 0) runs the engine; the other ranks follow it step by step on their share of the heads.
 
 Rank 0 is an ordinary `Engine` whose executor is a `Leader`: before each forward pass it broadcasts one
-command (open a sequence, prefill, extend, decode a batch) on the group's control channel, then runs the
+command (open or fork a sequence, prefill, extend, decode a batch) on the group's control channel, then runs the
 pass itself. The followers (`follow`) run the same pass on their shard, so every collective inside it
 (the model's partial sums, the methods' score reductions) meets its peers in the same order. Only the
 leader samples: the followers are given the token ids, so they never need the leader's random state.
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..collectives import RankFailure, TensorParallelGroup, leave
 from ..engine import loop
-from ..engine.executor import Executor, PrefillTask, SequenceLike, SequenceState
+from ..engine.executor import Executor, PromptTask, SequenceLike, SequenceState, copy_state
 from ..methods import Method
 from ..model import DecoderModel
 
@@ -53,22 +53,27 @@ class Leader(Executor):
         weakref.finalize(state.policy, self._dropped.append, state.key)
         return state
 
-    def start_prefill(self, seq: SequenceLike, ids: list[int], chunk: int | None) -> PrefillTask:
+    def fork(self, seq: SequenceLike) -> SequenceState:
+        state = super().fork(seq)
         with self.lock:
-            self._send("prefill", seq.key, ids, chunk)
-            return super().start_prefill(seq, ids, chunk)
+            self._send("fork", seq.key, state.key)
+        weakref.finalize(state.policy, self._dropped.append, state.key)
+        return state
 
-    def advance(self, task: PrefillTask, layers: int) -> bool:
+    def start_prefill(self, seqs: list[SequenceLike], ids: list[list[int]], chunk: int | None) -> PromptTask:
         with self.lock:
-            self._send("advance", task.seq.key, layers)
-            return self._guarded(super().advance, task, layers)
+            self._send("prefill", [seq.key for seq in seqs], ids, chunk)
+            return super().start_prefill(seqs, ids, chunk)
 
-    def extend(
-        self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None
-    ) -> tuple[torch.Tensor, loop.PromptPass]:
+    def start_extend(self, seq: SequenceLike, ids: list[int], start: int, chunk: int | None) -> PromptTask:
         with self.lock:
             self._send("extend", seq.key, ids, start, chunk)
-            return self._guarded(super().extend, seq, ids, start, chunk)
+            return super().start_extend(seq, ids, start, chunk)
+
+    def advance(self, task: PromptTask, layers: int) -> bool:
+        with self.lock:
+            self._send("advance", task.seqs[0].key, layers)  # a pass is known by its first sequence
+            return self._guarded(super().advance, task, layers)
 
     def decode(self, batch: list[loop.DecodeRequest]) -> torch.Tensor:
         with self.lock:
@@ -124,14 +129,16 @@ def follow(model: DecoderModel, group: TensorParallelGroup) -> None:
     """A follower's life: run the leader's commands on this rank's shard until it says stop."""
     executor = Executor(model, group)
     states: dict[int, SequenceState] = {}
-    prefills: dict[int, PrefillTask] = {}  # prefills under way, advanced a few layers at a time
+    prefills: dict[int, PromptTask] = {}  # prompt passes under way, advanced a few layers at a time
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0, group=group.control)
         dropped, (kind, *args) = box[0]
         for key in dropped:
             states.pop(key, None)
-            prefills.pop(key, None)
+        for first, task in list(prefills.items()):  # a pass goes once none of its sequences is left
+            if not any(seq.key in states for seq in task.seqs):
+                del prefills[first]
         if kind == "stop":
             return
         try:
@@ -144,23 +151,26 @@ def _run(
     executor: Executor,
     model: DecoderModel,
     states: dict[int, SequenceState],
-    prefills: dict[int, PrefillTask],
+    prefills: dict[int, PromptTask],
     kind: str,
     args: list,
 ) -> None:
     if kind == "open":
         key, method, prompt_len = args
         states[key] = SequenceState.new(model, method, prompt_len, key)
+    elif kind == "fork":
+        source, key = args
+        states[key] = SequenceState(key, *copy_state(states[source].policy, states[source].kv))
     elif kind == "prefill":
-        key, ids, chunk = args
-        prefills[key] = executor.start_prefill(states[key], ids, chunk)
+        keys, ids, chunk = args
+        prefills[keys[0]] = executor.start_prefill([states[key] for key in keys], ids, chunk)
     elif kind == "advance":
         key, layers = args
         if executor.advance(prefills[key], layers):
             del prefills[key]
     elif kind == "extend":
         key, ids, start, chunk = args
-        executor.extend(states[key], ids, start, chunk)
+        prefills[key] = executor.start_extend(states[key], ids, start, chunk)
     elif kind == "decode":
         executor.decode([_request(states[key], token, position) for key, token, position in args[0]])
     elif kind == "digest":

@@ -3,7 +3,8 @@
 `python -m tokensieve.serve.load --model tiny --concurrency 1,4 --requests 16` serves the model from a
 thread on a free loopback port, sends streaming completions `--concurrency` at a time, and prints per
 method: requests/s, TTFT (send to the first chunk) and TPOT ((last chunk - first chunk) / (tokens - 1))
-percentiles, beside the same figures of in-process `engine.stream` one request at a time. Prompts are
+percentiles, beside the same figures of in-process `engine.stream` one request at a time, and the server's
+overhead at concurrency 1 (`--repeats N` alternates N runs of each and takes medians). Prompts are
 fixed-length random byte strings, distinct per request, and these requests ask for no reuse. `--turns N`
 adds a conversation of N turns (each prompt: the previous one, its reply and a new turn of `--prompt-tokens`)
 run twice, with prefix reuse and without, printing each turn's TTFT and the tokens the server computed.
@@ -25,11 +26,12 @@ import numpy as np
 
 @dataclass
 class Load:
-    """The timings of one run: what `row` summarizes."""
+    """The timings of one or more runs of the same requests: what `row` summarizes (requests/s: the median
+    over the runs; TTFT and TPOT: percentiles over every request of every run)."""
 
     label: str
     concurrency: int
-    seconds: float = 0.0
+    rates: list[float] = field(default_factory=list)  # requests/s of each run
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
 
@@ -38,10 +40,33 @@ class Load:
         if tokens > 1:
             self.tpot_s.append((pieces[-1] - pieces[0]) / (tokens - 1))
 
+    def merge(self, run: Load) -> None:
+        self.rates += run.rates
+        self.ttft_s += run.ttft_s
+        self.tpot_s += run.tpot_s
+
+    @property
+    def requests_per_s(self) -> float:
+        return float(np.median(self.rates))
+
     def row(self) -> str:
         ms = [1000 * np.percentile(values, q) for values in (self.ttft_s, self.tpot_s) for q in (50, 90)]
-        rps = len(self.ttft_s) / self.seconds
-        return f"| {self.label} | {self.concurrency} | {rps:.2f} | " + " | ".join(f"{v:.1f}" for v in ms) + " |"
+        return (
+            f"| {self.label} | {self.concurrency} | {self.requests_per_s:.2f} | "
+            + " | ".join(f"{v:.1f}" for v in ms)
+            + " |"
+        )
+
+
+def overhead(local: Load, served: Load) -> str:
+    """The server's cost at concurrency 1 against in-process `stream`, from the medians of the runs."""
+    fewer = 1 - served.requests_per_s / local.requests_per_s
+    ttft = float(np.median(served.ttft_s) / np.median(local.ttft_s)) - 1
+    runs = min(len(local.rates), len(served.rates))
+    return (
+        f"server overhead at concurrency 1, {local.label.split(', ', 1)[1]}: {100 * fewer:+.1f}% requests/s lost, "
+        f"TTFT p50 {100 * ttft:+.1f}% (medians of {runs} alternating runs)"
+    )
 
 
 COLUMNS = ("run", "concurrency", "requests/s", "TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms", "TPOT p90 ms")
@@ -69,7 +94,7 @@ def in_process(engine, texts: list[str], max_tokens: int, method: str) -> Load:
             pieces.append(time.perf_counter())
         pieces.append(time.perf_counter())  # the end, as the server's last chunk (a text may have no piece)
         load.add(sent, pieces, stream.generation.stats.new_tokens)
-    load.seconds = time.perf_counter() - start
+    load.rates.append(len(texts) / (time.perf_counter() - start))
     return load
 
 
@@ -116,7 +141,7 @@ async def through_server(url: str, model: str, texts: list[str], max_tokens: int
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
         await asyncio.gather(*(one(client, text) for text in texts))
-        load.seconds = time.perf_counter() - start
+        load.rates.append(len(texts) / (time.perf_counter() - start))
     return load
 
 
@@ -151,12 +176,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per run")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="alternating runs of each row (requests/s: their median)"
+    )
     parser.add_argument("--turns", type=int, default=0, help="also a conversation of this many turns, reuse on/off")
     parser.add_argument(
         "--url", default=None, help="measure this running server (serving --model by that name) instead of one here"
     )
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     engine = load_engine(args)
     name = args.model
     if args.url is None:
@@ -164,15 +194,25 @@ def main(argv: list[str] | None = None) -> None:
     else:  # another process: the client no longer shares the server's GIL and cores' scheduling
         served = contextlib.nullcontext((None, args.url.rstrip("/")))
     print(HEADER)
+    notes = []
     with served as (_, url):
         for method in split_methods(args.methods):
             texts = prompts(args.requests + 1, args.prompt_tokens)
             in_process(engine, texts[:1], args.max_tokens, method)  # warm-ups
             asyncio.run(through_server(url, name, texts[:1], args.max_tokens, method, 1))
-            print(in_process(engine, texts[1:], args.max_tokens, method).row(), flush=True)
-            for level in levels:
-                run = through_server(url, name, texts[1:], args.max_tokens, method, level)
-                print(asyncio.run(run).row(), flush=True)
+            local = Load(f"in-process stream, {method}", 1)
+            served_runs = {level: Load(f"server, {method}", level) for level in levels}
+            for _ in range(args.repeats):  # alternating, so that a change of the machine's load hits both
+                local.merge(in_process(engine, texts[1:], args.max_tokens, method))
+                for level in levels:
+                    served_runs[level].merge(
+                        asyncio.run(through_server(url, name, texts[1:], args.max_tokens, method, level))
+                    )
+            for load in (local, *served_runs.values()):
+                print(load.row(), flush=True)
+            if 1 in served_runs:
+                notes.append(overhead(local, served_runs[1]))
+        print("\n" + "\n".join(notes), flush=True)
         for method in split_methods(args.methods) if args.turns else []:
             print(f"\n{args.turns} turns of {args.prompt_tokens} tokens, {method}:\n\n{TURNS_HEADER}")
             turns = prompts(args.turns, args.prompt_tokens, seed=1)

@@ -52,8 +52,8 @@ class SessionPool:
             return self.engine.start(prompt.ids, method=method, defer_prefill=True)  # the scheduler runs it
         retained, suffix = found
         try:
-            if suffix:
-                retained.session.extend(suffix)
+            if suffix:  # its pass runs in the scheduler, between the other requests' decode steps
+                retained.session.extend(suffix, defer=True)
         except BaseException:
             retained.session.close()
             raise

@@ -1,0 +1,21 @@
+"""The host store and its copies: `HostRows` loads rows by index; `Transfers` counts each copy where it happens."""
+
+from __future__ import annotations
+
+import torch
+
+from tokensieve.offload import HostRows, Loaded, Transfers
+
+
+def test_host_rows_load_by_index_and_transfers_count_loads_rows_and_bytes():
+    transfers = Transfers(torch.device("cpu"))
+    blocks = torch.randn(6, 2, 3, 4)  # 6 rows, e.g. SlimInfer blocks [2 (k, v), kv_heads, block_size]
+    host = HostRows.copy_of(transfers, blocks)
+    assert transfers.loaded == Loaded() and host.row_bytes == 2 * 3 * 4 * 4
+    before = transfers.loaded
+    first = host.rows_of(host.load(torch.tensor([4, 1])).wait())
+    second = host.rows_of(host.load(torch.tensor([0])).wait())
+    assert torch.equal(first, blocks[[4, 1]]) and torch.equal(second, blocks[[0]])
+    assert transfers.loaded - before == Loaded(loads=2, rows=3, bytes=3 * host.row_bytes)
+    transfers.load(torch.zeros(5, 2))  # a whole tensor: its rows along dim 0
+    assert transfers.loaded == Loaded(loads=3, rows=8, bytes=3 * host.row_bytes + 40)
