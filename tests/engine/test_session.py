@@ -10,6 +10,7 @@ import torch
 import tokensieve
 from conftest import PRUNING, random_prompt
 from tokensieve import presets
+from tokensieve.engine import Scheduler
 from tokensieve.methods import METHODS
 
 TURNS = [random_prompt(90, seed=21), random_prompt(40, seed=22)[1:], random_prompt(25, seed=23)[1:]]
@@ -248,8 +249,13 @@ def test_a_forked_session_goes_on_exactly_as_the_original_and_apart_from_it(deep
     ours = session.generate(max_new_tokens=6)  # ... and the original continues as if it had never been forked
     assert ours.token_ids == expected.token_ids
     assert ours.stats.decode_keys_per_layer == expected.stats.decode_keys_per_layer
-    second = session.fork()
-    assert second.generate(max_new_tokens=5).token_ids == session.generate(max_new_tokens=5).token_ids
+    second, alone = session.fork(), session.fork().generate(max_new_tokens=5)
+    scheduler = Scheduler(deep_engine, max_batch=2)  # the original and a twin in one batch: each its own stats
+    for member in (session, second):
+        scheduler.add(member, max_new_tokens=5)
+    for generation in scheduler.run():
+        assert generation.token_ids == alone.token_ids
+        assert generation.stats.host_bytes_loaded_per_step == alone.stats.host_bytes_loaded_per_step
     assert twin.tokens[: len(prompt) + 3] == session.tokens[: len(prompt) + 3] and len(twin.tokens) == 260 + 47
 
 

@@ -21,6 +21,7 @@ from ..cache import LayerKV
 from ..collectives import TensorParallelGroup, using
 from ..methods import Method, Policy, Run
 from ..model import DecoderModel
+from ..offload import Transfers
 from . import loop
 
 
@@ -117,10 +118,11 @@ class Executor:
 
 
 def copy_state(policy: Policy, kv: list[LayerKV]) -> tuple[Policy, list[LayerKV]]:
-    """Deep copies of a sequence's policy (its selections, host stores, aux caches) and KV; what the copy
-    shares with the original is only what no sequence owns: the model's spec and the device's transfers."""
-    shared = {id(policy.run.spec): policy.run.spec, id(policy.run.transfers): policy.run.transfers}
-    return copy.deepcopy((policy, kv), shared)
+    """Deep copies of a sequence's policy (its selections, host stores, aux caches) and KV. The copy shares
+    the model's spec, and gets transfers of its own (a fresh channel that counts only its own copies)."""
+    run = policy.run
+    memo = {id(run.spec): run.spec, id(run.transfers): Transfers(run.device)}
+    return copy.deepcopy((policy, kv), memo)
 
 
 def trim_windows(model: DecoderModel, policy: Policy, kv: list[LayerKV], computed: int) -> None:

@@ -112,12 +112,7 @@ def prefill(
         for seq, part, (q, k), record in zip(batch, rows, written, records, strict=True):
             record.tokens_per_layer.append(len(part))
             cache = seq.kv[layer]
-            if chunk is None or len(part) <= chunk:
-                attn = model.causal_attention(layer, q, k, cache.values[:, -len(part) :], part.pos)
-                part = part.with_h(model.attention_output(layer, part.h, attn))
-            else:
-                part = _attend_in_chunks(model, layer, part, q, Context.of(cache), chunk, own=True)
-            step = LayerStep(layer, part, q, k, cache)
+            step = LayerStep(layer, _self_attention(model, layer, part, q, k, cache, chunk), q, k, cache)
             seq.policy.prefill_observe(step)
             step = step.select(seq.policy.prefill_keep_after_attention(step))
             record.mlp_tokens_per_layer.append(len(step.rows))
@@ -240,6 +235,17 @@ def _write_kv(
         (_cat(parts, dim=1), cache.keys[:, -len(part) :])
         for parts, cache, part in zip(queries, caches, rows, strict=True)
     ]
+
+
+def _self_attention(
+    model: DecoderModel, layer: int, rows: Rows, q: torch.Tensor, k: torch.Tensor, cache: LayerKV, chunk: int | None
+) -> Rows:
+    """A first prompt's rows attend causally to their own keys (the cache's last entries), in chunks of rows
+    when asked, and add the output projection."""
+    if chunk is None or len(rows) <= chunk:
+        attn = model.causal_attention(layer, q, k, cache.values[:, -len(rows) :], rows.pos)
+        return rows.with_h(model.attention_output(layer, rows.h, attn))
+    return _attend_in_chunks(model, layer, rows, q, Context.of(cache), chunk, own=True)
 
 
 def _attend_in_chunks(
