@@ -55,14 +55,13 @@ class LayerKV:
         They go into fresh buffers (with the usual headroom), so the old ones are freed now.
         """
         n = k.shape[1]
-        old = self._k
+        on_cpu, freed = self._k.device.type == "cpu", self.reserved_bytes
         self._k = k.new_empty(k.shape[0], _capacity(n), k.shape[2])
         self._v = torch.empty_like(self._k)
         self._pos = positions.new_empty(self._k.shape[1])
         self._k[:, :n], self._v[:, :n], self._pos[:n] = k, v, positions
-        if old.device.type == "cpu":
-            del old
-            return_freed_memory()
+        if on_cpu:
+            return_freed_memory(freed)
         self.length = n
 
     def drop_older_than(self, position: int | torch.Tensor) -> int:

@@ -14,15 +14,24 @@ from dataclasses import dataclass
 
 import torch
 
+TRIM_BYTES = 8 << 20  # CPU memory freed between two trims
 
-def return_freed_memory() -> None:
-    """Give freed CPU memory back to the system now (glibc's `malloc_trim`; elsewhere nothing).
+
+def return_freed_memory(nbytes: int) -> None:
+    """Note that `nbytes` of CPU memory were freed, and give freed memory back to the system (glibc's
+    `malloc_trim`; elsewhere nothing) once `TRIM_BYTES` have been freed since the last time.
 
     glibc raises its mmap threshold each time a large block is freed, so KV buffers freed by eviction or
-    offloading (`LayerKV.replace`) stay in the process heap and peak RSS counts them twice; trimming
-    after each such free keeps what RSS reports equal to what is held (a subprocess test measures it).
+    offloading (`LayerKV.replace`) stay in the process heap and peak RSS counts them twice (a subprocess
+    test measures it). A trim walks the whole heap, which takes milliseconds in a server that retains many
+    sessions, so frees are gathered: RSS over-reports by less than `TRIM_BYTES`, and a 512-token OmniKV
+    prefill, which frees 24 small buffers, trims about once instead of 24 times. (A race between threads
+    only moves a trim.)
     """
-    if _LIBC is not None:
+    global _untrimmed
+    _untrimmed += nbytes
+    if _LIBC is not None and _untrimmed >= TRIM_BYTES:
+        _untrimmed = 0
         _LIBC.malloc_trim(0)
 
 
@@ -35,6 +44,7 @@ def _glibc():
 
 
 _LIBC = _glibc() if sys.platform.startswith("linux") else None
+_untrimmed = 0  # bytes freed since the last trim
 
 
 @dataclass(frozen=True)

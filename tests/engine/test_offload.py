@@ -19,3 +19,17 @@ def test_host_rows_load_by_index_and_transfers_count_loads_rows_and_bytes():
     assert transfers.loaded - before == Loaded(loads=2, rows=3, bytes=3 * host.row_bytes)
     transfers.load(torch.zeros(5, 2))  # a whole tensor: its rows along dim 0
     assert transfers.loaded == Loaded(loads=3, rows=8, bytes=3 * host.row_bytes + 40)
+
+
+def test_freed_cpu_memory_is_trimmed_once_per_trim_bytes_not_per_free(monkeypatch):
+    """A trim walks the whole heap (milliseconds in a server holding many sessions): small frees gather."""
+    from tokensieve import offload
+
+    trims = []
+    monkeypatch.setattr(offload, "_LIBC", type("Libc", (), {"malloc_trim": lambda self, pad: trims.append(pad)})())
+    monkeypatch.setattr(offload, "_untrimmed", 0)
+    for _ in range(24):  # a 512-token OmniKV prefill on cpu-decode frees 24 buffers of 256 KiB
+        offload.return_freed_memory(256 << 10)
+    assert trims == []
+    offload.return_freed_memory(offload.TRIM_BYTES)
+    assert trims == [0] and offload._untrimmed == 0
