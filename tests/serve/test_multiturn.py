@@ -196,3 +196,31 @@ def test_a_failure_to_retain_a_session_still_answers_and_the_server_keeps_servin
             reply = client.completions.create(model=MODEL, prompt="still answered", max_tokens=3, temperature=0)
             assert reply.choices[0].finish_reason in ("length", "stop")
         assert server.metric("tokensieve_sessions_retained") == 0
+
+
+def test_keeping_a_session_measures_only_that_session(monkeypatch):
+    """The pool's caps are checked from each session's bytes measured once, when it was kept: measuring
+    every retained session again at every request made a response's last chunk wait O(sessions x layers)."""
+    import tokensieve
+    from tokensieve.engine import Session
+    from tokensieve.methods import resolve_method
+    from tokensieve.serve.metrics import Metrics
+    from tokensieve.serve.prompts import Prompt
+    from tokensieve.serve.sessions import SessionPool
+
+    engine = tokensieve.load("tiny")
+    method = resolve_method("omnikv(budget=8)")
+    pool = SessionPool(engine, 10**12, Metrics(), 0)
+    measured = []
+    stats = Session.stats
+    monkeypatch.setattr(Session, "stats", property(lambda self: measured.append(self) or stats.fget(self)))
+    for i in range(5):
+        ids = [1 + (i * 7 + j) % 200 for j in range(40)]
+        session = engine.start(ids, method=method)
+        generation = session.generate(max_new_tokens=2)
+        measured.clear()
+        pool.keep(session, method, Prompt(None, ids, False), generation)  # token ids: kept whatever the text
+        assert set(map(id, measured)) == {id(session)}  # the new session alone, whatever the pool holds
+    device, host = pool._bytes()
+    held = [r.session.stats for r in pool._kept.values()]
+    assert device == sum(s.kv_bytes_device for s in held) > 0 and host == sum(s.kv_bytes_host for s in held)

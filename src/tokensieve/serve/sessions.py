@@ -32,6 +32,16 @@ class _Retained:
     text: str | None  # the conversation's text so far; None when it began as token ids
     chat: bool  # a chat's text is tokenized without the tokenizer's special tokens, a completion's with them
     parked: bool = False  # its KV waits in host memory
+    device_bytes: int = 0  # what it holds, measured once when kept (a retained session does not change) ...
+    host_bytes: int = 0  # ... its KV and policy state on the device, and what its method keeps in host memory
+
+    def __post_init__(self):
+        stats = self.session.stats
+        self.device_bytes, self.host_bytes = stats.kv_bytes_device, stats.kv_bytes_host
+
+    @property
+    def nbytes(self) -> int:
+        return self.device_bytes + self.host_bytes
 
 
 class SessionPool:
@@ -126,23 +136,17 @@ class SessionPool:
         self.metrics.evicted.inc()
 
     def _held(self, parked: bool) -> int:
-        """KV bytes (device and host, e.g. OmniKV's offloaded prompt) of the parked or of the other sessions."""
-        return sum(
-            r.session.stats.kv_bytes_device + r.session.stats.kv_bytes_host
-            for r in self._kept.values()
-            if r.parked == parked
-        )
+        """KV bytes (device and host, e.g. OmniKV's offloaded prompt) of the parked or of the other sessions.
+
+        From each session's bytes measured when it was kept: measuring every retained session anew at every
+        request cost O(sessions x layers) and delayed each response's last chunk (90 ms with 100 sessions)."""
+        return sum(r.nbytes for r in self._kept.values() if r.parked == parked)
 
     def _bytes(self) -> tuple[int, int]:
         """KV bytes of the retained sessions on the device and in host memory (a parked session's are all
         in host memory)."""
-        device = host = 0
-        for r in self._kept.values():
-            stats = r.session.stats
-            on_device = 0 if r.parked else stats.kv_bytes_device
-            device += on_device
-            host += stats.kv_bytes_device + stats.kv_bytes_host - on_device
-        return device, host
+        device = sum(r.device_bytes for r in self._kept.values() if not r.parked)
+        return device, sum(r.nbytes for r in self._kept.values()) - device
 
     def _gauges(self) -> None:
         device, host = self._bytes()
