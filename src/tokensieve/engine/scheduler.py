@@ -187,8 +187,7 @@ class Scheduler:
         quantum = max(1, self.prefill_tokens * layers // oldest.pending_tokens) if self.running else layers
         oldest.advance_prefill(quantum)
         for index, request in list(self.prefilling.items()):
-            session = request.session  # done, or done beside the oldest (then collected here)
-            if not session.prefilling or (session.prefill_started and session.advance_prefill(0)):
+            if request.session.advance_prefill(0):  # done, or done beside the oldest (collected here)
                 del self.prefilling[index]
                 request.stream = request.session.stream(**request.generate, close_session=request.owned)
                 self.running[index] = request

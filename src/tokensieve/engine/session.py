@@ -154,9 +154,12 @@ class Session:
         """Run up to `layers` more layers of a prompt pass deferred by `Engine.start(..., defer_prefill=True)`
         or `extend(..., defer=True)`; True once it is done (then the session is ready to generate). A
         scheduler calls this between decode steps, so that a long prompt does not stall the sequences
-        already decoding. A pass shared with other sessions (`prefill_together`) advances for all of them."""
+        already decoding. A pass shared with other sessions (`prefill_together`) advances for all of them;
+        `layers=0` runs nothing, it only collects a pass that others finished (and starts none)."""
         self._check_open()
         if self._unstarted is not None:
+            if layers == 0:
+                return False
             prefill_together([self])
         if self._prefill is None:
             return True
