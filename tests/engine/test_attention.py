@@ -9,7 +9,7 @@ import tokensieve
 from conftest import deep, random_prompt
 from device_syncs import DeviceSyncs, decode_syncs_per_step
 from tokensieve import presets
-from tokensieve.attention import attend, last_query_probs, visibility_mask
+from tokensieve.attention import EXPLICIT_MIN_KEYS, attend, last_query_probs, visibility_mask
 
 
 def _reference(q, q_pos, k, v, k_pos, scale, hidden):
@@ -25,9 +25,10 @@ def _reference(q, q_pos, k, v, k_pos, scale, hidden):
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)])
 @pytest.mark.parametrize("queries", [1, 3])
-def test_hidden_keys_and_positions_mask_like_a_reference(heads, kv_heads, queries):
+@pytest.mark.parametrize("t", [40, EXPLICIT_MIN_KEYS])  # one query over many keys: the explicit path
+def test_hidden_keys_and_positions_mask_like_a_reference(heads, kv_heads, queries, t):
     torch.manual_seed(0)
-    t, d = 40, 8
+    d = 8
     k, v = torch.randn(kv_heads, t, d), torch.randn(kv_heads, t, d)
     k_pos = torch.randperm(t)  # keys need not be sorted
     q = torch.randn(heads, queries, d)

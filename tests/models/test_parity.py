@@ -14,6 +14,7 @@ import torch
 import tokensieve
 from conftest import FAMILIES, STORIES, WINDOW, needs_stories, random_prompt
 from tokensieve import presets
+from tokensieve.attention import EXPLICIT_MIN_KEYS
 
 WINDOWED = sorted(name for name, shape in FAMILIES.items() if shape.get("sliding_window"))
 
@@ -43,9 +44,10 @@ def family(request):
     return request.param, model, tokensieve.load(model, tokenizer=tok)
 
 
-@pytest.mark.parametrize("prompt_len", [WINDOW // 2, 200])
+@pytest.mark.parametrize("prompt_len", [WINDOW // 2, 200, EXPLICIT_MIN_KEYS + 16])
 def test_logits_and_greedy_tokens_match_transformers(family, prompt_len):
-    """Within and beyond the sliding window (48 tokens): 200 prompt tokens plus 64 generated."""
+    """Within and beyond the sliding window (48 tokens), and past the context where a CPU decode step attends
+    with explicit matmuls instead of the fused kernel; 64 tokens generated."""
     _, model, engine = family
     ids = random_prompt(prompt_len, seed=4)
     assert (engine_last_logits(engine, ids) - hf_last_logits(model, ids)).abs().max().item() <= 1e-4
