@@ -10,6 +10,7 @@ examples:
   tokensieve generate --model testbed --prompt "The key is" --method sliminfer --stats
   tokensieve eval --methods dense,omnikv --lengths 2k,4k
   tokensieve bench --model cpu-prefill --methods sliminfer,lazyllm --lengths 4k
+  tokensieve calibrate-pruning --model smollm2 --chat --haystack essays.json   SlimInfer/LazyLLM schedules
 
 `tokensieve COMMAND --help` lists a command's options with their defaults.
 """
@@ -27,10 +28,18 @@ class _TopLevelFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _commands() -> list[Callable]:
     from .bench import command as bench
-    from .commands import calibrate, demo, generate, serve
+    from .commands import calibrate, calibrate_pruning, demo, generate, serve
     from .commands import eval as evaluation
 
-    return [generate.register, demo.register, bench.register, evaluation.register, calibrate.register, serve.register]
+    return [
+        generate.register,
+        demo.register,
+        bench.register,
+        evaluation.register,
+        calibrate.register,
+        calibrate_pruning.register,
+        serve.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -281,8 +281,8 @@ def test_results_are_journaled_as_they_finish_and_an_interrupted_run_resumes(tmp
     # interrupted while writing the second sample: its records are lost, one line is cut in the middle
     journal.write_text("\n".join([header, *lines[:2], lines[2][:25]]) + "\n")
     ran = []
-    run_sample = runner._run_sample
-    monkeypatch.setattr(runner, "_run_sample", lambda e, s, m, *a: ran.append(m) or run_sample(e, s, m, *a))
+    run_sample = runner.run_sample
+    monkeypatch.setattr(runner, "run_sample", lambda e, s, m, *a: ran.append(m) or run_sample(e, s, m, *a))
     resumed = eval_cli(tmp_path, *options, "--resume")
     assert sorted(ran) == ["dense", "streaming_llm"]  # only the second sample ran again
     assert resumed["records"][:2] == full["records"][:2] and len(resumed["records"]) == 4

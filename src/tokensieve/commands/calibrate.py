@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -25,6 +24,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..calibrate import PAPER_TOP_K_FRACTION, calibrate, load_prompts, plot
+    from ..calibrate.output import save
     from .options import load_engine
 
     if args.tokens < 2 or args.steps < 1:
@@ -36,15 +36,13 @@ def run(args: argparse.Namespace) -> None:
     tokens = min(args.tokens, engine.model.spec.max_positions - args.steps - 1)
     prompts = load_prompts(engine, args.prompts, tokens, args.num_prompts)
     result = {"model": str(args.model), **calibrate(engine, prompts, args.steps, top_k)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "filters.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / "filters.png", f"{Path(args.model).name}: OmniKV filter-layer calibration")
+    title = f"{Path(args.model).name}: OmniKV filter-layer calibration"
+    data, figure = save(result, args.out, "filters", lambda result, path: plot(result, path, title))
     curve = ", ".join(f"{c}:{v:.3f}" for c, v in enumerate(result["capture_curve"]) if v is not None)
     print(f"capture per layer  {curve}")
     print(f"paper's layers scaled to {result['layers']} layers: {result['paper_filter_layers_scaled']}")
     print(f"recommended filter layers: {result['recommended_filter_layers']}")
-    print(f"wrote {out / 'filters.json'} and {out / 'filters.png'}")
+    print(f"wrote {data} and {figure}")
 
 
 def _count_or_fraction(text: str) -> int | float:

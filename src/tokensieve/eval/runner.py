@@ -265,7 +265,7 @@ def run_eval(
     )
     first = next(pending, None)
     if first is not None:
-        _warm_up(engine, _model_input(engine, first, (), chat))
+        warm_up(engine, _model_input(engine, first, (), chat))
     with tqdm(total=total, desc="eval", unit="run", disable=not progress) as bar:
         for (task, length), samples in suite.items():
             bar.set_postfix_str(f"{task} @ {length}")
@@ -278,7 +278,7 @@ def run_eval(
                 shift = index % len(methods)  # rotate the order so no method always runs first
                 runs = {}
                 for method in methods[shift:] + methods[:shift]:
-                    runs[method] = _run_sample(engine, sample, method, length, index, max_new_tokens, chat)
+                    runs[method] = run_sample(engine, sample, method, length, index, max_new_tokens, chat)
                     bar.update()
                 dense_turns = runs["dense"][1]
                 prompt = _model_input(engine, sample, (), chat) if kl else None
@@ -303,7 +303,7 @@ def _resumed(
     return records if all(records) else None
 
 
-def _warm_up(engine, prompt) -> None:
+def warm_up(engine, prompt) -> None:
     """One short dense call before the timed runs: the first call pays for allocations and thread start-up,
     which every method shares. Short (the first `WARM_UP_TOKENS` tokens, 2 new) and dense only, so it costs a
     fraction of one sample instead of a full prefill per method; the sample order is rotated besides."""
@@ -353,7 +353,7 @@ def _model_input(engine, sample: Sample, outputs: Sequence[str], chat: bool):
     return list(ids)
 
 
-def _run_sample(engine, sample: Sample, method: str, length: int, index: int, cap: int | None, chat: bool = False):
+def run_sample(engine, sample: Sample, method: str, length: int, index: int, cap: int | None, chat: bool = False):
     """Every turn of `sample` with `method`, each answer fed back into the next turn's prompt; the record
     and each turn's token ids.
 

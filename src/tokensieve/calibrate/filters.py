@@ -18,9 +18,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from .attention import last_query_probs
-from .methods.base import Context, LayerStep, Method, Policy, Run, resolve_budget, scaled_layers
-from .methods.omnikv import PAPER_DEPTH, PAPER_FILTER_LAYERS
+from ..attention import last_query_probs
+from ..methods.base import Context, LayerStep, Method, Policy, Run, resolve_budget, scaled_layers
+from ..methods.omnikv import PAPER_DEPTH, PAPER_FILTER_LAYERS
+from .output import pyplot
 
 PAPER_TOP_K_FRACTION = 0.067  # OmniKV's default budget as a fraction of the prompt
 
@@ -121,12 +122,9 @@ def calibrate(engine, prompts: list[list[int]], steps: int = 8, top_k: int | flo
 
 def plot(result: dict, path: Path, title: str) -> None:
     """The capture curve with the recommended and the paper's (scaled) filter layers marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    plt = pyplot()
     curve = result["capture_curve"]
     layers = [c for c, v in enumerate(curve) if v is not None]
     fig, ax = plt.subplots(figsize=(8, 4))
