@@ -114,6 +114,21 @@ def test_prompt_file_errors_name_the_file_and_the_option(no_loading, capsys, tmp
         (["calibrate-filters", "--model", "tiny", "--prompts", "missing.jsonl"], "--prompts missing.jsonl: no such"),
         (["calibrate-filters", "--model", "tiny", "--num-prompts", "0"], "--num-prompts: must be an int >= 1"),
         (["calibrate-filters", "--model", "tiny", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+        (["calibrate-pruning", "--model", "tiny", "--methods", "sliminfer,nope"], "--methods nope: unknown method"),
+        (["calibrate-pruning", "--model", "tiny", "--methods", "omnikv"], "omnikv does not prune the prompt"),
+        (["calibrate-pruning", "--model", "tiny", "--methods", "snapkv"], "snapkv does not prune the prompt"),
+        (["calibrate-pruning", "--model", "tiny", "--haystack", "missing.json"], "file missing.json not found"),
+        (["calibrate-pruning", "--model", "tiny", "--tokens", "200k"], "--tokens: must be an int >= 1"),
+        (["calibrate-pruning", "--model", "tiny", "--tokens", "200000"], "--tokens: 200000 tokens plus 1 new exceed"),
+        (["calibrate-pruning", "--model", "tiny", "--tokens", "10"], "--tokens must be at least 64"),
+        (["calibrate-pruning", "--model", "tiny", "--num-prompts", "0"], "--num-prompts: must be an int >= 1"),
+        (["calibrate-pruning", "--model", "tiny", "--candidate", "omnikv"], "give a sliminfer or lazyllm spec"),
+        (["calibrate-pruning", "--model", "tiny", "--candidate", "lazyllm(budget=1)"], "bad settings for lazyllm"),
+        (
+            ["calibrate-pruning", "--model", "tiny", "--methods", "sliminfer", "--candidate", "lazyllm"],
+            "candidate 'lazyllm' is a lazyllm setting, and --methods is sliminfer",
+        ),
+        (["calibrate-pruning", "--model", "tiny", "--grid", "missing.json"], "--grid missing.json: no such file"),
     ],
 )
 def test_every_command_refuses_bad_arguments_before_loading(no_loading, capsys, argv, message):
@@ -168,7 +183,7 @@ def test_prompt_file_in_another_encoding(tiny_engine, capsys, tmp_path):
 def test_every_option_has_help_and_shows_its_default():
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(commands) == {"generate", "demo", "bench", "eval", "calibrate-filters", "serve"}
+    assert set(commands) == {"generate", "demo", "bench", "eval", "calibrate-filters", "calibrate-pruning", "serve"}
     for name, command in commands.items():
         formatter = command._get_formatter()
         for action in command._actions:
@@ -187,7 +202,7 @@ def test_top_level_help_is_written_for_users(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "computes only the tokens that matter" in out and "examples:" in out
-    for command in ("generate", "demo", "bench", "eval", "calibrate-filters"):
+    for command in ("generate", "demo", "bench", "eval", "calibrate-filters", "calibrate-pruning"):
         assert command in out
 
 

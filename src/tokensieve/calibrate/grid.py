@@ -92,7 +92,7 @@ def read_grid(path: str | Path) -> list[str]:
     if isinstance(data, dict):
         data = [c["spec"] if isinstance(c, dict) else c for c in data.get("candidates", [])]
     if not isinstance(data, list) or not data or not all(isinstance(spec, str) for spec in data):
-        raise ValueError(f"--grid {path}: expected a non-empty JSON list of method specs, e.g. [\"lazyllm\"]")
+        raise ValueError(f'--grid {path}: expected a non-empty JSON list of method specs, e.g. ["lazyllm"]')
     return data
 
 

@@ -156,7 +156,8 @@ def plot(result: dict[str, Any], path: str | Path, title: str) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     markers = {"sliminfer": "o", "lazyllm": "s"}
-    for ax, key, label in zip(axes, ("accuracy", "agreement"), ("needle accuracy", "greedy agreement with dense")):
+    panels = (("accuracy", "needle accuracy"), ("agreement", "greedy agreement with dense"))
+    for ax, (key, label) in zip(axes, panels, strict=True):
         ax.scatter([1.0], [result["dense"][key]], marker="*", s=180, color="black", label="dense", zorder=3)
         for method in dict.fromkeys(c["method"] for c in result["candidates"]):
             own = [(n, c) for n, c in enumerate(result["candidates"], 1) if c["method"] == method]

@@ -35,7 +35,7 @@ def register(sub) -> None:
     parser.add_argument(
         "--candidate",
         action="append",
-        default=[],
+        default=None,
         metavar="SPEC",
         help="a setting to measure, as a method spec, e.g. 'sliminfer(prune_layers=(15,), budgets=(0.25,))'; "
         "repeatable; the candidates given replace their method's default grid",
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     methods = check_methods(split_methods(args.methods))
-    given = [*args.candidate, *(read_grid(args.grid) if args.grid else [])]
+    given = [*(args.candidate or []), *(read_grid(args.grid) if args.grid else [])]
     for spec in given:
         check_candidate(spec, methods)  # a clear error now, before the model loads
     if args.tokens < MIN_TOKENS:
