@@ -102,15 +102,15 @@ def attend(
     no key is newer than the last query) a single query on a full-attention layer builds no mask.
     """
     mask = visibility_mask(q_pos, k_pos, hidden, window, newest)
-    if softcap is not None or _one_long_query_on_cpu(q, k):
+    if softcap is not None or (mask is None and _one_long_query_on_cpu(q, k)):
         return explicit_attention(q, k, v, scale, mask, softcap)
     if mask is not None:
         mask = mask[None, None]
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True)[0]
 
 
-# A single fp32 query on CPU over at least this many keys: two matmuls beat the fused kernel (see below).
-EXPLICIT_MIN_KEYS = 1024
+# A single fp32 query on CPU over at least this many keys, none masked: two matmuls beat the fused kernel.
+EXPLICIT_MIN_KEYS = 2048
 
 
 def _one_long_query_on_cpu(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -128,10 +128,12 @@ def explicit_attention(
     """Attention as two matmuls and a softmax, with Gemma 2's soft-capped logits when `softcap` is given
     (the fused kernel has no soft-cap): logits in the inputs' dtype, capped, masked, softmax in fp32.
 
-    `attend` also takes it for one fp32 query on CPU (a decode step): the fused CPU kernel is built for
-    blocks of queries, and for a single one it is slower at every context length measured (cpu-decode's
-    4 query heads over 1 KV head: 46 vs 46 us at 256 keys, 446 vs 782 us at 8K; SmolLM2's 9 over 3:
-    1.6 vs 2.8 ms at 8K). `mask`: bool `[m, t]` or None.
+    `attend` also takes it for one fp32 query on CPU over `EXPLICIT_MIN_KEYS` keys or more with no mask (a
+    decode step on a global layer at a long context): the fused CPU kernel is built for blocks of queries,
+    and for a single one over the strided keys of a cache it was slower from about 2K keys on (cpu-decode's
+    4 query heads over 1 KV head: 446 vs 782 us at 8K; SmolLM2's 9 over 3: 1.6 vs 2.8 ms at 8K). Below 2K
+    keys, and with a mask, the two were even or the fused kernel won, so those stay with it.
+    `mask`: bool `[m, t]` or None.
     """
     heads, m, d = q.shape
     kv_heads, t = k.shape[0], k.shape[1]

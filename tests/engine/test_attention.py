@@ -8,8 +8,8 @@ import torch
 import tokensieve
 from conftest import deep, random_prompt
 from device_syncs import DeviceSyncs, decode_syncs_per_step
-from tokensieve import presets
-from tokensieve.attention import EXPLICIT_MIN_KEYS, attend, last_query_probs, visibility_mask
+from tokensieve import attention, presets
+from tokensieve.attention import EXPLICIT_MIN_KEYS, attend, explicit_attention, last_query_probs, visibility_mask
 
 
 def _reference(q, q_pos, k, v, k_pos, scale, hidden):
@@ -25,10 +25,9 @@ def _reference(q, q_pos, k, v, k_pos, scale, hidden):
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2)])
 @pytest.mark.parametrize("queries", [1, 3])
-@pytest.mark.parametrize("t", [40, EXPLICIT_MIN_KEYS])  # one query over many keys: the explicit path
-def test_hidden_keys_and_positions_mask_like_a_reference(heads, kv_heads, queries, t):
+def test_hidden_keys_and_positions_mask_like_a_reference(heads, kv_heads, queries):
     torch.manual_seed(0)
-    d = 8
+    t, d = 40, 8
     k, v = torch.randn(kv_heads, t, d), torch.randn(kv_heads, t, d)
     k_pos = torch.randperm(t)  # keys need not be sorted
     q = torch.randn(heads, queries, d)
@@ -38,6 +37,22 @@ def test_hidden_keys_and_positions_mask_like_a_reference(heads, kv_heads, querie
     hidden[k_pos == t - 1] = False  # the newest query always sees itself
     out = attend(q, q_pos, k, v, k_pos, d**-0.5, hidden)
     torch.testing.assert_close(out, _reference(q, q_pos, k, v, k_pos, d**-0.5, hidden), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 1), (6, 2)])
+def test_one_query_over_many_keys_takes_the_explicit_path_and_equals_the_reference(heads, kv_heads, monkeypatch):
+    torch.manual_seed(2)
+    t, d = EXPLICIT_MIN_KEYS, 8
+    k, v = torch.randn(kv_heads, t + 5, d)[:, :t], torch.randn(kv_heads, t + 5, d)[:, :t]  # strided, as a cache
+    q, q_pos, k_pos = torch.randn(heads, 1, d), torch.tensor([t - 1]), torch.randperm(t)
+    taken = []
+    monkeypatch.setattr(attention, "explicit_attention", lambda *a: taken.append(1) or explicit_attention(*a))
+    out = attend(q, q_pos, k, v, k_pos, d**-0.5, newest=True)
+    assert taken == [1]
+    reference = _reference(q, q_pos, k, v, k_pos, d**-0.5, torch.zeros(t, dtype=torch.bool))
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    attend(q, q_pos, k[:, :-1], v[:, :-1], k_pos[:-1], d**-0.5, newest=True)  # one key fewer: the fused kernel
+    assert taken == [1]
 
 
 def test_hidden_keys_take_no_share_of_the_scores():

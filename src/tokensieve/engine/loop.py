@@ -173,26 +173,24 @@ def decode_batch(model: DecoderModel, batch: list[DecodeRequest]) -> torch.Tenso
     rows = [_embed(model, [seq.token], seq.position) for seq in batch]
     for layer in range(model.spec.num_layers):
         rows = [seq.policy.decode_rows(layer, part) for seq, part in zip(batch, rows, strict=True)]
+        sizes = [len(part) for part in rows]
         h, pos = _cat([part.h for part in rows]), _cat([part.pos for part in rows])
         q, k, v = model.qkv(layer, h, pos)
-        steps, contexts, outputs, start = [], [], [], 0
-        for seq, part in zip(batch, rows, strict=True):
-            mine = slice(start, start + len(part))
-            start += len(part)
-            seq.kv[layer].append(k[:, mine], v[:, mine], part.pos)
-            step = LayerStep(layer, part, q[:, mine], k[:, mine], seq.kv[layer])
+        steps, contexts, outputs = [], [], []
+        per_seq = zip(batch, rows, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), strict=True)
+        for seq, part, q_i, k_i, v_i in per_seq:
+            seq.kv[layer].append(k_i, v_i, part.pos)
+            step = LayerStep(layer, part, q_i, k_i, seq.kv[layer])
             context = seq.policy.decode_context(step)
             seq.counts.add(layer, len(part), context)
-            q_pos, ctx = part.pos, context
-            outputs.append(model.attend(layer, step.q, q_pos, ctx.k, ctx.v, ctx.pos, ctx.hidden, newest=True))
+            outputs.append(model.attend(layer, q_i, part.pos, context.k, context.v, context.pos, context.hidden, True))
             steps.append(step)
             contexts.append(context)
         h = model.mlp(layer, model.attention_output(layer, h, _cat(outputs, dim=1)))
-        rows, start = [], 0
-        for seq, step, context in zip(batch, steps, contexts, strict=True):
-            mine = slice(start, start + len(step.rows))
-            start += len(step.rows)
-            rows.append(seq.policy.decode_layer_done(step.with_rows(step.rows.with_h(h[mine])), context))
+        rows = [
+            seq.policy.decode_layer_done(step.with_rows(step.rows.with_h(h_i)), context)
+            for seq, step, context, h_i in zip(batch, steps, contexts, h.split(sizes), strict=True)
+        ]
     for seq in batch:
         seq.policy.decode_step_done()
         seq.counts.steps += 1

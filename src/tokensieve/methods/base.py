@@ -24,7 +24,7 @@ The dense policy answers "all of them" everywhere. Returning `None` from a keep 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -48,7 +48,7 @@ class Rows:
         return Rows(self.h[index], self.pos[index])
 
     def with_h(self, h: torch.Tensor) -> Rows:
-        return replace(self, h=h)
+        return Rows(h, self.pos)  # not dataclasses.replace: a decode step calls this per sequence and layer
 
     @staticmethod
     def cat(parts: list[Rows]) -> Rows:
@@ -125,7 +125,7 @@ class LayerStep:
 
     def with_rows(self, rows: Rows) -> LayerStep:
         """The same rows with new hidden states (after the MLP)."""
-        return replace(self, rows=rows)
+        return LayerStep(self.layer, rows, self.q, self.k, self.kv)
 
 
 class Policy:
