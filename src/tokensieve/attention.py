@@ -130,9 +130,11 @@ def explicit_attention(
 
     `attend` also takes it for one fp32 query on CPU over `EXPLICIT_MIN_KEYS` keys or more with no mask (a
     decode step on a global layer at a long context): the fused CPU kernel is built for blocks of queries,
-    and for a single one over the strided keys of a cache it was slower from about 2K keys on (cpu-decode's
-    4 query heads over 1 KV head: 446 vs 782 us at 8K; SmolLM2's 9 over 3: 1.6 vs 2.8 ms at 8K). Below 2K
-    keys, and with a mask, the two were even or the fused kernel won, so those stay with it.
+    and for a single one over the strided keys of a cache it was slower from about 2K keys on (alone:
+    cpu-decode's 4 query heads over 1 KV head, 446 vs 782 us at 8K; SmolLM2's 9 over 3, 1.6 vs 2.8 ms).
+    In a whole decode step, where the other layers' work shares the memory bandwidth, the gain is small:
+    3% of dense's step on cpu-decode at 8K, 5% on SmolLM2 at 4K (alternating rounds in one process). Below
+    2K keys, and with a mask, the two were even or the fused kernel won, so those stay with it.
     `mask`: bool `[m, t]` or None.
     """
     heads, m, d = q.shape
