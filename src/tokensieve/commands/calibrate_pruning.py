@@ -11,7 +11,7 @@ MIN_TOKENS = 64  # the needle generator's shortest prompt
 
 
 def register(sub) -> None:
-    from .options import add_model_arguments, positive_int
+    from .options import add_haystack_argument, add_model_arguments, positive_int
 
     parser = sub.add_parser(
         "calibrate-pruning",
@@ -22,12 +22,7 @@ def register(sub) -> None:
         "and pruning.png.",
     )
     add_model_arguments(parser)
-    parser.add_argument(
-        "--haystack",
-        default=None,
-        help="haystack text: a .txt/.md file, a JSON {'text': ...} file or a directory of text files "
-        "(default: built-in procedural prose)",
-    )
+    add_haystack_argument(parser)
     parser.add_argument("--tokens", type=positive_int, default=2048, help="prompt length in tokens of the model")
     parser.add_argument("--num-prompts", type=positive_int, default=4, help="needle prompts (seeds 0, 1, ...)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt")
@@ -57,9 +52,8 @@ def run(args: argparse.Namespace) -> None:
     from ..calibrate.output import save
     from ..calibrate.pruning import plot, table
     from ..eval.runner import require_chat_template
-    from ..eval.tasks import Haystack
     from ..methods import split_methods
-    from .options import check_context, load_engine
+    from .options import check_context, haystack_of, load_engine
 
     started = time.perf_counter()
     methods = check_methods(split_methods(args.methods))
@@ -68,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
         check_candidate(spec, methods)  # a clear error now, before the model loads
     if args.tokens < MIN_TOKENS:
         raise ValueError(f"--tokens must be at least {MIN_TOKENS} (the needle prompts' shortest), got {args.tokens}")
-    haystack = Haystack.from_file(args.haystack) if args.haystack else None
+    haystack = haystack_of(args)
     check_context(args.model, args.tokens, "--tokens")
     engine = load_engine(args)
     if args.chat:

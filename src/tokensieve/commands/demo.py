@@ -40,7 +40,7 @@ def demo_methods(prompt_tokens: int) -> dict[str, Method]:
 
 
 def register(sub) -> None:
-    from .options import add_model_arguments, positive_int
+    from .options import add_haystack_argument, add_model_arguments, positive_int
 
     parser = sub.add_parser("demo", help="a needle task on the embedded model: every method beside dense")
     add_model_arguments(parser, default_model=DEMO_MODELS[0])
@@ -57,24 +57,19 @@ def register(sub) -> None:
         help=f"a task of `tokensieve eval` (default {DEFAULT_TASK}, a 7-digit number; "
         f"{TASK_FOR_MODEL['testbed']} on the testbed)",
     )
-    parser.add_argument(
-        "--haystack",
-        default=None,
-        help="filler text around the needle: a .txt or a JSON {'text': ...} file, e.g. RULER's Paul Graham essays "
-        "(default: built-in procedural prose; `make demo` passes the essays when ../shared has them)",
-    )
+    add_haystack_argument(parser, "; `make demo` passes the essays when ../shared has them")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task's haystack, needle and values")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from ..eval.runner import chat_overhead
-    from ..eval.tasks import Haystack, make_sample, parse_task
-    from .options import check_context
+    from ..eval.tasks import make_sample, parse_task
+    from .options import check_context, haystack_of
 
     parse_task(args.task or DEFAULT_TASK)  # these checks before the model loads
     check_context(args.model, args.tokens, "--tokens")
-    haystack = Haystack.from_file(args.haystack) if args.haystack else None
+    haystack = haystack_of(args)
     engine = _load_with_fallback(args)
     task = args.task or TASK_FOR_MODEL.get(args.model, DEFAULT_TASK)
     chat = bool(getattr(engine.tokenizer, "chat_template", None))  # instruction-tuned models answer in chat form

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def register(sub) -> None:
     from ..eval.tasks import TASKS, VALUE_KINDS
-    from .options import add_model_arguments, positive_int
+    from .options import add_haystack_argument, add_model_arguments, positive_int
 
     parser = sub.add_parser(
         "eval",
@@ -36,12 +36,7 @@ def register(sub) -> None:
     parser.add_argument("--samples", type=positive_int, default=5, help="samples per task and length (default: 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples (sample i of a task uses seed + i)")
     parser.add_argument("--depth", type=float, default=None, help="needle depth in [0, 1] (default: random)")
-    parser.add_argument(
-        "--haystack",
-        default=None,
-        help="haystack text: a .txt/.md file, a JSON {'text': ...} file or a directory of text files "
-        "(default: built-in procedural prose)",
-    )
+    add_haystack_argument(parser)
     parser.add_argument(
         "--longbench", default=None, help="a directory (or file) of LongBench jsonl / MiniLongBench json"
     )
@@ -85,9 +80,9 @@ def run(args: argparse.Namespace) -> None:
     from ..eval.longbench import TASK_METRICS, load_longbench
     from ..eval.ruler import load_ruler
     from ..eval.runner import JOURNAL, build_samples, parse_length, require_chat_template, run_eval
-    from ..eval.tasks import TASKS, Haystack, parse_task
+    from ..eval.tasks import TASKS, parse_task
     from ..methods import METHODS, resolve_method, split_methods
-    from .options import check_context, load_engine
+    from .options import check_context, haystack_of, load_engine
 
     methods = split_methods(args.methods or "") or list(METHODS)
     for spec in methods:
@@ -114,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
     if args.depth is not None and not 0 <= args.depth <= 1:
         raise ValueError(f"--depth must be in [0, 1] (0 = start of the haystack), got {args.depth}")
     check_context(args.model, max(lengths), "--lengths", args.max_new_tokens or 1)
-    haystack = Haystack.from_file(args.haystack) if args.haystack else None
+    haystack = haystack_of(args)
 
     engine = load_engine(args)
     if args.chat:

@@ -32,6 +32,23 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def add_haystack_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """`--haystack`, the filler text of needle prompts (eval, demo, calibrate-pruning); `note` ends its help."""
+    parser.add_argument(
+        "--haystack",
+        default=None,
+        help="haystack text around the needles: a .txt/.md file, a JSON {'text': ...} file (e.g. RULER's Paul "
+        f"Graham essays) or a directory of text files (default: built-in procedural prose{note})",
+    )
+
+
+def haystack_of(args: argparse.Namespace):
+    """The `--haystack` given, read (`eval.tasks.Haystack`), or None for the procedural prose."""
+    from ..eval.tasks import Haystack
+
+    return Haystack.from_file(args.haystack) if args.haystack else None
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
     """The model, device, dtype and CPU-thread options every command shares."""
     parser.add_argument(
