@@ -16,7 +16,7 @@ session past `max_bytes` is dropped at once, as without parking.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..generation import Generation
@@ -32,8 +32,10 @@ class _Retained:
     text: str | None  # the conversation's text so far; None when it began as token ids
     chat: bool  # a chat's text is tokenized without the tokenizer's special tokens, a completion's with them
     parked: bool = False  # its KV waits in host memory
-    device_bytes: int = 0  # what it holds, measured once when kept (a retained session does not change) ...
-    host_bytes: int = 0  # ... its KV and policy state on the device, and what its method keeps in host memory
+    # What it holds, measured once when kept (a retained session does not change): its KV and policy state
+    # on the device, and what its method keeps in host memory.
+    device_bytes: int = field(init=False)
+    host_bytes: int = field(init=False)
 
     def __post_init__(self):
         stats = self.session.stats
@@ -136,10 +138,8 @@ class SessionPool:
         self.metrics.evicted.inc()
 
     def _held(self, parked: bool) -> int:
-        """KV bytes (device and host, e.g. OmniKV's offloaded prompt) of the parked or of the other sessions.
-
-        From each session's bytes measured when it was kept: measuring every retained session anew at every
-        request cost O(sessions x layers) and delayed each response's last chunk (90 ms with 100 sessions)."""
+        """KV bytes (device and host, e.g. OmniKV's offloaded prompt) of the parked or of the other sessions,
+        as measured when each was kept (measuring them all at every request is O(sessions x layers))."""
         return sum(r.nbytes for r in self._kept.values() if r.parked == parked)
 
     def _bytes(self) -> tuple[int, int]:
