@@ -112,7 +112,7 @@ DEEP = dict(
 PRUNING = {
     "dense": "dense",
     "sliminfer": "sliminfer(budgets=(0.5, 0.25, 0.125))",
-    "lazyllm": "lazyllm",
+    "lazyllm": "lazyllm(revive_per_step=1)",  # revival on: the default (0) decodes as static pruning
     "omnikv": "omnikv(budget=32)",
     "snapkv": "snapkv(budget=64)",
     "h2o": "h2o(budget=64)",

@@ -17,7 +17,7 @@ NEW_TOKENS = 8
 # Settings that prune hard on these 192-token prompts, so that every method really selects.
 PRUNING = {
     "dense": METHODS["dense"](),
-    "lazyllm": LazyLLM(budgets=(0.5, 0.3, 0.2)),
+    "lazyllm": LazyLLM(budgets=(0.5, 0.3, 0.2), revive_per_step=1),  # revival on, as the hardest case
     "omnikv": OmniKV(budget=32),
     "sliminfer": SlimInfer(budgets=(96, 64, 48), block_size=16, unit_size=4, query_window=2),
     "snapkv": SnapKV(budget=40, window=8),

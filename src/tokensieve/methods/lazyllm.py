@@ -55,9 +55,11 @@ class LazyLLM(Method):
     - `revive_per_step`: a latency bound on revival, not in the paper: at most this many tokens revived per
       boundary per decode step, the best-scoring first; the stage's other places go to the best tokens that
       already have KV, and what the paper would have revived on top shows as `revivals_deferred_per_step`.
-      Default 1, so that a decode step costs no more than dense's; None (the paper) revives every selected
-      token (up to 17x dense's time per step at 8K on SmolLM2); 0 keeps each stage's prefill set, i.e. static
-      pruning, and keeps no aux cache. Nothing to bound with `revive=False` or `dynamic_decode=False`.
+      Default 0: each stage keeps its prefill set, so decode is static pruning (no aux cache, no per-step
+      scoring) and a step costs less than dense's. Each revived token is an extra row through its stage:
+      1 made SmolLM2's decode 1.29x slower than dense at 2K, None (the paper: every selected token) up to
+      17x at 8K, for no measured accuracy gain there. Nothing to bound with `revive=False` or
+      `dynamic_decode=False`.
     - `prune_prefill`: False prunes nothing in prefill (and keeps no aux cache); decode still selects each
       stage's budget at every step among the tokens the layers hold. This is LazyLLM on the decode side of
       a composition (`as_decode_side`).
@@ -68,7 +70,7 @@ class LazyLLM(Method):
     budgets: tuple[int | float, ...] = (0.7, 0.5, 0.3)
     dynamic_decode: bool = True
     revive: bool = True
-    revive_per_step: int | None = 1
+    revive_per_step: int | None = 0
     prune_prefill: bool = True
 
     # its selection is by position, shared by every KV head: it cannot follow a per-head eviction (SnapKV)
@@ -210,8 +212,11 @@ class LazyLLMPolicy(Policy):
                 "increases: give a non-increasing schedule"
             )
         self.prunes = method.prune_prefill
-        self.dynamic = method.dynamic_decode and method.revive
         self.revive_limit = method.revive_per_step  # None: every selected token (the paper)
+        # After its own prefill each stage holds exactly its budget, so without revival a reselection would
+        # pick those same tokens at every step: decode statically and skip the scoring.
+        reselection_is_a_no_op = self.prunes and self.revive_limit == 0
+        self.dynamic = method.dynamic_decode and method.revive and not reselection_is_a_no_op
         self.revives = self.prunes and self.dynamic and self.revive_limit != 0
         stage_starts = [0, *(b + 1 for b in self.bounds)]
         self.stage_of = [sum(layer > b for b in self.bounds) for layer in range(layers)]
@@ -396,7 +401,7 @@ class LazyLLMPolicy(Policy):
             stats["prompt_computed_pct"] = round(100 * computed / (self.run.prompt_len * len(self.layout_of)), 2)
         if self.dynamic:
             stats["selected_per_boundary"] = [round(n / steps, 2) for n in self.selected.tolist()]
-        stats["revivals_deferred_per_step"] = round(int(self.deferred) / steps, 2)
+            stats["revivals_deferred_per_step"] = round(int(self.deferred) / steps, 2)
         if self.prunes:
             stats["aux_cache_tokens"] = [len(aux) for aux in self.aux]
             stats["aux_cache_bytes"] = self.device_bytes()
