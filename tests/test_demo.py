@@ -7,7 +7,7 @@ import pytest
 from tokensieve import loading
 from tokensieve.cli import main
 from tokensieve.commands.demo import budget_label, demo_methods
-from tokensieve.methods import METHODS
+from tokensieve.methods import METHODS, LazyLLM
 from tokensieve.testbed import MODEL_DIR
 
 
@@ -43,11 +43,15 @@ def test_demo_without_smollm2_falls_back_to_the_testbed_and_dense_is_right(monke
 
 def test_budget_labels_say_what_each_method_keeps():
     labels = {name: budget_label(method.settings()) for name, method in demo_methods(1024).items()}
+    assert not any(name.endswith("*") for name in labels)  # no measured settings: no extra rows
     assert labels["dense"] == "all"
     assert labels["sliminfer"] == "prompt x 1/4,1/8,1/16"
     assert labels["lazyllm"] == "prompt x 7/10,1/2,3/10"
     assert labels["omnikv"] == labels["snapkv"] == labels["h2o"] == "128 keys"
     assert labels["streaming_llm"] == "4+124 keys"
+    measured = demo_methods(1024, {"lazyllm": LazyLLM(prune_layers=(5,), budgets=(0.25,))})
+    assert list(measured)[:4] == ["dense", "sliminfer", "lazyllm", "lazyllm*"]
+    assert budget_label(measured["lazyllm*"].settings()) == "prompt x 1/4"
 
 
 @pytest.mark.parametrize("threads", ["0", "-2", "two"])

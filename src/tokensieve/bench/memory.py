@@ -24,7 +24,7 @@ from typing import Any
 from .report import render
 from .runner import DENSE, TRANSFORMERS, build_prompt, contestants, peak_rss_bytes
 
-MODEL_OPTIONS = ("model", "device", "dtype", "threads")
+MODEL_OPTIONS = ("model", "device", "dtype", "threads", "method_defaults")
 
 
 def measure_memory(args: argparse.Namespace, methods: Sequence[str], lengths: Sequence[int], chunk: int):

@@ -20,10 +20,12 @@ DEMO_MODELS = ("smollm2", "testbed")  # tried in this order when --model is left
 TASK_FOR_MODEL = {"testbed": "niah_single:words"}  # the testbed answers word needles; others get 7-digit numbers
 DEFAULT_TASK = "niah_single:numbers"
 RANDOM_FALLBACK = "cpu-prefill"
+MEASURED_MARK = "*"  # after a method's name: the settings measured for this model (`Engine.method_defaults`)
 
 
-def demo_methods(prompt_tokens: int) -> dict[str, Method]:
-    """Each registered method at settings that act on a prompt of this length (dense first)."""
+def demo_methods(prompt_tokens: int, measured: dict[str, Method] | None = None) -> dict[str, Method]:
+    """Each registered method at settings that act on a prompt of this length (dense first); after a method's
+    row, as `name*`, the settings `measured` for this model (its `method_defaults`), where it has some."""
     from ..methods import H2O, OmniKV, SlimInfer, SnapKV, StreamingLLM
 
     budget = max(64, prompt_tokens // 8)  # KV-selection methods keep or attend one eighth of the prompt
@@ -36,7 +38,13 @@ def demo_methods(prompt_tokens: int) -> dict[str, Method]:
         "h2o": H2O(budget=budget),
         "streaming_llm": StreamingLLM(window=budget - 4),
     }
-    return {**chosen, **{name: cls() for name, cls in METHODS.items() if name not in chosen}}
+    every = {**chosen, **{name: cls() for name, cls in METHODS.items() if name not in chosen}}
+    rows: dict[str, Method] = {}
+    for name, method in every.items():
+        rows[name] = method
+        if name in (measured or {}):
+            rows[f"{name}{MEASURED_MARK}"] = measured[name]
+    return rows
 
 
 def register(sub) -> None:
@@ -81,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
         f"haystack: {args.haystack or 'procedural'}   expected answer: {', '.join(sample.turns[0].answers)}\n"
     )
 
-    methods = demo_methods(len(ids))
+    methods = demo_methods(len(ids), engine.method_defaults)
     engine.generate(ids, max_new_tokens=1)  # warm-up at full length: first-call allocations would be charged to dense
     results = {}
     for name, method in tqdm(methods.items(), desc="methods", unit="method"):
@@ -142,6 +150,11 @@ def format_table(results: dict, score, answer_prefix: str = "") -> str:
         "\ncomputed: prefill token-layers vs dense. same: generated tokens equal to dense's. budget: what each "
         "method keeps (fractions of the prompt, or keys per layer)."
     )
+    if any(name.endswith(MEASURED_MARK) for name in results):
+        lines.append(
+            f"{MEASURED_MARK}: the settings measured for this model, what the bare name means with it "
+            "(its method defaults; the row above it: the papers' schedule as fractions of the prompt)."
+        )
     return "\n".join(lines)
 
 

@@ -81,6 +81,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
         help="split the heads and the MLP over N ranks (worker processes started here; on CUDA one device each; "
         "under torchrun, its ranks); see docs/distributed.md",
     )
+    parser.add_argument(
+        "--method-defaults",
+        default=None,
+        help="what bare method names stand for with this model: a JSON file ({'method_defaults': {'lazyllm': "
+        "'lazyllm(...)'}}, or a pruning.json of calibrate-pruning: its recommendations), or 'none' for the "
+        "papers' defaults (default: the model's own: smollm2's measured schedules, or tokensieve.json in a "
+        "checkpoint directory)",
+    )
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:
@@ -124,6 +132,7 @@ def model_options(args: argparse.Namespace, method: str = "dense") -> dict:
         threads=getattr(args, "threads", None),
         prefill_chunk=getattr(args, "prefill_chunk", None),
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+        method_defaults=getattr(args, "method_defaults", None),
     )
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .. import inputs
 from ..generation import Generation, Sampling
-from ..methods import Method, resolve_method
+from ..methods import Method, check_method_defaults, resolve_method
 from ..model import DecoderModel
 from .executor import Executor
 from .loop import DecodeCounts
@@ -23,7 +23,9 @@ class Engine:
     Sessions of one engine may live at once and be used from several threads: their forward passes are
     serialized by the executor's lock (correct, not parallel), and each session keeps its own state.
     `executor` runs the layer loop (default: here, on `model`; a tensor-parallel leader also drives the
-    other ranks).
+    other ranks). `method_defaults` maps method names to the settings a bare name stands for with this model
+    (e.g. `{"lazyllm": "lazyllm(prune_layers=(23,), budgets=(0.3,))"}`, a schedule measured on it by
+    `tokensieve calibrate-pruning`); names it leaves out keep their classes' defaults (the papers').
     """
 
     def __init__(
@@ -33,10 +35,12 @@ class Engine:
         method: str | Method = "dense",
         prefill_chunk: int | None = None,
         executor: Executor | None = None,
+        method_defaults: dict[str, str | Method] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.method = resolve_method(method)
+        self.method_defaults = check_method_defaults(method_defaults)
+        self.method = self.resolve(method)
         self.prefill_chunk = _check_chunk(prefill_chunk)
         self.executor = executor or Executor(model)
         self.eos_ids = self._eos_ids()
@@ -52,6 +56,11 @@ class Engine:
         self.close()
 
     # -- public API ------------------------------------------------------------------------------------
+    def resolve(self, method: str | Method) -> Method:
+        """The method a name, a spec or an instance stands for on this engine: a bare name takes this
+        model's `method_defaults` where it has one."""
+        return resolve_method(method, self.method_defaults)
+
     def start(
         self,
         prompt: str | Sequence[int],
@@ -66,7 +75,7 @@ class Engine:
         `defer_prefill=True` only sets the prefill up: `session.advance_prefill(layers)` runs it a few layers
         at a time (what the scheduler does between decode steps); the result is the same.
         """
-        method = self.method if method is None else resolve_method(method)
+        method = self.method if method is None else self.resolve(method)
         chunk = self.prefill_chunk if prefill_chunk is None else _check_chunk(prefill_chunk)
         inputs.check_prompt(prompt, chat)
         messages = [{"role": "user", "content": prompt}] if chat else None

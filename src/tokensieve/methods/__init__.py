@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Mapping
 
 from .base import Context, Dense, LayerStep, Method, Policy, Rows, Run, resolve_budget, scaled_layers
 from .compose import Compose
@@ -21,9 +22,12 @@ METHODS: dict[str, type[Method]] = {
 SPEC = re.compile(r"\s*(?P<name>[^\s()]+)\s*(?:\((?P<args>.*)\))?\s*", re.DOTALL)  # name, or name(settings)
 
 
-def resolve_method(method: str | Method) -> Method:
+def resolve_method(method: str | Method, defaults: Mapping[str, Method] | None = None) -> Method:
     """A method from an instance (returned as is), a name ("sliminfer") or a call-like spec with settings,
     e.g. "sliminfer(budgets=(0.25, 0.125, 0.0625), gamma=0.8)" (keyword arguments, Python literals only).
+
+    `defaults` (see `check_method_defaults`): the settings a bare name stands for on one model, e.g. a schedule
+    measured on it; a spec with settings starts from the class's own defaults (the papers'), as everywhere.
     """
     if isinstance(method, Method):
         return method
@@ -33,7 +37,7 @@ def resolve_method(method: str | Method) -> Method:
     if len(sides) > 2:
         raise ValueError(f"bad method spec {method!r}: a composition is one prefill method + one decode method")
     if len(sides) == 2:
-        return Compose(resolve_method(sides[0]), resolve_method(sides[1]))
+        return Compose(resolve_method(sides[0], defaults), resolve_method(sides[1], defaults))
     spec = SPEC.fullmatch(method)
     if spec is None:
         raise ValueError(f"bad method spec {method!r}: write a name, or name(key=value, ...) with Python literals")
@@ -43,7 +47,7 @@ def resolve_method(method: str | Method) -> Method:
         known = ", ".join(sorted(METHODS))
         raise ValueError(f"unknown method {name!r}: choose one of {known} or pass a Method instance")
     if not args:
-        return cls()
+        return (defaults or {}).get(cls.name) or cls()
     try:
         call = ast.parse(f"f({args})", mode="eval").body
         if call.args:
@@ -56,6 +60,25 @@ def resolve_method(method: str | Method) -> Method:
         return cls(**settings)
     except TypeError as err:
         raise ValueError(f"bad settings for {cls.name}: {err}") from err
+
+
+def check_method_defaults(settings: Mapping[str, str | Method] | None) -> dict[str, Method]:
+    """Per-model settings of bare method names, checked: `{"sliminfer": "sliminfer(prune_layers=(23,),
+    budgets=(0.25,))", ...}` (specs or instances), each a registered name mapped to a setting of that method
+    (a composition is not a default of one method). None or `{}`: the classes' own defaults."""
+    checked: dict[str, Method] = {}
+    for name, setting in (settings or {}).items():
+        if name not in METHODS:
+            known = ", ".join(sorted(METHODS))
+            raise ValueError(f"method default for {name!r}: not a method name; choose one of {known}")
+        try:
+            method = resolve_method(setting)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"method default for {name!r}: {err}") from err
+        if type(method) is not METHODS[name]:
+            raise ValueError(f"method default for {name!r} is a {method.name} setting ({setting!r}): give a {name} one")
+        checked[name] = method
+    return checked
 
 
 def split_methods(text: str) -> list[str]:
@@ -96,6 +119,7 @@ __all__ = [
     "SlimInfer",
     "SnapKV",
     "StreamingLLM",
+    "check_method_defaults",
     "resolve_budget",
     "resolve_method",
     "scaled_layers",

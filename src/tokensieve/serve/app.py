@@ -14,7 +14,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from ..methods import resolve_method
 from .config import ServeConfig
 from .errors import ServeError
 from .metrics import Metrics
@@ -79,7 +78,7 @@ def create_app(engine, config: ServeConfig | None = None, metrics: Metrics | Non
     async def _answer(body: CompletionRequest | ChatRequest, prompt: Prompt, chat: bool, request: Request):
         spec = body.tokensieve.method or config.method
         try:
-            method = resolve_method(spec)
+            method = engine.resolve(spec)
         except (ValueError, TypeError) as err:
             raise ServeError(422, f"tokensieve.method: {err}", "tokensieve.method") from err
         job = Job(
