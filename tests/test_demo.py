@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+import tokensieve
+from conftest import SHARED
 from tokensieve import loading
 from tokensieve.cli import main
-from tokensieve.commands.demo import budget_label, demo_methods
+from tokensieve.commands.demo import budget_label, demo_methods, document_question
+from tokensieve.eval.tasks import Haystack
 from tokensieve.methods import METHODS, LazyLLM
 from tokensieve.testbed import MODEL_DIR
 
@@ -24,6 +27,22 @@ def test_demo_on_smollm2_prints_every_method_and_dense_is_right(smollm2_cache, c
     assert set(rows) == set(METHODS)
     assert " yes " in rows["dense"] and "1.00x" in rows["dense"]
     assert rows["sliminfer"].endswith("prompt x 1/4,1/8,1/16") and rows["omnikv"].endswith("64 keys")
+
+
+ESSAYS = SHARED / "data" / "haystack" / "paul_graham_essays.json"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ESSAYS.is_file(), reason=f"{ESSAYS} not found (../shared is not beside the repo)")
+def test_the_question_over_a_real_essay_is_answered_right_by_dense(smollm2_cache):
+    engine = tokensieve.load("smollm2", dtype="float32", device="cpu")
+    essays = Haystack.from_file(ESSAYS)
+    out = document_question(engine, essays, 1100)
+    assert 1000 <= int(out.split("(")[1].split()[0]) <= 1100  # prompt tokens, as asked
+    rows = demo_rows(out)
+    assert set(rows) >= set(METHODS) and " yes " in rows["dense"]
+    assert "needs more room" in document_question(engine, essays, 600)  # the answer lies past 600 tokens
+    assert "--haystack" in document_question(engine, None, 1100)  # procedural prose holds no essay
 
 
 @pytest.mark.skipif(not (MODEL_DIR / "config.json").is_file(), reason="the testbed model is not embedded")
