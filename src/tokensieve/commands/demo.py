@@ -120,15 +120,14 @@ def document_score(answer: str) -> float:
 
 
 def document_question(engine, haystack, tokens: int) -> str:
-    """The question over the essay, cut to about `tokens` tokens with the chat template, for every method; or
-    a note saying why not (the essay is not in the haystack, or does not fit)."""
+    """The question over the start of the haystack (the essay opens the essays file), cut to about `tokens`
+    tokens with the chat template, for every method; or a note saying why not (the haystack does not hold
+    the essay, or is cut before the answer)."""
     text = haystack.text if haystack is not None else None
-    fact = -1 if text is None else text.find(DOCUMENT_FACT)
-    if fact < 0:
+    if text is None or DOCUMENT_FACT not in text:
         return "(A question over a real essay follows with --haystack ../shared/data/haystack/paul_graham_essays.json.)"
-    start = text.rfind("\n\n\n", 0, fact) + 1  # the essay's beginning (0: the file's)
     room = tokens - len(engine.encode(f"\n\nQuestion: {DOCUMENT_QUESTION}", chat=True))
-    document = engine.tokenizer.decode(engine.encode(text[start : start + 8 * tokens], special_tokens=False)[:room])
+    document = engine.tokenizer.decode(engine.encode(text[: 8 * tokens], special_tokens=False)[:room])
     document = document[: document.rfind(".") + 1]
     if DOCUMENT_FACT not in document:
         return f"(The question over a real essay needs more room: --tokens {tokens} cuts the essay before its answer.)"
