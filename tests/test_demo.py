@@ -9,7 +9,7 @@ from conftest import SHARED
 from tokensieve import loading
 from tokensieve.cli import main
 from tokensieve.commands.demo import budget_label, demo_methods, document_question
-from tokensieve.eval.tasks import Haystack
+from tokensieve.eval.haystack import Haystack
 from tokensieve.methods import METHODS, LazyLLM
 from tokensieve.testbed import MODEL_DIR
 

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import SHARED, STORIES, needs_stories
 from tokensieve import presets
-from tokensieve.eval.tasks import TASKS, Haystack, make_sample, parse_task, string_match
+from tokensieve.eval.haystack import Haystack
+from tokensieve.eval.tasks import TASKS, make_sample, parse_task, string_match
 
 ESSAYS = SHARED / "data" / "haystack" / "paul_graham_essays.json"
 BYTES = presets.byte_tokenizer()

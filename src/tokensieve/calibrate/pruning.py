@@ -28,8 +28,9 @@ from typing import Any
 from tqdm import tqdm
 
 from ..eval.fidelity import greedy_agreement
+from ..eval.haystack import Haystack
 from ..eval.runner import build_samples, run_sample, warm_up
-from ..eval.tasks import Haystack, Sample
+from ..eval.tasks import Sample
 from .output import pyplot
 
 TASK = "niah_single:numbers"

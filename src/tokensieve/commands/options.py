@@ -43,8 +43,8 @@ def add_haystack_argument(parser: argparse.ArgumentParser, note: str = "") -> No
 
 
 def haystack_of(args: argparse.Namespace):
-    """The `--haystack` given, read (`eval.tasks.Haystack`), or None for the procedural prose."""
-    from ..eval.tasks import Haystack
+    """The `--haystack` given, read (`eval.haystack.Haystack`), or None for the procedural prose."""
+    from ..eval.haystack import Haystack
 
     return Haystack.from_file(args.haystack) if args.haystack else None
 

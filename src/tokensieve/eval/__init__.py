@@ -1,9 +1,10 @@
 """Evaluation: synthetic long-context tasks, LongBench data and metrics, fidelity vs dense, the eval runner."""
 
 from .fidelity import Fidelity, fidelity, greedy_agreement, kl_divergence
+from .haystack import Haystack
 from .longbench import LongBenchSample, load_longbench
 from .runner import Report, build_samples, run_eval
-from .tasks import TASKS, Haystack, Sample, Turn, make_sample, make_samples, string_match
+from .tasks import TASKS, Sample, Turn, make_sample, make_samples, string_match
 
 __all__ = [
     "TASKS",

@@ -26,8 +26,9 @@ from typing import Any
 from tqdm import tqdm
 
 from .fidelity import forced_logits, greedy_agreement, kl_divergence
+from .haystack import Haystack
 from .longbench import TASK_METRICS, LongBenchSample, truncate_middle
-from .tasks import Haystack, Sample, make_samples
+from .tasks import Sample, make_samples
 
 MEAN = "mean"  # the task name of the rows that average every task
 JOURNAL = "eval.records.jsonl"  # in the output directory: every record as its sample finishes (for --resume)

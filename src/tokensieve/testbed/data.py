@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..eval.tasks import Haystack, Sample, make_sample
+from ..eval.haystack import Haystack
+from ..eval.tasks import Sample, make_sample
 from .tokenizer import task_specs
 
 TRAIN_SEEDS = 1_000_000  # training samples use seeds >= this; evaluation uses 0, 1, 2, ...

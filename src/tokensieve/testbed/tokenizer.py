@@ -11,7 +11,8 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..eval.tasks import TASKS, Haystack, make_sample
+from ..eval.haystack import Haystack
+from ..eval.tasks import TASKS, make_sample
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2
