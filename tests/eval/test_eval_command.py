@@ -16,7 +16,7 @@ from tokensieve.eval import runner
 from tokensieve.eval.runner import MEAN, build_samples, chat_overhead, parse_length, run_eval
 from tokensieve.eval.tasks import TASKS
 from tokensieve.generation import Generation, Stats
-from tokensieve.methods import METHODS
+from tokensieve.methods import METHODS, Compose, Dense
 
 # dense plus one more registered method when there is one (a cheap one), to check the pairing with dense
 OTHERS = sorted(set(METHODS) - {"dense"}, key=lambda name: (name != "streaming_llm", name))
@@ -89,6 +89,9 @@ class OracleEngine:
     def start(self, ids, *, method):
         return OracleSession(self, list(ids), method)
 
+    def resolve(self, method):
+        return Dense() if method == "dense" else Compose(Dense(), Dense())  # what the runner records
+
 
 class OracleSession:
     def __init__(self, engine, tokens, method):
@@ -122,6 +125,7 @@ def test_runner_scores_a_perfect_model_and_pairs_speedups():
     assert all(r.accuracy == 1.0 and r.agreement == 1.0 for r in report.rows)
     assert rows["multi_turn", "fast"].speedup == pytest.approx(2.0) and rows["mean", "dense"].speedup == 1.0
     assert len(report.records) == 2 * 2 * 2 and report.config["methods"] == ["dense", "fast"]
+    assert report.config["method_settings"]["fast"]["name"] == "dense+dense"  # each spec as the engine resolved it
     assert engine.warm_ups == [(runner.WARM_UP_TOKENS, "dense")]  # one short warm-up, not a prefill per method
     # multi_turn's later turns continue the session: 2 turns after the first, per sample and method
     turns = {(r.task, r.method): r.reused_turns for r in report.records}
@@ -137,6 +141,9 @@ def test_eval_kl_column(tmp_path):
     )
     assert all(r["kl"] is not None and r["kl"] >= 0 for r in data["rows"])
     assert all(r["kl"] < 1e-6 for r in data["rows"] if r["method"] == "dense")
+    assert {spec: s["name"] for spec, s in data["config"]["method_settings"].items()} == {
+        spec: spec.split("(")[0] for spec in METHODS_UNDER_TEST
+    }
     no_kl = eval_cli(tmp_path, "--methods", "dense", "--tasks", "niah_single", "--lengths", "640")
     assert all(r["kl"] is None for r in no_kl["rows"])
 

@@ -255,7 +255,9 @@ def run_eval(
     if chat:
         require_chat_template(engine.tokenizer)
     methods = ["dense", *[m for m in methods if m != "dense"]]
-    report = Report(config={**(config or {}), "methods": methods, "chat": chat})
+    # What each spec ran as: with a model's method defaults a bare name stands for its measured settings.
+    settings = {spec: engine.resolve(spec).settings() for spec in methods}
+    report = Report(config={**(config or {}), "methods": methods, "method_settings": settings, "chat": chat})
     done = _open_journal(Path(journal), report.config, resume) if journal else {}
     total = sum(len(samples) for samples in suite.values()) * len(methods)
     pending = (
