@@ -45,6 +45,7 @@ def test_decode_mode_times_steps_after_an_untimed_prefill(tmp_path):
     assert min(omnikv["decode_keys_per_layer"]) < min(dense["decode_keys_per_layer"])
     assert rows[omnikv_spec]["ideal_speedup"] > 1 and rows["dense"]["ideal_speedup"] == pytest.approx(1)
     assert "prefill untimed, 16 steps per round" in printed
+    assert document["config"]["method_settings"][omnikv_spec]["budget"] == 16  # each spec as it ran
 
 
 def test_multi_turn_mode_extends_and_recomputes_the_same_conversation(tmp_path):

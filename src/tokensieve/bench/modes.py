@@ -85,6 +85,8 @@ def run(args: argparse.Namespace, methods: list[str], lengths: list[int], load_e
         return path.with_name("bench-parallel.json"), parallel_table(rows)
     engine = load_engine(args)
     rows, text, settings = _measure(engine, args, methods, lengths)
+    # What each spec ran as: with a model's method defaults a bare name stands for its measured settings.
+    settings["method_settings"] = {spec: engine.resolve(spec).settings() for spec in methods}
     about = report.machine(engine.model.device, engine.model.dtype)
     _write(path, about, config | settings, engine.model.spec, rows)
     return path, text
