@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import tokensieve
 from tokensieve.calibrate.grid import LAZYLLM_GRID, check_candidate, default_grid
 from tokensieve.calibrate.pruning import Measured, calibrate_pruning, needle_prompts, recommend
 from tokensieve.cli import main
@@ -82,6 +83,11 @@ def test_recommendation_from_measured_runs_follows_an_oracle_scorer(deep_engine,
     monkeypatch.setattr(Sample, "score", lambda self, turn, output: 1.0)  # everything is right: the cheapest wins
     result = calibrate_pruning(deep_engine, samples, {**KEEP_ALL, **PRUNED}, progress=False)
     assert result["recommended"] == {"sliminfer": list(PRUNED)[0], "lazyllm": list(PRUNED)[1]}
+    assert result["method_defaults"] == result["recommended"]  # explicit specs already
+    # A bare name that stands for a model's own settings is recommended by what it ran as.
+    measured = tokensieve.Engine(deep_engine.model, deep_engine.tokenizer, method_defaults={"lazyllm": list(PRUNED)[1]})
+    result = calibrate_pruning(measured, samples[:1], {"lazyllm": "lazyllm"}, progress=False)
+    assert result["recommended"] == {"lazyllm": "lazyllm"} and result["method_defaults"] == {"lazyllm": list(PRUNED)[1]}
     # Right only where the answer is dense's: the pruned settings (which change the answer) no longer hold.
     monkeypatch.setattr(Sample, "score", lambda self, turn, output: float(output == dense_answers[self.context]))
     result = calibrate_pruning(deep_engine, samples, {**KEEP_ALL, **PRUNED}, progress=False)

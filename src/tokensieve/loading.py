@@ -131,16 +131,16 @@ METHOD_DEFAULTS_FILE = "tokensieve.json"
 
 
 def read_method_defaults(path: Path) -> dict[str, str]:
-    """Method settings from a JSON file: `{"method_defaults": {"sliminfer": "sliminfer(...)", ...}}` (a
-    `tokensieve.json`), or `calibrate-pruning`'s `pruning.json`, whose `recommended` settings it takes (a
-    method with none keeps its class's defaults). Checked by the engine (`methods.check_method_defaults`)."""
+    """Method settings from a JSON file: `{"method_defaults": {"sliminfer": "sliminfer(...)", ...}}`, as a
+    `tokensieve.json` or `calibrate-pruning`'s `pruning.json` holds them (its recommendations; a method with
+    none keeps its class's defaults). Checked by the engine (`methods.check_method_defaults`)."""
     try:
         data = json.loads(path.read_text())
     except OSError as err:
         raise ValueError(f"method defaults {path}: cannot read it ({err.strerror})") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"method defaults {path}: not valid JSON ({err})") from err
-    settings = data.get("method_defaults", data.get("recommended")) if isinstance(data, dict) else None
+    settings = data.get("method_defaults") if isinstance(data, dict) else None
     if not isinstance(settings, dict) or not all(isinstance(v, (str, type(None))) for v in settings.values()):
         raise ValueError(
             f'method defaults {path}: expected {{"method_defaults": {{"name": "spec", ...}}}} or a pruning.json '

@@ -11,7 +11,7 @@ from conftest import random_prompt
 from tokensieve import presets
 from tokensieve.cli import main as cli_main
 from tokensieve.loading import read_method_defaults
-from tokensieve.methods import Compose, LazyLLM, SlimInfer, check_method_defaults
+from tokensieve.methods import Compose, LazyLLM, OmniKV, SlimInfer, check_method_defaults, resolve_method, spec_of
 
 PROMPT = random_prompt(300, seed=5)
 OWN = {
@@ -81,8 +81,12 @@ def checkpoint(tmp_path_factory):
 def test_a_checkpoint_directory_brings_its_tokensieve_json(checkpoint, tmp_path, capsys):
     assert tokensieve.load(checkpoint).resolve("lazyllm").budgets == (0.6, 0.4, 0.2)
     assert tokensieve.load(checkpoint, method_defaults={}).resolve("lazyllm") == LazyLLM()
-    pruning = tmp_path / "pruning.json"  # calibrate-pruning's output: its recommendations, a None skipped
-    pruning.write_text(json.dumps({"recommended": {"lazyllm": "lazyllm(budgets=(0.9, 0.8, 0.7))", "sliminfer": None}}))
+    pruning = tmp_path / "pruning.json"  # calibrate-pruning's output holds its recommendations so
+    pruning.write_text(
+        json.dumps(
+            {"recommended": {"lazyllm": "x"}, "method_defaults": {"lazyllm": "lazyllm(budgets=(0.9, 0.8, 0.7))"}}
+        )
+    )
     engine = tokensieve.load(checkpoint, method_defaults=pruning)
     assert engine.resolve("lazyllm").budgets == (0.9, 0.8, 0.7) and engine.resolve("sliminfer") == SlimInfer()
     args = ["generate", "--model", str(checkpoint), "--prompt", "Hello there", "--max-new-tokens", "2"]
@@ -105,3 +109,10 @@ def test_a_bad_method_defaults_file_is_a_clear_error(tmp_path, text, message):
         read_method_defaults(path)
     with pytest.raises(ValueError, match="cannot read it"):
         read_method_defaults(tmp_path / "missing.json")
+
+
+def test_spec_of_reads_back_as_the_same_method():
+    for method in (SlimInfer(), SlimInfer(prune_layers=(8,), budgets=(0.25,)), LazyLLM(revive_per_step=None),
+                   OmniKV(budget=0.125, selector="exp"), Compose(SlimInfer(gamma=0.5), OmniKV(budget=64))):  # fmt: skip
+        assert resolve_method(spec_of(method)) == method
+    assert spec_of(LazyLLM()) == "lazyllm" and spec_of(OmniKV(budget=64)) == "omnikv(budget=64)"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..methods import METHODS, Compose, LazyLLM, Method, SlimInfer, resolve_method
+from ..methods import METHODS, Compose, LazyLLM, Method, SlimInfer, resolve_method, spec_of
 
 PRUNING_METHODS: dict[str, type[Method]] = {"sliminfer": SlimInfer, "lazyllm": LazyLLM}
 QUESTION_WINDOW = 32  # query tokens that reach past a chat template's assistant header into the question
@@ -73,7 +73,7 @@ def default_grid(method: str, num_layers: int) -> list[str]:
         if budgets is not None:
             settings["budgets"] = budgets
         settings.update(extra)
-        spec = _spec(method, settings)
+        spec = spec_of(METHODS[method](**settings))
         if spec not in specs:
             specs.append(spec)
     return specs
@@ -113,9 +113,3 @@ def check_candidate(spec: str, methods: list[str], num_layers: int | None = None
         except ValueError as err:
             raise ValueError(f"candidate {spec!r}: {err}") from err
     return method.name
-
-
-def _spec(method: str, settings: dict) -> str:
-    """A spec `resolve_method` reads back: `name(key=value, ...)` with Python literals."""
-    args = ", ".join(f"{key}={value!r}" for key, value in settings.items())
-    return f"{method}({args})" if args else method

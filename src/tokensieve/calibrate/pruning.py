@@ -31,6 +31,7 @@ from ..eval.fidelity import greedy_agreement
 from ..eval.haystack import Haystack
 from ..eval.runner import build_samples, run_sample, warm_up
 from ..eval.tasks import Sample
+from ..methods import spec_of
 from .output import pyplot
 
 TASK = "niah_single:numbers"
@@ -133,6 +134,8 @@ def calibrate_pruning(
         "dense": asdict(dense),
         "candidates": [asdict(r) for r in results],
         "recommended": {m: (pick.spec if pick else None) for m, (pick, _) in picks.items()},
+        # the same as explicit specs, ready to be a model's method defaults (a bare name may stand for them)
+        "method_defaults": {m: spec_of(engine.resolve(pick.spec)) for m, (pick, _) in picks.items() if pick},
         "reasons": {m: reason for m, (_, reason) in picks.items()},
     }
 

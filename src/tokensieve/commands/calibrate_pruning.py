@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> None:
     data, figure = save(result, args.out, "pruning", lambda result, path: plot(result, path, title))
     print(table(result))
     print(f"wrote {data} and {figure} ({result['wall_s']:.0f} s)")
+    if result["method_defaults"]:
+        print(
+            f"to make the recommendations what {' and '.join(result['method_defaults'])} mean with this model: "
+            f"--method-defaults {data}, or copy its method_defaults into the checkpoint's tokensieve.json"
+        )
 
 
 def _candidates(num_layers: int, methods: list[str], given: list[str], tokens: int) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Mapping
+from dataclasses import fields
 
 from .base import Context, Dense, LayerStep, Method, Policy, Rows, Run, resolve_budget, scaled_layers
 from .compose import Compose
@@ -60,6 +61,17 @@ def resolve_method(method: str | Method, defaults: Mapping[str, Method] | None =
         return cls(**settings)
     except TypeError as err:
         raise ValueError(f"bad settings for {cls.name}: {err}") from err
+
+
+def spec_of(method: Method) -> str:
+    """The spec `resolve_method` reads back as `method` (on an engine without method defaults): its name and
+    the settings that differ from its class's defaults, e.g. "sliminfer(prune_layers=(23,), budgets=(0.25,))"."""
+    if isinstance(method, Compose):
+        return f"{spec_of(method.prefill)}+{spec_of(method.decode)}"
+    default = type(method)()
+    changed = [f.name for f in fields(method) if f.init and getattr(method, f.name) != getattr(default, f.name)]
+    args = ", ".join(f"{name}={getattr(method, name)!r}" for name in changed)
+    return f"{method.name}({args})" if args else method.name
 
 
 def check_method_defaults(settings: Mapping[str, str | Method] | None) -> dict[str, Method]:
@@ -123,5 +135,6 @@ __all__ = [
     "resolve_budget",
     "resolve_method",
     "scaled_layers",
+    "spec_of",
     "split_methods",
 ]
