@@ -10,7 +10,7 @@ from tokensieve import loading
 from tokensieve.cli import main
 from tokensieve.commands.demo import budget_label, demo_methods, document_question
 from tokensieve.eval.haystack import Haystack
-from tokensieve.methods import METHODS, LazyLLM
+from tokensieve.methods import METHODS, LazyLLM, resolve_method
 from tokensieve.testbed import MODEL_DIR
 
 
@@ -27,6 +27,10 @@ def test_demo_on_smollm2_prints_every_method_and_dense_is_right(smollm2_cache, c
     assert set(rows) == set(METHODS)
     assert " yes " in rows["dense"] and "1.00x" in rows["dense"]
     assert rows["sliminfer"].endswith("prompt x 1/4,1/8,1/16") and rows["omnikv"].endswith("64 keys")
+    for name, spec in loading.EMBEDDED_METHOD_DEFAULTS["smollm2"].items():  # the measured settings, each a row
+        [row] = [line for line in out.splitlines() if line.startswith(f"{name}* ")]
+        assert row.endswith(budget_label(resolve_method(spec).settings()))
+    assert "*: the settings measured for this model" in out
 
 
 ESSAYS = SHARED / "data" / "haystack" / "paul_graham_essays.json"

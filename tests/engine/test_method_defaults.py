@@ -10,7 +10,7 @@ import tokensieve
 from conftest import random_prompt
 from tokensieve import presets
 from tokensieve.cli import main as cli_main
-from tokensieve.loading import read_method_defaults
+from tokensieve.loading import EMBEDDED_METHOD_DEFAULTS, read_method_defaults
 from tokensieve.methods import Compose, LazyLLM, OmniKV, SlimInfer, check_method_defaults, resolve_method, spec_of
 
 PROMPT = random_prompt(300, seed=5)
@@ -63,6 +63,13 @@ def test_settings_given_start_from_the_papers_defaults_and_other_names_are_untou
 def test_bad_defaults_are_clear_errors(settings, message):
     with pytest.raises(ValueError, match=message):
         check_method_defaults(settings)
+
+
+def test_embedded_smollm2_defaults_are_valid_for_its_30_layers():
+    defaults = check_method_defaults(EMBEDDED_METHOD_DEFAULTS["smollm2"])
+    assert set(defaults) == {"sliminfer", "lazyllm"}
+    assert defaults["sliminfer"].schedule(30, 4096) == {26: 1024}
+    assert defaults["lazyllm"].boundaries(30) == (20,)
 
 
 @pytest.fixture(scope="module")
