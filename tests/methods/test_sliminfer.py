@@ -11,7 +11,7 @@ import torch
 
 from conftest import DEEP, random_prompt
 from tokensieve import cli, load, presets
-from tokensieve.cache import LayerKV
+from tokensieve.cache import Kind, LayerKV
 from tokensieve.methods import METHODS, LayerStep, Rows, Run, SlimInfer, resolve_method
 from tokensieve.methods.sliminfer import SlimInferPolicy, block_scores, top_blocks, unit_keys
 from tokensieve.model import ModelSpec
@@ -146,7 +146,7 @@ def test_scoring_and_selection_match_a_reference(heads, kv_heads, block_size, un
     policy = method.start(Run(spec(1, heads, kv_heads), n, torch.device("cpu"), torch.float32, 0.25))
     rows = Rows(torch.zeros(n, 1), torch.arange(n))
     kv = LayerKV(kv_heads, 16, torch.float32, torch.device("cpu"))
-    kv.append(k, torch.zeros_like(k), rows.pos)
+    kv.append(k, torch.zeros_like(k), rows.pos, Kind.PROMPT)
     step = LayerStep(0, rows, q, k, kv)
     policy.prefill_observe(step)
     kept = policy.prefill_keep_after_attention(step)
@@ -244,6 +244,25 @@ def test_swaps_happen_only_when_overlap_falls_below_gamma(deep_engine, gamma):
         assert not decided and gen.stats.host_bytes_loaded_per_step == 0
     if gamma == 1.0:
         assert decided and gen.stats.host_bytes_loaded_per_step > 0
+
+
+def test_a_pruning_layer_records_its_inactive_blocks_as_host_resident_through_the_swaps(deep_engine):
+    """Issue 11: the layer's KV, not SlimInfer alone, says which positions live on the host; each installed
+    swap moves the leaving block's positions there and the entering block's back."""
+    method = Spy(budgets=FRACTIONS, gamma=1.0)
+    session = deep_engine.start(PROMPT, method=method)
+    layers = method.policy.layers
+    after_prefill = {layer: session.kv[layer].host_positions.clone() for layer in layers}
+    session.generate(max_new_tokens=16)
+    swapped = 0
+    for layer, store in layers.items():
+        kv, blocks = session.kv[layer], torch.arange(len(store.positions))
+        inactive = store.positions[~torch.isin(blocks, store.slots)].flatten()
+        assert torch.equal(kv.host_positions, inactive.sort().values) and kv.host_count == inactive.numel()
+        assert torch.equal(kv.positions[: store.slots.numel() * 64], store.positions[store.slots].flatten())
+        assert kv.runs() == [(Kind.PROMPT, len(kv) - 15), (Kind.GENERATED, 15)]
+        swapped += not torch.equal(kv.host_positions, after_prefill[layer])
+    assert swapped  # some swaps were installed
 
 
 def test_offload_and_no_offload_give_identical_tokens_and_expected_bytes(deep_engine):

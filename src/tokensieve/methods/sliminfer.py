@@ -231,9 +231,10 @@ class SlimInfer(Method):
 class PrunedLayer:
     """A pruning layer's blocks during decode: which block sits in each device slot, unit keys, host copies.
 
-    Device slot `s` holds one block, in entries `s * block_size ...` of the layer's KV (offload) or names
-    the entries of that block in the layer's full KV (no offload); the last block, generated tokens and
-    later turns follow the slots.
+    Device slot `s` holds one block, in entries `s * block_size ...` of the layer's KV (offload: the other
+    blocks are the layer's host-resident entries, `LayerKV.host_positions`) or names the entries of that
+    block in the layer's full KV (no offload); the last block, generated tokens and later turns follow the
+    slots.
     """
 
     def __init__(self, units: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, host: HostRows | None):
@@ -253,9 +254,8 @@ class PrunedLayer:
         whole = blocks.entries
         kv_blocks = torch.stack([kv.keys[:, :whole], kv.values[:, :whole]]).unflatten(2, blocks.positions.shape)
         store.host = HostRows.copy_of(transfers, kv_blocks.permute(2, 0, 1, 3, 4))  # a row per block
-        rest = torch.arange(whole, len(kv), device=blocks.active.device)
-        keep = torch.cat([block_rows(blocks.active, store.block_size), rest])
-        kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
+        every = torch.arange(len(blocks.positions), device=blocks.active.device)
+        kv.offload(block_rows(every[~torch.isin(every, blocks.active)], store.block_size))
         return store
 
     @property
@@ -271,11 +271,9 @@ class PrunedLayer:
         self.slots[slots] = entering
         if load is None:
             return
-        rows = block_rows(slots, self.block_size)
         kv_blocks = self.host.rows_of(load.wait())  # [entering, 2, kv_heads, block_size, d]
-        kv.keys[:, rows] = kv_blocks[:, 0].transpose(0, 1).flatten(1, 2)
-        kv.values[:, rows] = kv_blocks[:, 1].transpose(0, 1).flatten(1, 2)
-        kv.positions[rows] = self.positions[entering].flatten()
+        keys, values = (kv_blocks[:, i].transpose(0, 1).flatten(1, 2) for i in (0, 1))
+        kv.swap(block_rows(slots, self.block_size), keys, values, self.positions[entering].flatten())
 
     def context(self, kv: LayerKV) -> Context:
         if self.host is not None:
