@@ -99,24 +99,27 @@ class LayerKV:
 
     def count(self, *kinds: Kind) -> int:
         """Entries of these kinds on the device (host-side: no device read unless the runs are unknown)."""
-        return sum(n for kind, n in self.runs() if kind in kinds)
+        return sum(n for kind, n in self._known_runs() if kind in kinds)
 
     def leading(self, kind: Kind) -> int:
         """How many entries of `kind` the layer holds, when they are its first slots (a prompt pass's entries
         before anything decode added); a ValueError when some lie elsewhere."""
-        runs = self.runs()
+        runs = self._known_runs()
         first = runs[0][1] if runs and runs[0][0] == kind else 0
         if any(k == kind for k, _ in runs[1 if first else 0 :]):
-            layout = ", ".join(f"{k.name} x{n}" for k, n in runs)
+            layout = ", ".join(f"{k.name} x{n}" for k, n in self.runs())
             raise ValueError(f"this layer's {kind.name} entries are not all its first slots: {layout}")
         return first
 
     def runs(self) -> list[tuple[Kind, int]]:
         """The kinds in slot order as (kind, entries) runs; read back from the device once when unknown."""
+        return [(Kind(kind), n) for kind, n in self._known_runs()]
+
+    def _known_runs(self) -> list[list[int]]:
         if self._runs is None:
             kinds, counts = torch.unique_consecutive(self.kinds, return_counts=True)
             self._runs = [list(run) for run in zip(kinds.tolist(), counts.tolist(), strict=True)]
-        return [(Kind(kind), n) for kind, n in self._runs]
+        return self._runs
 
     def keep(self, index: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Keep only the entries at slots `index` (an evicting method drops the rest for good).
