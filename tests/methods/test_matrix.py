@@ -404,8 +404,9 @@ SYNC_SPECS = EVERY + ["omnikv(budget=32, offload=False)", f"{PRUNING['sliminfer'
 @pytest.mark.parametrize("spec", SYNC_SPECS)
 def test_a_decode_step_syncs_with_the_device_at_a_few_layers_not_at_every_layer(deep_engine, monkeypatch, spec):
     """What may make the host wait in a decode step: the new token's id (once per step), and a method's few
-    special layers (LazyLLM's boundaries, SlimInfer's pruning layers: three of the twelve here), each a few
-    times at most. Counted on CPU by the calls that would wait on CUDA (see `device_syncs`)."""
+    special layers (LazyLLM's boundaries: three of the twelve here), each a few times at most; SlimInfer's
+    pruning layers read nothing back (`test_sliminfer`). Counted on CPU by the calls that would wait on CUDA
+    (see `device_syncs`)."""
     per_step = decode_syncs_per_step(deep_engine, PROMPT, spec, 6, monkeypatch)
     assert per_step.get("step", 0) <= 1, per_step
     assert len([where for where in per_step if where != "step"]) <= 3, per_step
