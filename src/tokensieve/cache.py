@@ -29,7 +29,9 @@ import torch
 
 from .offload import return_freed_memory
 
-MAX_RUNS = 64  # runs of kinds the host tracks per layer (a prompt, its turns and the replies between them)
+# Runs of kinds the host tracks per layer: a prompt, 127 turns and the replies between them. Beyond (or with
+# LazyLLM's revival, which starts a run per step) the runs are read back from the device when asked.
+MAX_RUNS = 256
 
 
 class Kind(IntEnum):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from device_syncs import DeviceSyncs
-from tokensieve.cache import Kind, LayerKV
+from tokensieve.cache import MAX_RUNS, Kind, LayerKV
 
 
 def entries(n: int, start: int = 0, kind: Kind = Kind.PROMPT):
@@ -150,3 +150,15 @@ def test_offload_records_host_positions_and_swap_exchanges_them_without_reading_
         and kv.host_count == 27
         and kv.host_positions.tolist() == sorted([*range(26), 7])
     )
+
+
+def test_the_runs_are_host_ints_read_back_from_the_device_only_past_their_cap():
+    kv = conversation()
+    with DeviceSyncs() as syncs:
+        assert kv.leading(P) == 20 and kv.count(G) == 3 and kv.runs()[-1] == (R, 1)
+    assert not syncs.counts, syncs.counts
+    for i in range(MAX_RUNS):  # a run per append, as LazyLLM's revival starts one per decode step
+        kv.append(*entries(1, 30 + i, (G, T)[i % 2]))
+    with DeviceSyncs() as syncs:
+        runs = kv.runs()
+    assert syncs.counts and len(runs) == 5 + MAX_RUNS and runs[-2:] == [(G, 1), (T, 1)]
