@@ -87,6 +87,21 @@ class Transfers:
             event.record(self.stream)
         return Pending(on_device, event, keep_alive=rows)
 
+    def to_host(self, tensor: torch.Tensor) -> HostCopy:
+        """Start copying a small device tensor (a decision's indices) to the host, without waiting for it.
+
+        On CUDA the copy goes into pinned memory on the current stream, after the work that computes the
+        tensor; read it a step later, when the host has waited for that step's token, and it is long done.
+        On CPU the tensor is already on the host. Not counted in `loaded`: no KV moves.
+        """
+        if not self.cuda:
+            return HostCopy(tensor, None)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return HostCopy(host, event)
+
 
 class HostRows:
     """Rows of KV in host memory (pinned on CUDA), which the device loads by index in one copy.
@@ -123,6 +138,25 @@ class HostRows:
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
+
+
+class HostCopy:
+    """A device -> host copy (`Transfers.to_host`); `read()` returns the host tensor once the copy is done."""
+
+    def __init__(self, tensor: torch.Tensor, event):
+        self._tensor = tensor
+        self._event = event
+
+    def read(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()  # returns at once when read a step later (see `Transfers.to_host`)
+            self._event = None
+        return self._tensor
+
+    def __deepcopy__(self, memo) -> HostCopy:
+        """A forked session's copy (between calls: the copy is done), without the CUDA event, which cannot be
+        copied."""
+        return HostCopy(self.read().clone(), None)
 
 
 class Pending:

@@ -243,9 +243,12 @@ def test_a_forked_session_goes_on_exactly_as_the_original_and_apart_from_it(deep
     expected = reference.generate(max_new_tokens=6)
     session = deep_engine.start(prompt, method=spec)
     session.generate(max_new_tokens=3)
+    records = [(kv.runs(), kv.host_positions.tolist()) for kv in session.kv]  # each entry's kind, host positions
     twin = session.fork()
+    assert [(kv.runs(), kv.host_positions.tolist()) for kv in twin.kv] == records
     twin.extend(turn)  # the twin goes its own way first ...
     twin.generate(max_new_tokens=4)
+    assert [(kv.runs(), kv.host_positions.tolist()) for kv in session.kv] == records
     ours = session.generate(max_new_tokens=6)  # ... and the original continues as if it had never been forked
     assert ours.token_ids == expected.token_ids
     assert ours.stats.decode_keys_per_layer == expected.stats.decode_keys_per_layer

@@ -9,7 +9,7 @@ import torch
 
 from conftest import random_prompt
 from tokensieve import attention
-from tokensieve.cache import LayerKV
+from tokensieve.cache import Kind, LayerKV
 from tokensieve.cli import main
 from tokensieve.methods import H2O, METHODS, Context, LayerStep, Method, Policy, Rows, Run, SnapKV, StreamingLLM
 from tokensieve.methods import h2o as h2o_module
@@ -322,7 +322,7 @@ def test_h2o_evicts_like_a_per_head_reference_through_prefill_and_decode(deep_en
     )
     pos = torch.arange(n)
     kv = LayerKV(kv_heads, d, torch.float32, torch.device("cpu"))
-    kv.append(k, v, pos)
+    kv.append(k, v, pos, Kind.PROMPT)
     step = LayerStep(0, Rows(torch.zeros(n, 1), pos), q, k, kv)
     policy.prefill_observe(step)
     assert policy.prefill_keep_after_attention(step) is None  # H2O evicts KV, never hidden states
@@ -348,7 +348,7 @@ def test_h2o_evicts_like_a_per_head_reference_through_prefill_and_decode(deep_en
     for step in range(steps):
         p = n + step
         q_new, k_new = torch.randn(heads, 1, d, generator=gen), torch.randn(kv_heads, 1, d, generator=gen)
-        kv.append(k_new, torch.randn(kv_heads, 1, d), torch.tensor([p]))
+        kv.append(k_new, torch.randn(kv_heads, 1, d), torch.tensor([p]), Kind.GENERATED)
         rows = Rows(torch.zeros(1, 1), torch.tensor([p]))
         decode = LayerStep(0, rows, q_new, k_new, kv)
         policy.decode_layer_done(decode, policy.decode_context(decode))

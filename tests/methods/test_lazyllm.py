@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import random_prompt
+from tokensieve.cache import Kind
 from tokensieve.methods.base import Context, LayerStep, Rows, Run
 from tokensieve.methods.lazyllm import LazyLLM, LazyLLMPolicy
 from tokensieve.model import ModelSpec
@@ -193,9 +194,13 @@ def test_each_token_is_computed_at_most_once_per_layer(
     method = RecordingLazyLLM(prune_layers=prune, budgets=keep, revive=revive, revive_per_step=limit)
     gen, policy = _generate_recorded(deep_engine, method, random_prompt(prompt_len, seed=seed), new_tokens)
 
-    computed = 0
+    computed = revived = 0
     for layer in range(num_layers):
-        positions = policy.kv[layer].positions.tolist()
+        kv = policy.kv[layer]  # each entry records which pass computed it
+        assert kv.count(Kind.PROMPT) == kv.leading(Kind.PROMPT) == gen.stats.prefill_tokens_per_layer[layer]
+        assert kv.count(Kind.GENERATED) == gen.stats.new_tokens - 1
+        revived += kv.count(Kind.REVIVED)
+        positions = kv.positions.tolist()
         assert len(positions) == len(set(positions)), f"a token was computed twice at layer {layer}"
         assert max(positions) < prompt_len + gen.stats.new_tokens - 1
         prompt_part = torch.tensor([p for p in positions if p < prompt_len])
@@ -205,6 +210,7 @@ def test_each_token_is_computed_at_most_once_per_layer(
     assert computed <= dense
     decode = (gen.stats.new_tokens - 1) * num_layers
     assert computed == sum(gen.stats.prefill_tokens_per_layer) + decode + gen.stats.revived_tokens
+    assert revived == gen.stats.revived_tokens
     if not revive:
         assert gen.stats.revived_tokens == 0 and gen.stats.method_stats["decode_selection"] == "static"
 

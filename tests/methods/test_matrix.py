@@ -7,6 +7,7 @@ import torch
 
 from conftest import PRUNING, random_prompt
 from device_syncs import decode_syncs_per_step
+from tokensieve.cache import Kind
 from tokensieve.methods import METHODS, Compose, LazyLLM, OmniKV, SlimInfer, resolve_method, split_methods
 
 PROMPT = random_prompt(320, seed=11)
@@ -338,6 +339,44 @@ def test_positions_are_original_and_never_renumbered(deep_engine, spec):
             assert len(set(positions)) == len(positions)
 
 
+def expected_kinds(positions: torch.Tensor, first_call: int) -> torch.Tensor:
+    """The kind of each position of `two_turns`' conversation: the prompt, the first call's decoded tokens
+    (its last token is computed by the turn), the turn, then the second call's decoded tokens."""
+    decoded, turn_end = len(PROMPT) + first_call - 1, len(PROMPT) + first_call + len(TURN_2)
+    kinds = torch.full_like(positions, Kind.GENERATED)
+    kinds[positions < turn_end] = Kind.TURN
+    kinds[positions < decoded] = Kind.GENERATED
+    kinds[positions < len(PROMPT)] = Kind.PROMPT
+    return kinds
+
+
+@pytest.mark.parametrize("spec", EVERY)
+def test_each_entry_records_what_computed_it_and_where_it_lives(deep_engine, spec):
+    """Issue 11: each layer's KV records per entry which pass computed it, through every method's evictions,
+    swaps and offloads, and the positions it holds on the host, apart from those on the device; where a
+    method offloads, device and host together hold exactly what the same method holds on the device alone."""
+    session, first, second = two_turns(deep_engine, spec)
+    revived = 0
+    for kv in session.kv:
+        kinds, positions = kv.kinds.long(), kv.positions
+        again = kinds == Kind.REVIVED  # prompt tokens LazyLLM computed in a decode step, after the prompt pass's
+        assert (positions[again] < len(PROMPT)).all() and not again[: kv.leading(Kind.PROMPT)].any()
+        revived += int(again.sum())
+        assert torch.equal(kinds[~again], expected_kinds(positions, len(first.token_ids))[~again])
+        assert [kind for kind, _ in kv.runs()] == torch.unique_consecutive(kinds).tolist()
+        assert [n for _, n in kv.runs()] == torch.unique_consecutive(kinds, return_counts=True)[1].tolist()
+        host = kv.host_positions
+        assert torch.equal(host, host.unique()) and not torch.isin(host, positions).any()
+    assert revived == first.stats.revived_tokens + second.stats.revived_tokens
+    if any(name in spec.split("+")[-1] for name in ("sliminfer", "omnikv")):  # methods that offload in decode
+        off = spec.replace("sliminfer(", "sliminfer(offload=False, ").replace("omnikv(", "omnikv(offload=False, ")
+        alone, _, _ = two_turns(deep_engine, off)
+        assert sum(kv.host_count for kv in session.kv) > 0 == sum(kv.host_count for kv in alone.kv)
+        for kv, on_device in zip(session.kv, alone.kv, strict=True):
+            held = torch.cat([kv.positions, kv.host_positions]).sort().values
+            assert torch.equal(held, on_device.positions.sort().values)
+
+
 BUDGETS = {
     "sliminfer": "budgets=(0, 0.5, 0.25)",
     "lazyllm": "budgets=(0.5, 0.25, -1)",
@@ -365,8 +404,9 @@ SYNC_SPECS = EVERY + ["omnikv(budget=32, offload=False)", f"{PRUNING['sliminfer'
 @pytest.mark.parametrize("spec", SYNC_SPECS)
 def test_a_decode_step_syncs_with_the_device_at_a_few_layers_not_at_every_layer(deep_engine, monkeypatch, spec):
     """What may make the host wait in a decode step: the new token's id (once per step), and a method's few
-    special layers (LazyLLM's boundaries, SlimInfer's pruning layers: three of the twelve here), each a few
-    times at most. Counted on CPU by the calls that would wait on CUDA (see `device_syncs`)."""
+    special layers (LazyLLM's boundaries: three of the twelve here), each a few times at most; SlimInfer's
+    pruning layers read nothing back (`test_sliminfer`). Counted on CPU by the calls that would wait on CUDA
+    (see `device_syncs`)."""
     per_step = decode_syncs_per_step(deep_engine, PROMPT, spec, 6, monkeypatch)
     assert per_step.get("step", 0) <= 1, per_step
     assert len([where for where in per_step if where != "step"]) <= 3, per_step

@@ -8,7 +8,7 @@ import torch
 import tokensieve
 from conftest import random_prompt
 from tokensieve import presets
-from tokensieve.cache import LayerKV
+from tokensieve.cache import Kind, LayerKV
 from tokensieve.methods import LayerStep, OmniKV, Rows, Run
 from tokensieve.methods.omnikv import SELECTORS, plan_layers, score_prompt
 
@@ -105,7 +105,7 @@ def test_policy_selects_reference_top_k_and_serves_those_rows(deep_engine, offlo
     for layer in range(spec.num_layers):
         kv = LayerKV(spec.num_kv_heads, spec.head_dim, torch.float32, torch.device("cpu"))
         k, v = (torch.randn(spec.num_kv_heads, n, spec.head_dim, generator=gen) for _ in "kv")
-        kv.append(k, v, torch.arange(n))
+        kv.append(k, v, torch.arange(n), Kind.PROMPT)
         policy.prefill_layer_done(LayerStep(layer, Rows(torch.zeros(n, 1), torch.arange(n)), k, k, kv))
         caches.append(kv)
         prompt[layer] = (k, v)
@@ -113,7 +113,7 @@ def test_policy_selects_reference_top_k_and_serves_those_rows(deep_engine, offlo
     sparse = plan.segments[f][0]
     for layer in (f, sparse):  # the new token's KV at position n
         new_k, new_v = (torch.randn(spec.num_kv_heads, 1, spec.head_dim, generator=gen) for _ in "kv")
-        caches[layer].append(new_k, new_v, torch.tensor([n]))
+        caches[layer].append(new_k, new_v, torch.tensor([n]), Kind.GENERATED)
     q = torch.randn(spec.num_heads, 1, spec.head_dim, generator=gen)
     new_rows = Rows(torch.zeros(1, 1), torch.tensor([n]))
     policy.decode_context(LayerStep(f, new_rows, q, q, caches[f]))
@@ -125,6 +125,7 @@ def test_policy_selects_reference_top_k_and_serves_those_rows(deep_engine, offlo
     assert torch.equal(context.v[:, :budget], prompt[sparse][1][:, reference])
     assert torch.equal(context.k[:, budget:], caches[sparse].keys[:, -1:])
     assert len(caches[sparse]) == (1 if offload else n + 1)  # with offload the device holds only the tail
+    assert torch.equal(caches[sparse].host_positions, torch.arange(n if offload else 0))  # ... the rest the host
 
 
 def test_host_store_is_packed_complete_and_never_shrinks(deep_engine):

@@ -8,7 +8,7 @@ import torch
 import tokensieve
 from tokensieve import attention
 from tokensieve.attention import attend, causal_attention
-from tokensieve.cache import LayerKV
+from tokensieve.cache import Kind, LayerKV
 from tokensieve.model import SUPPORTED_ARCHITECTURES, check_supported
 
 
@@ -63,7 +63,7 @@ def test_rows_within_the_window_take_the_plain_causal_path():
 def test_keys_beyond_the_window_can_be_dropped_without_changing_decode():
     q, k, v = random_qkv()
     kv = LayerKV(2, 8, torch.float32, torch.device("cpu"))
-    kv.append(k, v, torch.arange(60))
+    kv.append(k, v, torch.arange(60), Kind.PROMPT)
     newest, window = torch.tensor([59]), 16
     full = attend(q[:, -1:], newest, kv.keys, kv.values, kv.positions, 0.3, window=window)
     reserved = kv.reserved_bytes
@@ -72,7 +72,7 @@ def test_keys_beyond_the_window_can_be_dropped_without_changing_decode():
     assert kv.reserved_bytes < reserved  # the dropped entries' memory is freed
     trimmed = attend(q[:, -1:], newest, kv.keys, kv.values, kv.positions, 0.3, window=window)
     torch.testing.assert_close(trimmed, full)
-    kv.append(k[:, :1], v[:, :1], torch.tensor([60]))
+    kv.append(k[:, :1], v[:, :1], torch.tensor([60]), Kind.GENERATED)
     assert len(kv) == window + 1
 
 

@@ -19,7 +19,7 @@ from itertools import accumulate
 
 import torch
 
-from ..cache import LayerKV
+from ..cache import Kind, LayerKV
 from ..methods import Context, LayerStep, Policy, Rows
 from ..model import DecoderModel
 
@@ -108,7 +108,7 @@ def prefill(
     records = [PromptPass(len(seq.ids)) for seq in batch]
     for layer in range(model.spec.num_layers):
         steps = []
-        written = _write_kv(model, layer, rows, [seq.kv[layer] for seq in batch], chunk)
+        written = _write_kv(model, layer, rows, [seq.kv[layer] for seq in batch], chunk, Kind.PROMPT)
         for seq, part, (q, k), record in zip(batch, rows, written, records, strict=True):
             record.tokens_per_layer.append(len(part))
             cache = seq.kv[layer]
@@ -139,7 +139,7 @@ def extend(
     for layer in range(model.spec.num_layers):
         record.tokens_per_layer.append(len(rows))
         cache = kv[layer]
-        [(q, k)] = _write_kv(model, layer, [rows], [cache], chunk)
+        [(q, k)] = _write_kv(model, layer, [rows], [cache], chunk, Kind.TURN)
         context = policy.extend_context(LayerStep(layer, rows, q, k, cache))
         record.unseen_per_layer.append(start - (len(context) - len(rows)))
         rows = _attend_in_chunks(model, layer, rows, q, context, chunk or len(rows))
@@ -179,7 +179,7 @@ def decode_batch(model: DecoderModel, batch: list[DecodeRequest]) -> torch.Tenso
         steps, contexts, outputs = [], [], []
         per_seq = zip(batch, rows, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), strict=True)
         for seq, part, q_i, k_i, v_i in per_seq:
-            seq.kv[layer].append(k_i, v_i, part.pos)
+            _append_decoded(seq.kv[layer], k_i, v_i, part.pos)
             step = LayerStep(layer, part, q_i, k_i, seq.kv[layer])
             context = seq.policy.decode_context(step)
             seq.counts.add(layer, len(part), context)
@@ -197,6 +197,15 @@ def decode_batch(model: DecoderModel, batch: list[DecodeRequest]) -> torch.Tenso
     return model.logits(_cat([part.h[-1:] for part in rows]))
 
 
+def _append_decoded(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+    """A decode step's entries: the new token (the last row), after any revived prompt tokens (LazyLLM)."""
+    if len(pos) == 1:  # the usual step: no slicing
+        cache.append(k, v, pos, Kind.GENERATED)
+        return
+    cache.append(k[:, :-1], v[:, :-1], pos[:-1], Kind.REVIVED)
+    cache.append(k[:, -1:], v[:, -1:], pos[-1:], Kind.GENERATED)
+
+
 def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """`torch.cat`, without a copy for a single part (a batch of one is the usual decode step)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
@@ -208,9 +217,9 @@ def _embed(model: DecoderModel, ids: list[int], start: int) -> Rows:
 
 
 def _write_kv(
-    model: DecoderModel, layer: int, rows: list[Rows], caches: list[LayerKV], chunk: int | None
+    model: DecoderModel, layer: int, rows: list[Rows], caches: list[LayerKV], chunk: int | None, kind: Kind
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each sequence's queries and keys at `layer`, with its keys and values appended to its cache.
+    """Each sequence's queries and keys at `layer`, with its keys and values appended to its cache as `kind`.
 
     The rows of every sequence go through the projections together, `chunk` rows at a time (so a long
     prompt's activations stay bounded); the queries `[heads, n, d]` and keys `[kv_heads, n, d]` are what
@@ -227,7 +236,7 @@ def _write_kv(
             first, last = max(begin, bounds[i]), min(end, bounds[i + 1])
             if first < last:
                 mine = slice(first - begin, last - begin)
-                cache.append(k[:, mine], v[:, mine], pos[first:last])
+                cache.append(k[:, mine], v[:, mine], pos[first:last], kind)
                 queries[i].append(q[:, mine])
     return [
         (_cat(parts, dim=1), cache.keys[:, -len(part) :])

@@ -6,6 +6,11 @@ engine's questions. Every per-layer hook receives one `LayerStep`: the layer, th
 their queries and keys (always matching the rows) and the layer's KV. Observation is separate from
 decisions: `prefill_observe` only looks; the other hooks decide.
 
+The layer's KV (`LayerKV`) records per entry its original position and its `Kind` (which pass computed it),
+and the positions it holds in host memory: a policy reads the layout there (`kv.leading(Kind.PROMPT)`,
+`kv.runs()`, `kv.host_lacks(...)`) rather than assuming the one another policy left, and moves entries
+through it (`keep`, `move_last_to`, `offload`, `swap`), so the record stays true (docs/engine.md).
+
 prefill, at layer l (rows = tokens still present, sorted by position; their KV is in `step.kv`)
   - `prefill_observe`: score or record what later decisions need (SnapKV, H2O, OmniKV)
   - `prefill_keep_after_attention`: which rows continue into layer l's MLP and later layers (SlimInfer)

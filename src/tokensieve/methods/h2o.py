@@ -148,11 +148,9 @@ class H2OPolicy(Policy):
         top = scores[:, : t - self.recent].topk(heavy, dim=-1).indices.sort(-1).values
         recent = torch.arange(t - self.recent, t, device=top.device).expand(top.shape[0], -1)
         slots = torch.cat([top, recent], dim=-1)
-        index = slots[..., None].expand(-1, -1, kv.keys.shape[-1])
         self.scores[layer] = scores.gather(1, slots)
         self.positions[layer] = positions.gather(1, slots)
-        positions = self.positions[layer].amax(0)
-        kv.replace(kv.keys.gather(1, index), kv.values.gather(1, index), positions)
+        kv.keep(slots, self.positions[layer].amax(0))  # the newest true position any head keeps per slot
         return t - self.budget
 
     def stats(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..attention import grouped_logits, max_head_logits
-from ..cache import LayerKV
+from ..cache import Kind, LayerKV, find_sorted
 from ..collectives import heads_max
 from ..model import ModelSpec
 from ..offload import Pending
@@ -146,26 +146,6 @@ class OmniKV(Method):
         return cls(budget=1.0)
 
 
-@dataclass(frozen=True)
-class PromptEntries:
-    """The prompt positions a layer's KV holds after prefill, in slot order: every position after a dense
-    prefill (`complete`), a sorted subset after a pruning one (a composed prefill method)."""
-
-    count: int
-    positions: torch.Tensor
-    complete: bool
-
-    @staticmethod
-    def of(kv: LayerKV, prompt_len: int) -> PromptEntries:
-        return PromptEntries(len(kv), kv.positions.clone(), len(kv) == prompt_len)
-
-    def slots_of(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots of sorted `positions` in this layer's KV, and which of them the layer lacks (their slot is
-        a placeholder, to be masked)."""
-        slots = torch.searchsorted(self.positions, positions).clamp(max=self.count - 1)
-        return slots, self.positions[slots] != positions
-
-
 def _with_tail(
     keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, absent: torch.Tensor | None, tail: Context
 ) -> Context:
@@ -191,7 +171,6 @@ class OmniKVPolicy(Policy):
         self.recent: dict[int, torch.Tensor] = {}  # filter layer -> last `window` queries [heads, m, d]
         self.selected: dict[int, torch.Tensor] = {}  # filter layer -> sorted prompt positions of this step
         self.loading: dict[int, Pending] = {}  # filter layer -> packed load of this step
-        self.prompt: dict[int, PromptEntries] = {}  # layer -> the prompt positions its KV holds after prefill
         self.steps = 0
 
     # -- prefill: dense; remember the filter layers' last queries, move sparse layers' prompt KV away --
@@ -201,12 +180,12 @@ class OmniKVPolicy(Policy):
 
     def prefill_layer_done(self, step: LayerStep) -> None:
         layer, kv = step.layer, step.kv
-        self.prompt[layer] = PromptEntries.of(kv, self.run.prompt_len)
         segment = self.plan.segment_of(layer)
         if segment in self.stores:
             self.stores[segment].put(layer, kv.keys, kv.values, kv.positions)
-            # The device keeps only what decode appends: this layer's tail of generated tokens.
-            kv.replace(kv.keys[:, :0], kv.values[:, :0], kv.positions[:0])
+            # The device keeps only what decode appends: this layer's tail of generated tokens. The layer's
+            # KV records the positions it now holds on the host.
+            kv.offload(torch.arange(len(kv), device=kv.positions.device))
 
     # -- decode ------------------------------------------------------------------------------------------
     def decode_context(self, step: LayerStep) -> Context:
@@ -225,11 +204,11 @@ class OmniKVPolicy(Policy):
         if self.method.selector in WINDOWED:
             queries = torch.cat([self.recent[filter_layer], queries], 1)[:, -self.method.window :]
             self.recent[filter_layer] = queries
-        prompt = self.prompt[filter_layer]  # a filter layer is dense in decode: its prompt entries come first
-        scores = score_prompt(self.method.selector, queries, kv.keys[:, : prompt.count], self.run.scale)
+        count = kv.leading(Kind.PROMPT)  # a filter layer keeps its prompt entries on the device, before the rest
+        scores = score_prompt(self.method.selector, queries, kv.keys[:, :count], self.run.scale)
         # Ascending order keeps the dense context order, so a budget covering the prompt is exactly dense.
-        index = scores.topk(min(self.budget, prompt.count)).indices.sort().values
-        positions = index if prompt.complete else prompt.positions[index]
+        index = scores.topk(min(self.budget, count)).indices.sort().values
+        positions = index if count == self.run.prompt_len else kv.positions[index]
         self.selected[filter_layer] = positions
         store = self.stores.get(filter_layer)
         if store is not None:
@@ -238,16 +217,20 @@ class OmniKVPolicy(Policy):
     def _sparse_context(self, layer: int, segment: int, kv: LayerKV) -> Context:
         """The segment's selected prompt tokens that this layer holds, then every generated token (the tail)."""
         positions = self.selected[segment]
-        prompt = self.prompt[layer]
         if not self.method.offload:
-            slots, absent = (positions, None) if prompt.complete else prompt.slots_of(positions)
+            count = kv.leading(Kind.PROMPT)
+            complete = count == self.run.prompt_len
+            slots, absent = (positions, None) if complete else find_sorted(kv.positions[:count], positions)
             # index_select, not advanced indexing: several times faster on CPU for this gather.
             keys, values = kv.keys.index_select(1, slots), kv.values.index_select(1, slots)
-            tail = Context(kv.keys[:, prompt.count :], kv.values[:, prompt.count :], kv.positions[prompt.count :])
+            tail = Context(kv.keys[:, count:], kv.values[:, count:], kv.positions[count:])
             return _with_tail(keys, values, positions, absent, tail)
-        store = self.stores[segment]
-        keys, values = store.keys_values(self.loading[segment].wait(), layer)
-        return _with_tail(keys, values, positions, store.absent(layer, positions), Context.of(kv))
+        keys, values = self.stores[segment].keys_values(self.loading[segment].wait(), layer)
+        return _with_tail(keys, values, positions, self._host_lacks(kv, positions), Context.of(kv))
+
+    def _host_lacks(self, kv: LayerKV, positions: torch.Tensor) -> torch.Tensor | None:
+        """Which of prompt `positions` a sparse layer does not hold on the host; None when it holds them all."""
+        return None if kv.host_count == self.run.prompt_len else kv.host_lacks(positions)
 
     def decode_step_done(self) -> None:
         self.steps += 1
@@ -261,7 +244,7 @@ class OmniKVPolicy(Policy):
             return Context.of(kv)
         keys, values = store.layer_keys_values(layer, kv.keys.device)
         positions = torch.arange(self.run.prompt_len, device=kv.positions.device)
-        return _with_tail(keys, values, positions, store.absent(layer, positions), Context.of(kv))
+        return _with_tail(keys, values, positions, self._host_lacks(kv, positions), Context.of(kv))
 
     # -- accounting --------------------------------------------------------------------------------------
     def host_bytes(self) -> int:

@@ -7,7 +7,8 @@ copy ("packed load"), instead of one small gather and copy per layer and per key
 
 Rows are indexed by original position. After a dense prefill every layer holds every prompt position;
 after a pruning prefill (a composition such as SlimInfer's prefill with OmniKV's decode) a layer may lack
-some, and `present` says which it has, so a selection never reads a row the layer does not hold.
+some: their rows are zeros, and the layer's KV records which positions it holds here
+(`LayerKV.host_positions`), so that a selection masks the rows the layer does not hold.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ class PackedSegment:
         self.transfers = transfers
         self.prompt_len = prompt_len
         self.host: HostRows | None = None
-        self.present: dict[int, torch.Tensor] = {}  # layer -> bool [prompt_len], only for incomplete layers
         self._filled: set[int] = set()
 
     def put(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
@@ -45,9 +45,6 @@ class PackedSegment:
             where = positions.to("cpu")
             host[where, slot, 0] = keys.transpose(0, 1).to("cpu")
             host[where, slot, 1] = values.transpose(0, 1).to("cpu")
-            present = torch.zeros(self.prompt_len, dtype=torch.bool, device=positions.device)
-            present[positions] = True
-            self.present[layer] = present
         self._filled.add(layer)
 
     def load(self, positions: torch.Tensor) -> Pending:
@@ -70,11 +67,6 @@ class PackedSegment:
         host = self.host.tensor
         keys, values = host[:, slot, 0].transpose(0, 1), host[:, slot, 1].transpose(0, 1)
         return keys.to(device, non_blocking=True), values.to(device, non_blocking=True)
-
-    def absent(self, layer: int, positions: torch.Tensor) -> torch.Tensor | None:
-        """Which of `positions` layer `layer` lacks (bool), or None when it holds every prompt position."""
-        present = self.present.get(layer)
-        return None if present is None else ~present[positions]
 
     @property
     def row_bytes(self) -> int:

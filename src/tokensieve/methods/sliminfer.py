@@ -42,9 +42,11 @@ Our choices where the paper leaves details open:
   blocks still keeps those two). A layer holding no more than its budget keeps everything (no manager).
 - The last block is always kept, so it is never scored and never leaves the device.
 - Decode rescoring uses the new token's query at the pruning layer. The swap it decides is a prefetch for
-  the next step: the copies start at once (side stream on CUDA) and the entering blocks are installed just
-  before that layer's attention in the next step, so the copy overlaps the rest of this step (the MLP, the
-  later layers). The current step attends to the active set chosen before it.
+  the next step, decided on the device (`PrunedLayer.decide`) and read by the host at the next step's start
+  (`decode_step_start`), once that step's token was read: no pruning layer makes the host wait. The copies
+  start there (side stream on CUDA) and the entering blocks are installed just before that layer's
+  attention, so the copy overlaps the layers before it. The current step attends to the active set chosen
+  before it; a call's last decision is acted on by the session's next call (or a later turn).
 - The host store keeps a copy of every scored block of a pruning layer: prompt KV never changes, so a
   block leaving the device needs no copy back, only its device slot is reused. The copies (loads, blocks,
   bytes) are counted by the session's `Transfers`, where they happen, and reported as `Stats` fields.
@@ -65,7 +67,7 @@ from ..attention import grouped_logits
 from ..cache import LayerKV
 from ..collectives import heads_mean
 from ..model import ModelSpec
-from ..offload import HostRows, Pending, Transfers
+from ..offload import HostCopy, HostRows, Pending, Transfers
 from .base import Context, LayerStep, Method, Policy, Run, require_int, resolve_budget, scaled_layers
 
 PAPER_LAYERS = (10, 20, 30)  # Llama-3.1-8B's pruning layers ...
@@ -231,9 +233,10 @@ class SlimInfer(Method):
 class PrunedLayer:
     """A pruning layer's blocks during decode: which block sits in each device slot, unit keys, host copies.
 
-    Device slot `s` holds one block, in entries `s * block_size ...` of the layer's KV (offload) or names
-    the entries of that block in the layer's full KV (no offload); the last block, generated tokens and
-    later turns follow the slots.
+    Device slot `s` holds one block, in entries `s * block_size ...` of the layer's KV (offload: the other
+    blocks are the layer's host-resident entries, `LayerKV.host_positions`) or names the entries of that
+    block in the layer's full KV (no offload); the last block, generated tokens and later turns follow the
+    slots.
     """
 
     def __init__(self, units: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, host: HostRows | None):
@@ -241,6 +244,7 @@ class PrunedLayer:
         self.positions = positions  # [blocks, block_size]
         self.slots = slots  # [active blocks]: block held by each slot
         self.host = host  # rows [blocks, 2 (k, v), kv_heads, block_size, d], or None
+        self.decision: tuple[HostCopy, torch.Tensor] | None = None  # the last rescoring's, not acted on yet
         self.pending: tuple[torch.Tensor, torch.Tensor, Pending | None] | None = None
 
     @classmethod
@@ -253,14 +257,45 @@ class PrunedLayer:
         whole = blocks.entries
         kv_blocks = torch.stack([kv.keys[:, :whole], kv.values[:, :whole]]).unflatten(2, blocks.positions.shape)
         store.host = HostRows.copy_of(transfers, kv_blocks.permute(2, 0, 1, 3, 4))  # a row per block
-        rest = torch.arange(whole, len(kv), device=blocks.active.device)
-        keep = torch.cat([block_rows(blocks.active, store.block_size), rest])
-        kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
+        every = torch.arange(len(blocks.positions), device=blocks.active.device)
+        kv.offload(block_rows(every[~torch.isin(every, blocks.active)], store.block_size))
         return store
 
     @property
     def block_size(self) -> int:
         return self.positions.shape[1]
+
+    def decide(self, top: torch.Tensor, transfers: Transfers) -> None:
+        """How the new top set `top` differs from the active one, worked out on the device and sent to the
+        host without waiting: `[leaving count, slots (leaving ones first), top blocks (entering ones first)]`,
+        each part in ascending order. As many blocks enter as leave (both sets hold as many blocks)."""
+        leaving = ~torch.isin(self.slots, top)
+        entering = ~torch.isin(top, self.slots)
+        first = (leaving.sum()[None], (~leaving).argsort(stable=True), top[(~entering).argsort(stable=True)])
+        decision = torch.cat(first)
+        self.decision = transfers.to_host(decision), decision
+
+    def leaving(self) -> int:
+        """Active blocks the last decision takes out, read from its host copy (numpy, not `item()`: a read of
+        host memory, which the tests' sync counters would count as a device read)."""
+        return int(self.decision[0].read().numpy()[0])
+
+    def overlap(self) -> float:
+        """The share of the active blocks the last decision keeps."""
+        return 1 - self.leaving() / len(self.slots)
+
+    def settle(self, gamma: float) -> float | None:
+        """Act on the last decision, if any: below `gamma` overlap, start loading the entering blocks (`install`
+        puts them in place before this layer's next attention). Returns its overlap."""
+        if self.decision is None:
+            return None
+        overlap, leaving, size = self.overlap(), self.leaving(), len(self.slots)
+        (host, decision), self.decision = self.decision, None
+        if overlap < gamma:  # then at least one block leaves, and as many enter
+            entering = slice(1 + size, 1 + size + leaving)
+            load = None if self.host is None else self.host.load(host.read()[entering])
+            self.pending = (decision[1 : 1 + leaving], decision[entering], load)
+        return overlap
 
     def install(self, kv: LayerKV) -> None:
         """Put the blocks prefetched in the previous step into the slots they replace."""
@@ -271,11 +306,9 @@ class PrunedLayer:
         self.slots[slots] = entering
         if load is None:
             return
-        rows = block_rows(slots, self.block_size)
         kv_blocks = self.host.rows_of(load.wait())  # [entering, 2, kv_heads, block_size, d]
-        kv.keys[:, rows] = kv_blocks[:, 0].transpose(0, 1).flatten(1, 2)
-        kv.values[:, rows] = kv_blocks[:, 1].transpose(0, 1).flatten(1, 2)
-        kv.positions[rows] = self.positions[entering].flatten()
+        keys, values = (kv_blocks[:, i].transpose(0, 1).flatten(1, 2) for i in (0, 1))
+        kv.swap(block_rows(slots, self.block_size), keys, values, self.positions[entering].flatten())
 
     def context(self, kv: LayerKV) -> Context:
         if self.host is not None:
@@ -303,7 +336,7 @@ class SlimInferPolicy(Policy):
         self.left_out: dict[int, int] = {}  # pruning layer -> prompt entries outside its active set
         self.observed: dict[int, LayerBlocks] = {}  # until the layer's KV is done
         self.layers: dict[int, PrunedLayer] = {}
-        self.overlaps: list[float] = []  # one per decode rescoring
+        self.overlaps: list[float] = []  # one per decode rescoring acted on; `stats` adds the last step's
 
     # -- prefill ---------------------------------------------------------------------------------------
     def prefill_observe(self, step: LayerStep) -> None:
@@ -338,6 +371,12 @@ class SlimInferPolicy(Policy):
             self.layers[step.layer] = PrunedLayer.of(observed, step.kv, self.transfers)
 
     # -- decode ----------------------------------------------------------------------------------------
+    def decode_step_start(self, position: int) -> None:
+        """Act on the previous step's decisions: their host copies arrived with that step's token, and the
+        loads they start overlap the layers before each pruning layer."""
+        for store in self.layers.values():
+            self._settle(store)
+
     def decode_context(self, step: LayerStep) -> Context:
         context = self.extend_context(step)
         store = self.layers.get(step.layer)
@@ -350,19 +389,19 @@ class SlimInferPolicy(Policy):
         store = self.layers.get(step.layer)
         if store is None:
             return Context.of(step.kv)
+        self._settle(store)  # a later turn after the last decode step's decision (in decode: done already)
         store.install(step.kv)
         return store.context(step.kv)
 
     def rescore(self, store: PrunedLayer, query: torch.Tensor) -> None:
-        """Score every block with `query`; prefetch a swap when the top set drifted from the active set."""
-        top = top_blocks(block_scores(query.float(), store.units), len(store.slots))
-        leaving = ~torch.isin(store.slots, top)
-        overlap = 1 - int(leaving.sum()) / len(store.slots)
-        self.overlaps.append(overlap)
-        if overlap < self.method.gamma:  # then at least one block leaves, and as many enter
-            entering = top[~torch.isin(top, store.slots)]
-            load = None if store.host is None else store.host.load(entering)
-            store.pending = (leaving.nonzero()[:, 0], entering, load)
+        """Score every block with `query` and decide on the device how the top set drifted from the active set;
+        the next step acts on it (`decode_step_start`), so this step reads nothing back."""
+        store.decide(top_blocks(block_scores(query.float(), store.units), len(store.slots)), self.run.transfers)
+
+    def _settle(self, store: PrunedLayer) -> None:
+        overlap = store.settle(self.method.gamma)
+        if overlap is not None:
+            self.overlaps.append(overlap)
 
     # -- accounting ------------------------------------------------------------------------------------
     def device_bytes(self) -> int:
@@ -377,7 +416,7 @@ class SlimInferPolicy(Policy):
         layers = sorted(self.schedule)
         left_out = [self.left_out.get(layer, 0) for layer in layers]
         nothing = [0] * len(layers)
-        overlaps = self.overlaps
+        overlaps = self.overlaps + [store.overlap() for store in self.layers.values() if store.decision is not None]
         return {
             "prune_layers": layers,
             "prune_layers_asked": sorted(self.method.schedule(self.run.spec.num_layers, self.run.prompt_len)),

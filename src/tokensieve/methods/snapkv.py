@@ -127,12 +127,10 @@ class SnapKVPolicy(Policy):
             self.kept[layer] = self.distinct_kept[layer] = len(kv)
             return
         slots, self.selection = self.selection, None
-        index = slots[..., None].expand(-1, -1, kv.keys.shape[-1])
-        positions = kv.positions[slots].amax(0)  # shared placeholder: see the module docstring
         self.evicted[layer] = len(kv) - slots.shape[1]
         self.kept[layer] = slots.shape[1]
         self.distinct_kept[layer] = int(slots.unique().numel())
-        kv.replace(kv.keys.gather(1, index), kv.values.gather(1, index), positions)
+        kv.keep(slots)  # per head; each slot's position is a shared placeholder: see the module docstring
 
     def stats(self) -> dict[str, Any]:
         return {

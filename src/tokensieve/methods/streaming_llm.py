@@ -108,7 +108,7 @@ class StreamingPolicy(Policy):
         evicted = len(kv) - self.sink - self.window
         rest = kv.positions[self.sink :].argsort()[evicted:] + self.sink
         keep = torch.cat([torch.arange(self.sink, device=rest.device), rest])
-        kv.replace(kv.keys[:, keep], kv.values[:, keep], kv.positions[keep])
+        kv.keep(keep)
         return evicted
 
     def stats(self) -> dict[str, Any]:
