@@ -74,7 +74,7 @@ def test_budget_labels_say_what_each_method_keeps():
     assert labels["streaming_llm"] == "4+124 keys"
     measured = demo_methods(1024, {"lazyllm": LazyLLM(prune_layers=(5,), budgets=(0.25,))})
     assert list(measured)[:4] == ["dense", "sliminfer", "lazyllm", "lazyllm*"]
-    assert budget_label(measured["lazyllm*"].settings()) == "prompt x 1/4"
+    assert budget_label(measured["lazyllm*"].settings()) == "after layer 5: prompt x 1/4"
 
 
 @pytest.mark.parametrize("threads", ["0", "-2", "two"])

@@ -163,7 +163,9 @@ def _load_with_fallback(args: argparse.Namespace):
 def budget_label(settings: dict) -> str:
     """What a method keeps, from its settings: fractions of the prompt, or token counts."""
     if "budgets" in settings:
-        return "prompt x " + ",".join(str(Fraction(b).limit_denominator(64)) for b in settings["budgets"])
+        kept = "prompt x " + ",".join(str(Fraction(b).limit_denominator(64)) for b in settings["budgets"])
+        layers = settings.get("prune_layers")  # None: the papers' layers, scaled to the model's depth
+        return f"after layer {','.join(map(str, layers))}: {kept}" if layers else kept
     if "budget" in settings:
         return f"{settings['budget']} keys"
     if "sink" in settings and "window" in settings:
