@@ -33,6 +33,13 @@ def test_ttft_mode_times_the_prefill_only(tmp_path):
     assert "TTFT ms" in printed and "TPOT" not in printed
 
 
+def test_a_budget_fraction_too_small_for_the_short_warm_up_is_warmed_up_on_the_measured_prompt(tmp_path):
+    # 1/10 of the 256-token warm-up prompt is 25 keys, not more than SnapKV's 32-token window: an error there,
+    # while 1/10 of the 400 tokens measured is 40 keys, a valid setting
+    document, _ = bench(tmp_path, "--mode", "ttft", "--methods", "snapkv(budget=0.1)", "--lengths", "400")
+    assert [r["method"] for r in document["results"]] == ["transformers", "dense", "snapkv(budget=0.1)"]
+
+
 def test_decode_mode_times_steps_after_an_untimed_prefill(tmp_path):
     omnikv_spec = "omnikv(budget=16, filter_layers=(0,))"  # layers 2 and 3 of 4 attend 16 selected keys
     document, printed = bench(tmp_path, "--mode", "decode", "--methods", omnikv_spec, "--lengths", "96")

@@ -111,9 +111,7 @@ def _alternate(engine: Engine, methods, lengths, new_tokens: int, repeats: int, 
     check_lengths(engine, lengths, new_tokens, repeats)
     names = contestants(methods)
     prompts = {length: build_prompt(engine.tokenizer, length) for length in lengths}
-    warmup = build_prompt(engine.tokenizer, min(256, min(lengths)))
-    for name in names:
-        run_once(engine, name, warmup, min(2, new_tokens))
+    _warm_up(engine, names, min(lengths), min(2, new_tokens))
     series = {(name, length): Series(name, length) for length in lengths for name in names}
     bar = tqdm(total=len(series) * repeats, desc="bench", unit="run", disable=not progress)
     for length in lengths:
@@ -123,6 +121,17 @@ def _alternate(engine: Engine, methods, lengths, new_tokens: int, repeats: int, 
             bar.update()
     bar.close()
     return list(series.values())
+
+
+def _warm_up(engine: Engine, names: Sequence[str], shortest: int, new_tokens: int) -> None:
+    """One untimed run of each contestant, on a short prompt where its settings allow one (a budget given as a
+    fraction can be too small on 256 tokens), else on the shortest prompt measured."""
+    short = build_prompt(engine.tokenizer, min(256, shortest))
+    for name in names:
+        try:
+            run_once(engine, name, short, new_tokens)
+        except ValueError:
+            run_once(engine, name, build_prompt(engine.tokenizer, shortest), new_tokens)
 
 
 def alternating(names: Sequence[str], repeats: int):
