@@ -63,10 +63,10 @@ def decode_syncs_per_step(engine, prompt, method, new_tokens: int, monkeypatch) 
 
     syncs, decode_batch, qkv, steps = DeviceSyncs(), loop.decode_batch, engine.model.qkv, []
 
-    def counted_decode_batch(model, batch):
+    def counted_decode_batch(model, batch, *pool):
         syncs.where = "step"
         with syncs:
-            logits = decode_batch(model, batch)
+            logits = decode_batch(model, batch, *pool)
         steps.append(len(batch))
         return logits
 

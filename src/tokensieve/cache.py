@@ -18,12 +18,16 @@ leave the device buffers, and the layer records their positions as host-resident
 `host_count`); the bytes themselves stay in the policy's host store (`offload.HostRows`).
 
 Buffers grow as a session goes on (a later turn, more new tokens): by an eighth of their size at a time,
-so appends stay amortised O(1) while the spare capacity stays small; `reserved_bytes` reports it.
+so appends stay amortised O(1) while the spare capacity stays small; `reserved_bytes` reports it. A layer
+can also work in buffers lent to it (`borrow`: views of a batch pool's slot, `engine/pool.py`); every
+operation that needs new buffers (growth, `keep`, `move_to`, a deep copy) gives it buffers of its own again.
 """
 
 from __future__ import annotations
 
+import copy
 from enum import IntEnum
+from typing import Any
 
 import torch
 
@@ -55,6 +59,16 @@ class LayerKV:
         self._runs: list[list[int]] | None = []  # [kind, entries] in slot order; None: only the device knows
         self._host_pos = torch.empty(0, dtype=torch.long, device=device)
         self.host_count = 0  # entries held in host memory
+        self.lender: Any = None  # who lent the buffers (`borrow`), while the layer works in them
+
+    def __deepcopy__(self, memo: dict) -> LayerKV:
+        """A copy with buffers of its own, sized to the entries (never a copy of a lender's whole pool)."""
+        twin = copy.copy(self)
+        memo[id(self)] = twin
+        twin._runs = copy.deepcopy(self._runs)
+        twin._host_pos = self.host_positions.clone()
+        twin.own()
+        return twin
 
     def __len__(self) -> int:
         return self.length
@@ -90,6 +104,11 @@ class LayerKV:
         self._v[:, self.length : self.length + n] = v
         self._pos[self.length : self.length + n] = positions
         self._kind[self.length : self.length + n] = kind
+        self.record_appended(n, kind)
+
+    def record_appended(self, n: int, kind: Kind) -> None:
+        """`n` entries of `kind` were written past the last one: by `append`, or by a batch pool into the
+        buffers it lent this layer (one write for many sequences)."""
         self.length += n
         if self._runs is not None and n:
             if self._runs and self._runs[-1][0] == kind:
@@ -175,11 +194,12 @@ class LayerKV:
         """These entries, and no others, into fresh buffers (with the usual headroom): the old ones are freed now."""
         n = k.shape[1]
         on_cpu, freed = self._k.device.type == "cpu", self.reserved_bytes
-        self._k = k.new_empty(k.shape[0], _capacity(n), k.shape[2])
+        self._k = k.new_empty(k.shape[0], capacity_for(n), k.shape[2])
         self._v = torch.empty_like(self._k)
         self._pos = positions.new_empty(self._k.shape[1])
         self._kind = kinds.new_empty(self._k.shape[1])
         self._k[:, :n], self._v[:, :n], self._pos[:n], self._kind[:n] = k, v, positions, kinds
+        self.lender = None
         if on_cpu:
             return_freed_memory(freed)
         self.length = n
@@ -217,16 +237,27 @@ class LayerKV:
         self._runs = None  # which kind left is the device's to know
 
     def _grow(self, needed: int) -> None:
-        capacity = _capacity(needed)
+        capacity = capacity_for(needed)
         k = self._k.new_empty(self._k.shape[0], capacity, self._k.shape[2])
-        v = torch.empty_like(k)
-        pos = self._pos.new_empty(capacity)
-        kind = self._kind.new_empty(capacity)
-        k[:, : self.length] = self.keys
-        v[:, : self.length] = self.values
-        pos[: self.length] = self.positions
-        kind[: self.length] = self.kinds
-        self._k, self._v, self._pos, self._kind = k, v, pos, kind
+        self._move_into(k, torch.empty_like(k), self._pos.new_empty(capacity), self._kind.new_empty(capacity))
+
+    def own(self) -> None:
+        """Move the entries into buffers of the layer's own (with the usual headroom), e.g. out of a lender's."""
+        self._grow(self.length)
+
+    def borrow(
+        self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor, lender: Any
+    ) -> None:
+        """Work in buffers `lender` provides (`[kv_heads, capacity, head_dim]` and `[capacity]` views of a batch
+        pool's slot) from now on, the entries copied in; `lender` stays set until the layer needs others."""
+        if self.length > k.shape[1]:
+            raise ValueError(f"lent buffers hold {k.shape[1]} entries, fewer than this layer's {self.length}")
+        self._move_into(k, v, positions, kinds, lender)
+
+    def _move_into(self, k, v, positions, kinds, lender: Any = None) -> None:
+        n = self.length
+        k[:, :n], v[:, :n], positions[:n], kinds[:n] = self.keys, self.values, self.positions, self.kinds
+        self._k, self._v, self._pos, self._kind, self.lender = k, v, positions, kinds, lender
 
     def move_to(self, device: torch.device) -> None:
         """Move the entries (not the spare capacity) to `device`: a retained session parked in host memory,
@@ -234,6 +265,7 @@ class LayerKV:
         if self._k.device != device:
             moved = (t.to(device) for t in (self.keys, self.values, self.positions, self.kinds, self.host_positions))
             self._k, self._v, self._pos, self._kind, self._host_pos = moved
+            self.lender = None
 
     @property
     def device(self) -> torch.device:
@@ -259,6 +291,6 @@ def find_sorted(held: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tens
     return index, held[index] != positions
 
 
-def _capacity(needed: int) -> int:
+def capacity_for(needed: int) -> int:
     """Room for `needed` entries plus an eighth (at least 16) for the appends to come."""
     return needed + max(16, needed // 8)

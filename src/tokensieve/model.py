@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attention import attend, causal_attention
+from .attention import attend, attend_slots, causal_attention
 from .collectives import sum_partials
 from .models.families import FAMILIES, SUPPORTED_ARCHITECTURES, check_supported, layer_window
 from .models.rope import apply_rope, layer_rotaries
@@ -171,6 +171,21 @@ class DecoderModel:
         """Layer `layer`'s attention of queries at `q_pos` over keys at `k_pos` (see `attention.attend`)."""
         window = self.spec.layer_windows[layer]
         return attend(q, q_pos, k, v, k_pos, self.scale, hidden, window=window, softcap=self.softcap, newest=newest)
+
+    def attend_slots(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        q_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_pos: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        """Layer `layer`'s decode attention of one query per sequence over its batch-pool slot (see
+        `attention.attend_slots`)."""
+        window = self.spec.layer_windows[layer]
+        return attend_slots(q, q_pos, k, v, k_pos, lengths, self.scale, window=window, softcap=self.softcap)
 
     def attention_output(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual add of the output projection of `attn` `[heads, n, head_dim]` (Gemma normalises it first)."""

@@ -23,6 +23,7 @@ from ..methods import Method, Policy, Run
 from ..model import DecoderModel
 from ..offload import Transfers
 from . import loop
+from .pool import BatchPool
 
 
 class SequenceLike(Protocol):
@@ -65,13 +66,15 @@ class PromptTask:
 
 class Executor:
     """Runs the layer loop on this process's model. `lock` serializes forward passes (re-entrant);
-    `group` is the tensor-parallel group the passes' collectives act on (None: a single device)."""
+    `group` is the tensor-parallel group the passes' collectives act on (None: a single device); `pool`
+    holds the KV slots of the dense sequences that decode together (`engine/pool.py`)."""
 
     def __init__(self, model: DecoderModel, group: TensorParallelGroup | None = None):
         self.model = model
         self.group = group
         self.lock = threading.RLock()
         self._keys = itertools.count()
+        self.pool = BatchPool()
 
     def open(self, method: Method, prompt_len: int) -> SequenceState:
         """A new sequence's policy and empty KV."""
@@ -108,10 +111,15 @@ class Executor:
     def decode(self, batch: list[loop.DecodeRequest]) -> torch.Tensor:
         """One decode step of every request; logits `[len(batch), vocab]`."""
         with self.lock, using(self.group), torch.inference_mode():
-            logits = loop.decode_batch(self.model, batch)
+            logits = loop.decode_batch(self.model, batch, self.pool)
             for request in batch:
                 trim_windows(self.model, request.policy, request.kv, request.position + 1)
         return logits
+
+    def release_slots(self) -> None:
+        """Give every pooled sequence its KV back in buffers of its own and free the slots: a batch ended."""
+        with self.lock:
+            self.pool.release()
 
     def close(self) -> None:
         """Release what the executor holds beyond the sessions (nothing here; the other ranks for a leader)."""

@@ -22,6 +22,7 @@ import torch
 from ..cache import Kind, LayerKV
 from ..methods import Context, LayerStep, Policy, Rows
 from ..model import DecoderModel
+from .pool import BatchPool
 
 
 @dataclass
@@ -74,6 +75,13 @@ class DecodeCounts:
         if self.device_hidden_per_layer is None:
             self.device_hidden_per_layer = attended.new_zeros(len(self.rows_per_layer))
         self.device_hidden_per_layer[layer] += context.hidden_count
+
+    def add_dense_step(self, kv: list[LayerKV]) -> None:
+        """Count a step of one sequence decoded densely: one row per layer, every entry of each layer attended."""
+        self.rows_per_layer = [rows + 1 for rows in self.rows_per_layer]
+        self.entries_per_layer = [
+            entries + len(layer) for entries, layer in zip(self.entries_per_layer, kv, strict=True)
+        ]
 
     @property
     def keys_per_layer(self) -> list[int]:
@@ -162,39 +170,79 @@ class DecodeRequest:
     counts: DecodeCounts
 
 
-def decode_batch(model: DecoderModel, batch: list[DecodeRequest]) -> torch.Tensor:
+def decode_batch(model: DecoderModel, batch: list[DecodeRequest], pool: BatchPool | None = None) -> torch.Tensor:
     """One decode step of several sequences, each with its own policy and KV; returns logits `[batch, vocab]`.
 
     The rows of every sequence go through the projections and the MLP together (one matmul per weight);
-    attention runs per sequence, over the context its own policy selects (ragged, never padded).
+    attention runs per sequence, over the context its own policy selects (ragged, never padded), except for
+    the dense sequences that `pool` takes (`engine/pool.py`): their entries are written and attended in one
+    call per layer, each in its own slot. Their rows come first, one block, a slice of every projection.
     """
     for seq in batch:
         seq.policy.decode_step_start(seq.position)
-    rows = [_embed(model, [seq.token], seq.position) for seq in batch]
+    dense = [i for i, seq in enumerate(batch) if seq.policy.dense_decode]
+    group = None if pool is None else pool.admit([(batch[i].key, batch[i].kv) for i in dense])
+    pooled = dense if group is not None else []
+    alone = [i for i in range(len(batch)) if i not in set(pooled)]
+    n = len(pooled)
+    block = Rows.cat([_embed(model, [batch[i].token], batch[i].position) for i in pooled]) if n else None
+    rows = {i: _embed(model, [batch[i].token], batch[i].position) for i in alone}
     for layer in range(model.spec.num_layers):
-        rows = [seq.policy.decode_rows(layer, part) for seq, part in zip(batch, rows, strict=True)]
-        sizes = [len(part) for part in rows]
-        h, pos = _cat([part.h for part in rows]), _cat([part.pos for part in rows])
+        for i in alone:
+            rows[i] = batch[i].policy.decode_rows(layer, rows[i])
+        parts = ([block] if n else []) + [rows[i] for i in alone]
+        sizes = [len(part) for part in parts]
+        h, pos = _cat([part.h for part in parts]), _cat([part.pos for part in parts])
         q, k, v = model.qkv(layer, h, pos)
-        steps, contexts, outputs = [], [], []
-        per_seq = zip(batch, rows, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), strict=True)
-        for seq, part, q_i, k_i, v_i in per_seq:
-            _append_decoded(seq.kv[layer], k_i, v_i, part.pos)
-            step = LayerStep(layer, part, q_i, k_i, seq.kv[layer])
-            context = seq.policy.decode_context(step)
-            seq.counts.add(layer, len(part), context)
-            outputs.append(model.attend(layer, q_i, part.pos, context.k, context.v, context.pos, context.hidden, True))
-            steps.append(step)
-            contexts.append(context)
+        outputs = [group.attend(model, layer, q[:, :n], k[:, :n], v[:, :n], pos[:n])] if n else []
+        alone_seqs, alone_rows, alone_sizes = (
+            [batch[i] for i in alone],
+            [rows[i] for i in alone],
+            sizes[1 if n else 0 :],
+        )
+        done = _attend_alone(model, layer, alone_seqs, alone_rows, q[:, n:], k[:, n:], v[:, n:], alone_sizes)
+        outputs += [output for output, _, _ in done]
         h = model.mlp(layer, model.attention_output(layer, h, _cat(outputs, dim=1)))
-        rows = [
-            seq.policy.decode_layer_done(step.with_rows(step.rows.with_h(h_i)), context)
-            for seq, step, context, h_i in zip(batch, steps, contexts, h.split(sizes), strict=True)
-        ]
+        if n:
+            block = block.with_h(h[:n])
+        for i, h_i, (_, step, context) in zip(alone, h[n:].split(alone_sizes), done, strict=True):
+            rows[i] = batch[i].policy.decode_layer_done(step.with_rows(step.rows.with_h(h_i)), context)
+    for i in pooled:
+        batch[i].counts.add_dense_step(batch[i].kv)
     for seq in batch:
         seq.policy.decode_step_done()
         seq.counts.steps += 1
-    return model.logits(_cat([part.h[-1:] for part in rows]))
+    last = _cat(([block.h] if n else []) + [rows[i].h[-1:] for i in alone])
+    order = pooled + alone
+    if order != sorted(order):  # back to the batch's order
+        last = last[torch.tensor(order, device=last.device).argsort()]
+    return model.logits(last)
+
+
+def _attend_alone(
+    model: DecoderModel,
+    layer: int,
+    seqs: list[DecodeRequest],
+    rows: list[Rows],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sizes: list[int],
+) -> list[tuple[torch.Tensor, LayerStep, Context]]:
+    """Each of `seqs` (rows of `sizes` in `q`, `k`, `v`) appends its entries and attends over the context
+    its policy chooses; each one's output, step and context."""
+    if not seqs:
+        return []
+    done = []
+    per_seq = zip(seqs, rows, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), strict=True)
+    for seq, part, q_i, k_i, v_i in per_seq:
+        _append_decoded(seq.kv[layer], k_i, v_i, part.pos)
+        step = LayerStep(layer, part, q_i, k_i, seq.kv[layer])
+        context = seq.policy.decode_context(step)
+        seq.counts.add(layer, len(part), context)
+        output = model.attend(layer, q_i, part.pos, context.k, context.v, context.pos, context.hidden, True)
+        done.append((output, step, context))
+    return done
 
 
 def _append_decoded(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:

@@ -156,6 +156,8 @@ class Scheduler:
             self.stats.step_seconds.append(seconds)
             pieces += [(r.index, r.stream.take(row, seconds)) for r, row in zip(ready, logits, strict=True)]
         self._retire()
+        if not self.running:  # the batch ended: its KV slots go (a new batch finds its own)
+            self.engine.executor.release_slots()
         return [(index, piece) for index, piece in pieces if piece]
 
     def run(self) -> list[Generation]:

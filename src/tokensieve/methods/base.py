@@ -139,9 +139,13 @@ class Policy:
     `trims_windows`: the engine may free a windowed layer's KV older than the window (no later query sees
     it). Only a policy that keeps no per-entry state of its own (slots, scores, prompt counts) allows it:
     the dense one; every method keeps its default False.
+    `dense_decode`: every decode hook gives the dense answer (the new token's row, the whole layer's KV, no
+    state), so the engine may decode the sequence without asking, its attention in one call with other such
+    sequences' (`engine/pool.py`). Only the dense policy says so.
     """
 
     trims_windows: ClassVar[bool] = False
+    dense_decode: ClassVar[bool] = False
 
     def __init__(self, run: Run):
         self.run = run
@@ -277,6 +281,7 @@ class DensePolicy(Policy):
     """The dense answers, and windowed layers keep only their window."""
 
     trims_windows: ClassVar[bool] = True
+    dense_decode: ClassVar[bool] = True
 
 
 @dataclass

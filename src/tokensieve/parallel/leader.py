@@ -80,6 +80,12 @@ class Leader(Executor):
             self._send("decode", [(r.key, r.token, r.position) for r in batch])
             return self._guarded(super().decode, batch)
 
+    def release_slots(self) -> None:
+        with self.lock:
+            if self.pool.holding:  # the followers' pools hold slots exactly when this one does
+                self._send("release_slots")
+                super().release_slots()
+
     def digests(self, seq: SequenceLike) -> list[str]:
         """Every rank's `selection_digest` of a sequence, rank 0 first: all equal when the ranks agree on
         every whole-sequence decision (per-KV-head evictions, SnapKV's and H2O's, are each rank's own)."""
@@ -173,6 +179,8 @@ def _run(
         prefills[key] = executor.start_extend(states[key], ids, start, chunk)
     elif kind == "decode":
         executor.decode([_request(states[key], token, position) for key, token, position in args[0]])
+    elif kind == "release_slots":
+        executor.release_slots()
     elif kind == "digest":
         state = states[args[0]]
         dist.gather_object(selection_digest(state.policy, state.kv), None, dst=0, group=executor.group.control)
