@@ -42,7 +42,9 @@ def test_dense_sequences_decode_from_slots_exactly_as_alone(deep_engine):
     assert max(pooled) == 4 and 2 in pooled  # all four, then the two that run longest, share the call
     assert pooled[-1] == 0 and not deep_engine.executor.pool.holding  # the batch ended: the slots are freed
     counts = [g.stats.decode_keys_per_layer for g in generations]
-    assert counts == [deep_engine.generate(p, max_new_tokens=n).stats.decode_keys_per_layer for p, n in zip(PROMPTS, NEW)]
+    assert counts == [
+        deep_engine.generate(p, max_new_tokens=n).stats.decode_keys_per_layer for p, n in zip(PROMPTS, NEW, strict=True)
+    ]
 
 
 @pytest.mark.parametrize("other", [PRUNING["omnikv"], PRUNING["lazyllm"], PRUNING["snapkv"]])
@@ -68,8 +70,12 @@ def test_a_session_leaves_the_pool_with_its_own_buffers(deep_engine):
         scheduler.add(session, max_new_tokens=5)
     scheduler.step()
     scheduler.step()
+    pool = deep_engine.executor.pool
     lent = sessions[0].kv[3]
-    assert lent.lender is deep_engine.executor.pool.layers[3]
+    assert lent.lender is pool.layers[3]
+    held = sum(2 * store.k.numel() * store.k.element_size() for store in pool.layers)
+    entries = sum(layer.nbytes for session in sessions for layer in session.kv)
+    assert pool.padding_bytes == held - entries > 0  # what memory admission adds to the sessions' own
     twin = copy.deepcopy(lent)  # what a fork copies: the entries, never the whole pool
     assert twin.lender is None and twin.keys.untyped_storage().nbytes() < lent.keys.untyped_storage().nbytes() / 2
     torch.testing.assert_close(twin.keys, lent.keys, rtol=0, atol=0)
@@ -93,7 +99,9 @@ def test_windowed_and_soft_capped_layers_decode_from_slots_as_alone(family):
     engine = tokensieve.load(model, tokenizer=tokenizer)
     prompts = [random_prompt(n, seed=n) for n in (60, 70, 66)]
     batched = engine.generate(prompts, max_new_tokens=40, stop=None)
-    assert [g.token_ids for g in batched] == [engine.generate(p, max_new_tokens=40, stop=None).token_ids for p in prompts]
+    assert [g.token_ids for g in batched] == [
+        engine.generate(p, max_new_tokens=40, stop=None).token_ids for p in prompts
+    ]
 
 
 def test_attend_slots_equals_each_sequence_attending_alone():

@@ -124,6 +124,14 @@ class BatchPool:
         """Slots are allocated (some step pooled its sequences since the last release)."""
         return bool(self.layers)
 
+    @property
+    def padding_bytes(self) -> int:
+        """Bytes of keys and values the slots hold beyond their sequences' entries: what memory admission
+        adds to the sessions' own (`Session.device_bytes` counts entries)."""
+        members = (ref() for refs in self._members.values() for ref in refs)
+        lent = sum(kv.nbytes for kv in members if kv is not None and kv.lender is not None)
+        return max(0, sum(2 * store.k.numel() * store.k.element_size() for store in self.layers) - lent)
+
     def release(self) -> None:
         """Every sequence back in buffers of its own, and the slots freed."""
         for key in list(self.slots):

@@ -214,6 +214,7 @@ class Scheduler:
             return True
         held = sum(r.stream.session.device_bytes for r in self.running.values())
         held += sum(r.kv_bytes for r in self.prefilling.values())  # charged their dense KV until they run
+        held += self.engine.executor.pool.padding_bytes  # the dense sequences' slots beyond their entries
         return held + request.kv_bytes <= self.max_kv_bytes
 
     def _retire(self) -> None:
