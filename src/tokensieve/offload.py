@@ -174,3 +174,8 @@ class Pending:
             self._event = None
             self._keep_alive = None
         return self._tensor
+
+    def __deepcopy__(self, memo) -> Pending:
+        """A forked session's copy of a copy in flight (SlimInfer's swap decision, acted on next step): the
+        copy waited for and cloned, without the CUDA event, which cannot be copied."""
+        return Pending(self.wait().clone(), None)
