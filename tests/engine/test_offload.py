@@ -33,3 +33,16 @@ def test_freed_cpu_memory_is_trimmed_once_per_trim_bytes_not_per_free(monkeypatc
     assert trims == []
     offload.return_freed_memory(offload.TRIM_BYTES)
     assert trims == [0] and offload._untrimmed == 0
+
+
+def test_copies_in_flight_are_deep_copied_as_their_finished_tensors():
+    """A fork between calls copies a load or a host copy still in flight (SlimInfer's prefetch, its swap
+    decision) as the finished tensor: a CUDA event cannot be copied."""
+    import copy
+
+    transfers = Transfers(torch.device("cpu"))
+    rows = HostRows.copy_of(transfers, torch.arange(12.0).view(4, 3))
+    load, to_host = rows.load(torch.tensor([2, 0])), transfers.to_host(torch.tensor([5, 6]))
+    load_twin, host_twin = copy.deepcopy(load), copy.deepcopy(to_host)
+    assert load_twin.wait().tolist() == [[6.0, 7.0, 8.0], [0.0, 1.0, 2.0]] and host_twin.read().tolist() == [5, 6]
+    assert load_twin.wait().data_ptr() != load.wait().data_ptr()
