@@ -59,9 +59,11 @@ def test_dense_reuse_gives_the_tokens_of_one_generate_over_the_conversation(live
         messages.append({"role": "assistant", "content": text})
 
 
-def test_reuse_off_recomputes_every_turn(live):
+def test_reuse_off_recomputes_every_turn_and_retains_nothing(live):
+    retained = live.metric("tokensieve_sessions_retained")
     turns = _chat(live.client(), "dense", reuse=False)
     assert [extra["prefix_reused"] for _, extra, _ in turns] == [False, False, False]
+    assert live.metric("tokensieve_sessions_retained") == retained
     for _, extra, usage in turns:
         assert extra["computed_tokens"] == usage.prompt_tokens
 

@@ -211,7 +211,10 @@ class Worker:
                 job = self._running.pop(index)
             generation = self._scheduler.done.pop(index)
             try:  # failing to retain a session must not fail a finished response, nor stop this thread
-                self.sessions.keep(job.session, job.method, job.prompt, generation)
+                if job.reuse:
+                    self.sessions.keep(job.session, job.method, job.prompt, generation)
+                else:  # a request that asks for no reuse leaves nothing to reuse, nor evicts what others left
+                    job.session.close()
             except Exception:
                 log.exception("could not retain a finished request's session; it is closed")
                 job.session.close()
