@@ -56,9 +56,10 @@ def test_methods_decode_beside_the_pooled_dense_sequences(deep_engine, other):
     assert max(pooled) == 3
 
 
-def test_a_ragged_batch_attends_alone():
+def test_a_ragged_batch_or_long_contexts_attend_alone():
     assert _pays([300, 310, 290]) and _pays([40, 64, 25, 50])  # within a quarter, or 256 keys a sequence
     assert not _pays([100]) and not _pays([]) and not _pays([50, 2000])
+    assert _pays([2048, 2048]) and not _pays([2049, 2049])  # long contexts: calls of their own cost little
 
 
 def test_a_session_leaves_the_pool_with_its_own_buffers(deep_engine):

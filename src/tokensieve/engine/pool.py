@@ -11,8 +11,10 @@ indexed copy and attends with one call, each slot masked to its own length.
 
 The price is padding: the call attends over the longest slot's entries in every slot. The pool takes a
 group of `MIN_GROUP` sequences or more while the padding is at most `MAX_PADDING` of the keys attended, or
-`FREE_PADDING` keys per sequence (about what a call of its own costs on a CPU); otherwise (and for every
-other policy) each sequence attends alone, in its own buffers. A sequence that
+`FREE_PADDING` keys per sequence (about what a call of its own costs on a CPU), and contexts up to
+`MAX_KEYS`: beyond, the calls are a small share of a step, while joining and leaving the pool copies a whole
+context (and a CPU attends one long query faster alone: `attention.EXPLICIT_MIN_KEYS`). Otherwise, and for
+every other policy, each sequence attends alone, in its own buffers. A sequence that
 leaves the group gets its entries back in buffers of its own; a layer that needed new buffers meanwhile
 (growth, a trimmed window, a parked session) is lent its slot again at its next step.
 """
@@ -24,12 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention import EXPLICIT_MIN_KEYS
 from ..cache import Kind, LayerKV, capacity_for
 from ..model import DecoderModel
 
 MIN_GROUP = 2  # a sequence alone gains nothing from a slot
 MAX_PADDING = 0.25  # keys attended in padding, at most, as a share of the group's own ...
 FREE_PADDING = 256  # ... or this many per sequence, whichever is more
+MAX_KEYS = EXPLICIT_MIN_KEYS  # the longest context pooled
 
 
 class LayerSlots:
@@ -158,8 +162,8 @@ class BatchPool:
 
 
 def _pays(lengths: list[int]) -> bool:
-    """Enough sequences, and lengths even enough that the padding stays within bounds."""
-    if len(lengths) < MIN_GROUP:
+    """Enough sequences, short enough contexts, and lengths even enough that the padding stays within bounds."""
+    if len(lengths) < MIN_GROUP or max(lengths) > MAX_KEYS:
         return False
     padding = max(lengths) * len(lengths) - sum(lengths)
     return padding <= max(MAX_PADDING * sum(lengths), FREE_PADDING * len(lengths))
