@@ -14,7 +14,8 @@ from device_syncs import decode_syncs_per_step
 from tokensieve import cli, load, presets
 from tokensieve.cache import Kind, LayerKV
 from tokensieve.methods import METHODS, LayerStep, Rows, Run, SlimInfer, resolve_method
-from tokensieve.methods.sliminfer import SlimInferPolicy, block_scores, top_blocks, unit_keys
+from tokensieve.methods.sliminfer import SlimInferPolicy
+from tokensieve.methods.sliminfer_blocks import block_scores, top_blocks, unit_keys
 from tokensieve.model import ModelSpec
 
 PROMPT = random_prompt(1000, seed=5)  # 15 whole blocks and a last block of 40 tokens
