@@ -94,6 +94,11 @@ def test_sessions_and_batches_under_two_ranks(deep_pair):
         one.generate(p, max_new_tokens=n, method=PRUNING["lazyllm"]) for p, n in zip(prompts, [5, 9, 3], strict=True)
     ]
     assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
+    dense = two.generate(prompts, max_new_tokens=[5, 9, 3])  # each rank's dense batch shares one call per layer
+    assert [g.token_ids for g in dense] == [
+        one.generate(p, max_new_tokens=n).token_ids for p, n in zip(prompts, [5, 9, 3], strict=True)
+    ]
+    assert not two.executor.pool.holding  # the batch ended: every rank freed its slots
 
 
 def test_sizes_that_do_not_divide_the_heads_are_refused_before_any_process_starts():
