@@ -13,7 +13,8 @@ from tokensieve import presets
 from tokensieve.cli import main
 from tokensieve.engine.session import Session
 from tokensieve.eval import runner
-from tokensieve.eval.runner import MEAN, build_samples, chat_overhead, parse_length, run_eval
+from tokensieve.eval.report import MEAN
+from tokensieve.eval.runner import build_samples, chat_overhead, parse_length, run_eval
 from tokensieve.eval.tasks import TASKS
 from tokensieve.generation import Generation, Stats
 from tokensieve.methods import METHODS, Compose, Dense
@@ -267,7 +268,7 @@ def test_eval_cli_chat(tmp_path, monkeypatch, capsys):
 
 
 def test_table_stays_aligned_with_long_method_specs():
-    from tokensieve.eval.runner import Record, Report
+    from tokensieve.eval.report import Record, Report
 
     spec = "omnikv(budget=256, offload=False, selector='last')"
     report = Report(config={})

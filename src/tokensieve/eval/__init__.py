@@ -3,7 +3,8 @@
 from .fidelity import Fidelity, fidelity, greedy_agreement, kl_divergence
 from .haystack import Haystack
 from .longbench import LongBenchSample, load_longbench
-from .runner import Report, build_samples, run_eval
+from .report import Report
+from .runner import build_samples, run_eval
 from .tasks import TASKS, Sample, Turn, make_sample, make_samples, string_match
 
 __all__ = [
