@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from . import words
 from .haystack import Haystack
 
 LENGTH_TOLERANCE = 0.02  # prompts land within 2% of the target length
@@ -74,117 +75,18 @@ def string_match(output: str, answers: Sequence[str]) -> float:
 # -- needles and values -----------------------------------------------------------------------------------
 
 VALUE_KINDS = ("numbers", "words", "uuids")
-_KEY_ADJECTIVES = (
-    "amber",
-    "brisk",
-    "calm",
-    "dusty",
-    "eager",
-    "fancy",
-    "gentle",
-    "hollow",
-    "icy",
-    "jolly",
-    "keen",
-    "lucky",
-    "mellow",
-    "noble",
-    "odd",
-    "proud",
-    "quick",
-    "rusty",
-    "silent",
-    "tidy",
-    "vivid",
-    "witty",
-    "young",
-    "zesty",
-)
-_KEY_NOUNS = (
-    "badger",
-    "cactus",
-    "dolphin",
-    "falcon",
-    "glacier",
-    "harbor",
-    "island",
-    "jaguar",
-    "kettle",
-    "lantern",
-    "meadow",
-    "nutmeg",
-    "orchid",
-    "pebble",
-    "quarry",
-    "raven",
-    "saddle",
-    "tunnel",
-    "walrus",
-    "yarrow",
-)
-_VALUE_WORDS = (
-    "anchovy",
-    "bramble",
-    "cobalt",
-    "damask",
-    "ember",
-    "fennel",
-    "gossamer",
-    "hickory",
-    "indigo",
-    "juniper",
-    "kumquat",
-    "lichen",
-    "mandolin",
-    "nectarine",
-    "obsidian",
-    "paprika",
-    "quince",
-    "rhubarb",
-    "saffron",
-    "tamarind",
-    "umber",
-    "vellum",
-    "wisteria",
-    "zephyr",
-)
-_COLOURS = (
-    "red",
-    "blue",
-    "green",
-    "yellow",
-    "purple",
-    "orange",
-    "pink",
-    "brown",
-    "black",
-    "white",
-    "grey",
-    "violet",
-    "indigo",
-    "teal",
-    "maroon",
-    "olive",
-    "navy",
-    "cyan",
-    "magenta",
-    "gold",
-    "silver",
-    "beige",
-    "turquoise",
-)
 
 
 def _value(rng: random.Random, kind: str) -> str:
     if kind == "numbers":
         return str(rng.randrange(1_000_000, 10_000_000))
     if kind == "words":
-        return rng.choice(_VALUE_WORDS)
+        return rng.choice(words.VALUE_WORDS)
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
 def _keys(rng: random.Random, n: int) -> list[str]:
-    pairs = rng.sample([(a, b) for a in _KEY_ADJECTIVES for b in _KEY_NOUNS], n)
+    pairs = rng.sample([(a, b) for a in words.KEY_ADJECTIVES for b in words.KEY_NOUNS], n)
     return [f"{a}-{b}" for a, b in pairs]
 
 
@@ -293,7 +195,7 @@ def _variable_name(rng: random.Random) -> str:
 
 def _two_stage(rng: random.Random, kind: str, entries: int = 100) -> Parts:
     """2StageRetr (OmniKV): the key to look up is a + b, known only once the model has added them."""
-    colours = [rng.choice(_COLOURS) for _ in range(entries)]
+    colours = [rng.choice(words.COLOURS) for _ in range(entries)]
     target = rng.randrange(entries)
     a = rng.randint(0, target)
     table = "game = {" + ", ".join(f"{i}: '{c}'" for i, c in enumerate(colours)) + "}."
