@@ -185,7 +185,7 @@ def decode_batch(model: DecoderModel, batch: list[DecodeRequest], pool: BatchPoo
     pooled = dense if group is not None else []
     alone = [i for i in range(len(batch)) if i not in set(pooled)]
     n = len(pooled)
-    block = Rows.cat([_embed(model, [batch[i].token], batch[i].position) for i in pooled]) if n else None
+    block = _embed_tokens(model, [batch[i].token for i in pooled], [batch[i].position for i in pooled]) if n else None
     rows = {i: _embed(model, [batch[i].token], batch[i].position) for i in alone}
     for layer in range(model.spec.num_layers):
         for i in alone:
@@ -257,6 +257,12 @@ def _append_decoded(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, pos: torch
 def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """`torch.cat`, without a copy for a single part (a batch of one is the usual decode step)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _embed_tokens(model: DecoderModel, ids: list[int], positions: list[int]) -> Rows:
+    """One token of each of several sequences, at their own positions."""
+    tokens, positions = torch.tensor([ids, positions], device=model.device)
+    return Rows(model.embed(tokens), positions)
 
 
 def _embed(model: DecoderModel, ids: list[int], start: int) -> Rows:
