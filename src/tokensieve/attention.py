@@ -115,7 +115,7 @@ def attend_slots(
     k: torch.Tensor,
     v: torch.Tensor,
     k_pos: torch.Tensor,
-    lengths: torch.Tensor,
+    lengths: torch.Tensor | None,
     scale: float,
     *,
     window: int | None = None,
@@ -124,22 +124,25 @@ def attend_slots(
     """One decode query per sequence, `[b, heads, head_dim]` at positions `q_pos` `[b]`, each over its own
     slot of a batch pool: keys/values `[b, kv_heads, t, head_dim]` at `k_pos` `[b, t]`, of which the first
     `lengths[i]` are sequence i's (every one of them visible but for a `window`); `[b, heads, head_dim]`.
+    `lengths=None`: every slot holds `t` entries (no mask, the fused kernel's fast path).
 
     One call for the whole batch. The entries past a slot's length are masked: they must be finite (a pool
     starts zeroed), since a masked value still meets a zero probability."""
-    visible = torch.arange(k.shape[2], device=k.device)[None, :] < lengths[:, None]
+    visible = None if lengths is None else torch.arange(k.shape[2], device=k.device)[None, :] < lengths[:, None]
     if window is not None:
-        visible &= k_pos > q_pos[:, None] - window
+        near = k_pos > q_pos[:, None] - window
+        visible = near if visible is None else visible & near
     if softcap is None:
-        out = F.scaled_dot_product_attention(
-            q[:, :, None], k, v, attn_mask=visible[:, None, None], scale=scale, enable_gqa=True
-        )
+        mask = None if visible is None else visible[:, None, None]
+        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         return out[:, :, 0]
     b, heads, d = q.shape
     kv_heads = k.shape[1]
     logits = q.view(b, kv_heads, heads // kv_heads, d) @ k.transpose(2, 3) * scale
     logits = torch.tanh(logits / softcap) * softcap
-    probs = logits.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1, dtype=torch.float32)
+    if visible is not None:
+        logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = logits.softmax(-1, dtype=torch.float32)
     return (probs.to(q.dtype) @ v).view(b, heads, v.shape[-1])
 
 

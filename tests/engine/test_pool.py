@@ -118,6 +118,11 @@ def test_attend_slots_equals_each_sequence_attending_alone():
             each = attend(q[i][:, None], q_pos[i : i + 1], k[i, :, :n], v[i, :, :n], positions[i, :n], 0.3,
                           window=window, softcap=softcap, newest=True)  # fmt: skip
             torch.testing.assert_close(out[i], each[:, 0], rtol=0, atol=1e-6)
+        full = attend_slots(q, q_pos, k, v, positions, None, 0.3, window=window, softcap=softcap)  # 16 each
+        for i in range(3):
+            each = attend(q[i][:, None], q_pos[i : i + 1], k[i], v[i], positions[i], 0.3, window=window,
+                          softcap=softcap, newest=True)  # fmt: skip
+            torch.testing.assert_close(full[i], each[:, 0], rtol=0, atol=1e-6)
 
 
 def test_a_layer_works_in_lent_buffers_until_it_needs_others():

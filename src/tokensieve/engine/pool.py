@@ -64,6 +64,8 @@ class PooledStep:
     kvs: list[list[LayerKV]]
     index: torch.Tensor  # the slot of each sequence, `[b]`
     ends: torch.Tensor  # per layer, each sequence's entries before this step, `[layers, b]` (sent once a step)
+    longest: list[int]  # per layer, the most entries a sequence holds before this step
+    even: list[bool]  # per layer, every sequence holds as many: one call needs no mask
     span: int  # slots one call covers: the highest in use, plus one
     in_order: bool  # the slots are 0..b-1 in batch order: no scatter or gather around the call
 
@@ -72,16 +74,14 @@ class PooledStep:
     ) -> torch.Tensor:
         """Write the group's new entries (`k`, `v` `[kv_heads, b, head_dim]` at positions `pos` `[b]`) into
         their slots, and attend each query (`q` `[heads, b, head_dim]`) over its slot; `[heads, b, head_dim]`."""
-        store, at = self.layers[layer], self.ends[layer]
-        kvs = [layers[layer] for layers in self.kvs]
-        t = max(len(kv) for kv in kvs) + 1
+        store, at, t = self.layers[layer], self.ends[layer], self.longest[layer] + 1
         store.k[self.index, :, at] = k.transpose(0, 1)
         store.v[self.index, :, at] = v.transpose(0, 1)
         store.pos[self.index, at] = pos
         store.kind[self.index, at] = Kind.GENERATED
-        for kv in kvs:
-            kv.record_appended(1, Kind.GENERATED)
-        lengths, q_pos, queries = at + 1, pos, q.transpose(0, 1)
+        for layers in self.kvs:
+            layers[layer].record_appended(1, Kind.GENERATED)
+        lengths, q_pos, queries = None if self.even[layer] else at + 1, pos, q.transpose(0, 1)
         if not self.in_order:  # idle slots get one (finite) entry and a zero query: their output is dropped
             lengths = at.new_ones(self.span).index_copy(0, self.index, at + 1)
             q_pos = pos.new_zeros(self.span).index_copy(0, self.index, pos)
@@ -118,10 +118,12 @@ class BatchPool:
             self._fit(layer, [(self.slots[key], layers[layer]) for key, layers in group], span)
         slots = [self.slots[key] for key, _ in group]
         ends = [[len(kv) for kv in layers] for _, layers in group]
+        per_layer = list(zip(*ends, strict=True))
+        longest, even = [max(layer) for layer in per_layer], [min(layer) == max(layer) for layer in per_layer]
         device = group[0][1][0].device
         index, ends = torch.tensor(slots, device=device), torch.tensor(ends, device=device).T
         kvs = [layers for _, layers in group]
-        return PooledStep(self.layers, kvs, index, ends, span, slots == list(range(span)))
+        return PooledStep(self.layers, kvs, index, ends, longest, even, span, slots == list(range(span)))
 
     @property
     def holding(self) -> bool:
