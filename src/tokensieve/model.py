@@ -14,6 +14,7 @@ rank's, and the output projection and the MLP sum their partial outputs over the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -49,6 +50,11 @@ class ModelSpec:
             object.__setattr__(self, "layer_windows", (None,) * self.num_layers)
         if len(self.layer_windows) != self.num_layers:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
+
+    @cached_property
+    def windowed(self) -> tuple[tuple[int, int], ...]:
+        """(layer, window) of each windowed layer; () when every layer is global."""
+        return tuple((layer, window) for layer, window in enumerate(self.layer_windows) if window is not None)
 
     @property
     def group_size(self) -> int:

@@ -136,10 +136,10 @@ def copy_state(policy: Policy, kv: list[LayerKV]) -> tuple[Policy, list[LayerKV]
 def trim_windows(model: DecoderModel, policy: Policy, kv: list[LayerKV], computed: int) -> None:
     """Free a windowed layer's KV that no later query can see (under policies that allow it), once the
     excess is an eighth of the window, so the copy is amortised over many steps. `computed`: tokens with KV."""
-    if not policy.trims_windows:
+    if not policy.trims_windows or not model.spec.windowed:
         return
-    for layer, window in enumerate(model.spec.layer_windows):
-        if window is not None and len(kv[layer]) > window + max(16, window // 8):
+    for layer, window in model.spec.windowed:
+        if len(kv[layer]) > window + max(16, window // 8):
             kv[layer].drop_older_than(computed - window + 1)
 
 
