@@ -191,21 +191,19 @@ def decode_batch(model: DecoderModel, batch: list[DecodeRequest], pool: BatchPoo
         for i in alone:
             rows[i] = batch[i].policy.decode_rows(layer, rows[i])
         parts = ([block] if n else []) + [rows[i] for i in alone]
-        sizes = [len(part) for part in parts]
         h, pos = _cat([part.h for part in parts]), _cat([part.pos for part in parts])
         q, k, v = model.qkv(layer, h, pos)
-        outputs = [group.attend(model, layer, q[:, :n], k[:, :n], v[:, :n], pos[:n])] if n else []
-        alone_seqs, alone_rows, alone_sizes = (
-            [batch[i] for i in alone],
-            [rows[i] for i in alone],
-            sizes[1 if n else 0 :],
-        )
-        done = _attend_alone(model, layer, alone_seqs, alone_rows, q[:, n:], k[:, n:], v[:, n:], alone_sizes)
-        outputs += [output for output, _, _ in done]
+        outputs, done, sizes = [], [], [len(rows[i]) for i in alone]
+        if n:  # the pooled rows: every row, or the first n
+            outputs.append(group.attend(model, layer, *((q, k, v, pos) if not alone else _first(n, q, k, v, pos))))
+        if alone:
+            seqs, own_rows = [batch[i] for i in alone], [rows[i] for i in alone]
+            done = _attend_alone(model, layer, seqs, own_rows, q[:, n:], k[:, n:], v[:, n:], sizes)
+            outputs += [output for output, _, _ in done]
         h = model.mlp(layer, model.attention_output(layer, h, _cat(outputs, dim=1)))
         if n:
-            block = block.with_h(h[:n])
-        for i, h_i, (_, step, context) in zip(alone, h[n:].split(alone_sizes), done, strict=True):
+            block = block.with_h(h[:n] if alone else h)
+        for i, h_i, (_, step, context) in zip(alone, h[n:].split(sizes) if alone else [], done, strict=True):
             rows[i] = batch[i].policy.decode_layer_done(step.with_rows(step.rows.with_h(h_i)), context)
     for i in pooled:
         batch[i].counts.add_dense_step(batch[i].kv)
@@ -217,6 +215,11 @@ def decode_batch(model: DecoderModel, batch: list[DecodeRequest], pool: BatchPoo
     if order != sorted(order):  # back to the batch's order
         last = last[torch.tensor(order, device=last.device).argsort()]
     return model.logits(last)
+
+
+def _first(n: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The first `n` rows' queries, keys, values and positions."""
+    return q[:, :n], k[:, :n], v[:, :n], pos[:n]
 
 
 def _attend_alone(
@@ -231,8 +234,6 @@ def _attend_alone(
 ) -> list[tuple[torch.Tensor, LayerStep, Context]]:
     """Each of `seqs` (rows of `sizes` in `q`, `k`, `v`) appends its entries and attends over the context
     its policy chooses; each one's output, step and context."""
-    if not seqs:
-        return []
     done = []
     per_seq = zip(seqs, rows, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1), strict=True)
     for seq, part, q_i, k_i, v_i in per_seq:
