@@ -103,7 +103,8 @@ class BatchPool:
     def admit(self, group: list[tuple[int, list[LayerKV]]]) -> PooledStep | None:
         """This step's dense sequences (key and per-layer KV, in batch order) in their slots, lent where
         needed; None, with every slot given back, when the group is too small or too ragged to gain."""
-        if not _pays([len(layers[-1]) + 1 for _, layers in group]):
+        ends = [[len(kv) for kv in layers] for _, layers in group]
+        if not _pays([max(row) + 1 for row in ends]):  # a sequence's longest layer (others may be windowed)
             self.release()
             return None
         keys = {key for key, _ in group}
@@ -117,7 +118,6 @@ class BatchPool:
         for layer in range(len(group[0][1])):
             self._fit(layer, [(self.slots[key], layers[layer]) for key, layers in group], span)
         slots = [self.slots[key] for key, _ in group]
-        ends = [[len(kv) for kv in layers] for _, layers in group]
         per_layer = list(zip(*ends, strict=True))
         longest, even = [max(layer) for layer in per_layer], [min(layer) == max(layer) for layer in per_layer]
         device = group[0][1][0].device
