@@ -1,6 +1,7 @@
 """The CUDA paths, run by `make gpu-check` (skipped without CUDA): parity with `transformers` in fp32 and bf16,
 offload (pinned host memory, side-stream copies) equal to no offload, SlimInfer's prefetched swaps equal to
-synchronous ones, and every method's keep-all settings equal to dense on the device.
+synchronous ones, every method's keep-all settings equal to dense on the device, and a batch (the dense
+sequences in the batch pool's slots) equal to each sequence alone.
 """
 
 from __future__ import annotations
@@ -105,3 +106,22 @@ def test_sliminfer_prefetched_swaps_equal_synchronous_swaps(deep_cuda, monkeypat
     synchronous = deep_cuda.next_token_logits(PROMPT, list(range(40, 40 + NEW_TOKENS)), method=method)
     assert swaps > 0
     assert torch.equal(prefetched, synchronous)
+
+
+def test_a_batch_on_cuda_decodes_each_sequence_as_alone(deep_cuda):
+    """The dense sequences share the pooled call (`engine/pool.py`) beside a method's sequence attending alone."""
+    prompts = [random_prompt(n, seed=n) for n in (300, 340, 280, 320)]
+    specs = ["dense", "omnikv(budget=96)", "dense", "dense"]
+    scheduler = tokensieve.Scheduler(deep_cuda, max_batch=4)
+    for prompt, spec in zip(prompts, specs, strict=True):
+        scheduler.submit(prompt, max_new_tokens=NEW_TOKENS, method=spec, stop=None)
+    pooled = []
+    while not scheduler.finished:
+        scheduler.step()
+        pooled.append(len(deep_cuda.executor.pool.slots))
+    batched = [scheduler.done[i].token_ids for i in sorted(scheduler.done)]
+    alone = [
+        deep_cuda.generate(p, max_new_tokens=NEW_TOKENS, method=s, stop=None).token_ids
+        for p, s in zip(prompts, specs, strict=True)
+    ]
+    assert batched == alone and max(pooled) == 3 and not deep_cuda.executor.pool.holding
