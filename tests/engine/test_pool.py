@@ -139,3 +139,21 @@ def test_a_layer_works_in_lent_buffers_until_it_needs_others():
     assert kv.runs() == [(Kind.PROMPT, 3), (Kind.GENERATED, 3)]
     with pytest.raises(ValueError, match="fewer than this layer's 6"):
         kv.borrow(pool[0], pool[0], pos[0], kinds[0], lender="pool")
+
+
+def test_slots_never_read_what_they_were_not_given(deep_engine, monkeypatch):
+    """Fresh slots hold whatever memory held (here NaN): a ragged group's masked tails, zeroed when a slot is
+    lent, and idle slots, whose outputs are dropped, leave every sequence's tokens as alone."""
+    from tokensieve.engine import pool
+
+    made = pool.LayerSlots.__init__
+
+    def poisoned(self, *args):
+        made(self, *args)
+        self.k.fill_(float("nan"))
+        self.v.fill_(float("nan"))
+
+    monkeypatch.setattr(pool.LayerSlots, "__init__", poisoned)
+    generations, pooled = run_watching_the_pool(deep_engine, ["dense"] * 4)
+    assert max(pooled) == 4
+    assert [g.token_ids for g in generations] == [alone(deep_engine, "dense", i) for i in range(4)]

@@ -38,14 +38,15 @@ MAX_KEYS = EXPLICIT_MIN_KEYS  # the longest context pooled
 
 class LayerSlots:
     """One layer's slots: keys and values `[slots, kv_heads, capacity, head_dim]`, positions and kinds
-    `[slots, capacity]`, zeroed (a masked entry must be finite: it still meets a zero probability)."""
+    `[slots, capacity]`. A lent slot's keys and values past its entries are zeroed: a masked entry must be
+    finite, since it still meets a zero probability (an idle slot's output is dropped, whatever it holds)."""
 
     def __init__(self, like: LayerKV, slots: int, capacity: int):
         kv_heads, head_dim, device = like.keys.shape[0], like.keys.shape[2], like.device
-        self.k = torch.zeros(slots, kv_heads, capacity, head_dim, dtype=like.keys.dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.pos = torch.zeros(slots, capacity, dtype=torch.long, device=device)
-        self.kind = torch.zeros(slots, capacity, dtype=torch.uint8, device=device)
+        self.k = torch.empty(slots, kv_heads, capacity, head_dim, dtype=like.keys.dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.pos = torch.empty(slots, capacity, dtype=torch.long, device=device)
+        self.kind = torch.empty(slots, capacity, dtype=torch.uint8, device=device)
 
     def fits(self, slots: int, entries: int) -> bool:
         """Room for `slots` slots of `entries` entries, without holding more than twice the entries needed."""
@@ -54,6 +55,8 @@ class LayerSlots:
 
     def lend(self, kv: LayerKV, slot: int) -> None:
         kv.borrow(self.k[slot], self.v[slot], self.pos[slot], self.kind[slot], self)
+        self.k[slot, :, len(kv) :] = 0
+        self.v[slot, :, len(kv) :] = 0
 
 
 @dataclass
