@@ -132,18 +132,12 @@ def attend_slots(
     if window is not None:
         near = k_pos > q_pos[:, None] - window
         visible = near if visible is None else visible & near
-    if softcap is None:
-        mask = None if visible is None else visible[:, None, None]
-        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        return out[:, :, 0]
-    b, heads, d = q.shape
-    kv_heads = k.shape[1]
-    logits = q.view(b, kv_heads, heads // kv_heads, d) @ k.transpose(2, 3) * scale
-    logits = torch.tanh(logits / softcap) * softcap
-    if visible is not None:
-        logits = logits.masked_fill(~visible[:, None, None], float("-inf"))
-    probs = logits.softmax(-1, dtype=torch.float32)
-    return (probs.to(q.dtype) @ v).view(b, heads, v.shape[-1])
+    if softcap is not None:
+        mask = None if visible is None else visible[:, None, :]
+        return explicit_attention(q[:, :, None], k, v, scale, mask, softcap)[:, :, 0]
+    mask = None if visible is None else visible[:, None, None]
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[:, :, 0]
 
 
 # A single fp32 query on CPU over at least this many keys, none masked: two matmuls beat the fused kernel.
@@ -164,6 +158,8 @@ def explicit_attention(
 ) -> torch.Tensor:
     """Attention as two matmuls and a softmax, with Gemma 2's soft-capped logits when `softcap` is given
     (the fused kernel has no soft-cap): logits in the inputs' dtype, capped, masked, softmax in fp32.
+    Leading batch dimensions may come first (`[b, heads, m, d]`, keys `[b, kv_heads, t, d]`, mask `[b, m, t]`:
+    `attend_slots`).
 
     `attend` also takes it for one fp32 query on CPU over `EXPLICIT_MIN_KEYS` keys or more with no mask (a
     decode step on a global layer at a long context): the fused CPU kernel is built for blocks of queries,
@@ -172,17 +168,18 @@ def explicit_attention(
     In a whole decode step, where the other layers' work shares the memory bandwidth, the gain is small:
     3% of dense's step on cpu-decode at 8K, 5% on SmolLM2 at 4K (alternating rounds in one process). Below
     2K keys, and with a mask, the two were even or the fused kernel won, so those stay with it.
-    `mask`: bool `[m, t]` or None.
+    `mask`: bool `[m, t]` (or `[b, m, t]`) or None.
     """
-    heads, m, d = q.shape
-    kv_heads, t = k.shape[0], k.shape[1]
-    logits = q.reshape(kv_heads, heads // kv_heads * m, d) @ k.transpose(1, 2) * scale
+    *lead, heads, m, d = q.shape
+    kv_heads, t = k.shape[-3], k.shape[-2]
+    logits = q.reshape(*lead, kv_heads, heads // kv_heads * m, d) @ k.transpose(-1, -2) * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if mask is not None:
-        logits = logits.view(kv_heads, -1, m, t).masked_fill(~mask, float("-inf")).view(kv_heads, -1, t)
+        hidden = ~mask.reshape(*mask.shape[:-2], 1, 1, m, t)  # over each KV head's group of query heads
+        logits = logits.view(*lead, kv_heads, -1, m, t).masked_fill(hidden, float("-inf")).view(*lead, kv_heads, -1, t)
     probs = logits.softmax(-1, dtype=torch.float32).to(q.dtype)
-    return (probs @ v).reshape(heads, m, v.shape[-1])
+    return (probs @ v).reshape(*lead, heads, m, v.shape[-1])
 
 
 def grouped_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

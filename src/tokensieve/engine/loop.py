@@ -183,7 +183,7 @@ def decode_batch(model: DecoderModel, batch: list[DecodeRequest], pool: BatchPoo
     dense = [i for i, seq in enumerate(batch) if seq.policy.dense_decode]
     group = None if pool is None else pool.admit([(batch[i].key, batch[i].kv) for i in dense])
     pooled = dense if group is not None else []
-    alone = [i for i in range(len(batch)) if i not in set(pooled)]
+    alone = sorted(set(range(len(batch))) - set(pooled))
     n = len(pooled)
     block = _embed_tokens(model, [batch[i].token for i in pooled], [batch[i].position for i in pooled]) if n else None
     rows = {i: _embed(model, [batch[i].token], batch[i].position) for i in alone}
@@ -194,15 +194,15 @@ def decode_batch(model: DecoderModel, batch: list[DecodeRequest], pool: BatchPoo
         h, pos = _cat([part.h for part in parts]), _cat([part.pos for part in parts])
         q, k, v = model.qkv(layer, h, pos)
         outputs, done, sizes = [], [], [len(rows[i]) for i in alone]
-        if n:  # the pooled rows: every row, or the first n
-            outputs.append(group.attend(model, layer, *((q, k, v, pos) if not alone else _first(n, q, k, v, pos))))
+        if n:  # the pooled rows come first
+            outputs.append(group.attend(model, layer, q[:, :n], k[:, :n], v[:, :n], pos[:n]))
         if alone:
             seqs, own_rows = [batch[i] for i in alone], [rows[i] for i in alone]
             done = _attend_alone(model, layer, seqs, own_rows, q[:, n:], k[:, n:], v[:, n:], sizes)
             outputs += [output for output, _, _ in done]
         h = model.mlp(layer, model.attention_output(layer, h, _cat(outputs, dim=1)))
         if n:
-            block = block.with_h(h[:n] if alone else h)
+            block = block.with_h(h[:n])
         for i, h_i, (_, step, context) in zip(alone, h[n:].split(sizes) if alone else [], done, strict=True):
             rows[i] = batch[i].policy.decode_layer_done(step.with_rows(step.rows.with_h(h_i)), context)
     for i in pooled:
@@ -215,11 +215,6 @@ def decode_batch(model: DecoderModel, batch: list[DecodeRequest], pool: BatchPoo
     if order != sorted(order):  # back to the batch's order
         last = last[torch.tensor(order, device=last.device).argsort()]
     return model.logits(last)
-
-
-def _first(n: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The first `n` rows' queries, keys, values and positions."""
-    return q[:, :n], k[:, :n], v[:, :n], pos[:n]
 
 
 def _attend_alone(
